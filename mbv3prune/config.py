@@ -1,0 +1,103 @@
+"""UPPER_CASE constants at the top of a script, overridable as ``--NAME=value`` (after nanoGPT's configurator).
+
+A script defines its constants, one comment each, then ends with ``config.run(main, globals())``:
+``--NAME=value`` replaces a constant (the value is a Python literal; a bare word is a string), an unknown
+name or a value of another type is refused with one line listing the valid names, and ``--help`` prints
+every constant with its value and comment. ``DEBUG=True`` shows tracebacks of the project's errors.
+"""
+import ast
+import io
+import os
+import sys
+import tokenize
+
+from .errors import PruneError, run_main
+
+
+def constant_names(namespace):
+    """The script's UPPER_CASE constants, in the order the script defines them."""
+    return [k for k, v in namespace.items()
+            if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list, tuple, dict, type(None)))]
+
+
+def constant_comments(path):
+    """{NAME: comment} for module-level ``NAME = value  # comment`` lines of a source file."""
+    try:
+        source = open(path, encoding="utf-8").read()
+    except OSError:
+        return {}
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string.lstrip("#").strip())
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            lines = range(node.lineno, node.end_lineno + 1)
+            found[node.targets[0].id] = next((comments[i] for i in lines if i in comments), "")
+    return found
+
+
+def parse_value(raw, default, name):
+    """The override ``raw`` as a value of the default's type, or a PruneError naming the constant."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = raw  # a bare word is a string
+    if default is None or value is None and isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        return value if isinstance(value, str) else raw
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    raise PruneError(f"--{name}={raw}: expected a {type(default).__name__} like {default!r}")
+
+
+def apply_overrides(namespace, argv):
+    """Apply ``--NAME=value`` arguments to ``namespace``; return the resolved {NAME: value}."""
+    names = constant_names(namespace)
+    for arg in argv:
+        key, sep, raw = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not sep or not key:
+            raise PruneError(f"argument {arg!r} is not of the form --NAME=value (valid names: {', '.join(names)})")
+        if key not in names:
+            raise PruneError(f"unknown constant --{key} (valid names: {', '.join(names)})")
+        namespace[key] = parse_value(raw, namespace[key], key)
+    return {k: namespace[k] for k in names}
+
+
+def help_text(namespace):
+    """Every constant with its current value and comment, under the script's docstring."""
+    comments = constant_comments(namespace.get("__file__", ""))
+    lines = [(namespace.get("__doc__") or "").strip(), "", "Constants (override as --NAME=value):"]
+    for k in constant_names(namespace):
+        lines.append(f"  {k} = {namespace[k]!r}" + (f"  # {comments[k]}" if comments.get(k) else ""))
+    return "\n".join(lines)
+
+
+def run(main, namespace, argv=None):
+    """Resolve the script's constants from ``argv`` (default ``sys.argv[1:]``), then run ``main(cfg)``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text(namespace))
+        return
+    debug = any(a.replace(" ", "") == "--DEBUG=True" for a in argv)
+    run_main(lambda: main(apply_overrides(namespace, argv)), debug=debug)
+
+
+def path_or_default(cfg, name, filename):
+    """``cfg[name]`` when set, else ``RUN_DIR/filename``: how stages chain without editing."""
+    return cfg[name] or os.path.join(cfg["RUN_DIR"], filename)
