@@ -114,7 +114,9 @@ def save_checkpoint(path, model, arch, class_names, config=None, extra=None):
 def _torch_load(path, allow_pickle):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # garbage, not a pickle of objects
+            raise PruneError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
         if not allow_pickle:
             raise PruneError(f"checkpoint {path} is a whole-model pickle, which can run arbitrary code when loaded: "
                              "set ALLOW_PICKLE=True if you trust the file") from None

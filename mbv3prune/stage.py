@@ -1,0 +1,60 @@
+"""What every stage script does the same way: data set up, loaders, summary tables, the closing lines."""
+import os
+
+from . import data as D
+from .errors import PruneError
+
+DEMO_DATA_DIR = "data/synthetic-species"  # the embedded demo set, generated on first use
+
+
+def prepare_data(cfg):
+    """(splits, class_names) of ``DATA_DIR``; the demo set is generated first when it is the one asked for."""
+    if os.path.normpath(cfg["DATA_DIR"]) == os.path.normpath(DEMO_DATA_DIR):
+        from .synthetic import ensure
+        ensure(DEMO_DATA_DIR)
+    return D.discover(cfg["DATA_DIR"], seed=cfg["SEED"])
+
+
+def loader(cfg, items, train=False, shuffle=False, arch=None):
+    """A loader over ``items`` with the eval (or train) transform at ``IMAGE_SIZE``."""
+    arch = arch or cfg["MODEL_ARCH"]
+    transform = D.train_transform(cfg["IMAGE_SIZE"], arch) if train else D.eval_transform(cfg["IMAGE_SIZE"], arch)
+    return D.make_loader(items, transform, cfg["BATCH_SIZE"], cfg["NUM_WORKERS"], shuffle=shuffle,
+                         seed=cfg["SEED"], drop_last=train and len(items) > cfg["BATCH_SIZE"])
+
+
+def check_class_names(meta, class_names, data_dir):
+    """The checkpoint must classify the data set's classes (names when recorded, else the count)."""
+    names = meta["class_names"]
+    if len(names) != len(class_names):
+        raise PruneError(f"checkpoint {meta['path']} has {len(names)} classes but DATA_DIR {data_dir} has "
+                         f"{len(class_names)}")
+    if meta.get("format") != "state_dict" and list(names) != list(class_names):
+        raise PruneError(f"checkpoint {meta['path']} was trained on classes {names[:4]}..., "
+                         f"DATA_DIR {data_dir} has {class_names[:4]}...")
+
+
+def table(rows, headers):
+    """A plain-text table: one header line, one line per row, columns padded."""
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1e5:
+        return f"{v:,}"
+    return "-" if v is None else str(v)
+
+
+def finish(wrote, next_command=None):
+    """The closing lines of a stage: what it wrote and what to run next."""
+    print("\nwrote:")
+    for path in wrote:
+        print(f"  {path}")
+    if next_command:
+        print(f"next:\n  {next_command}")

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny image folders and tiny models, so the suite runs fast on a 2-core CPU."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOWERS = os.path.join(ROOT, "..", "shared", "data", "oxford-flowers12")
+
+
+def write_images(folder, n, seed, size=40, mode="RGB"):
+    """``n`` random images of ``mode`` in ``folder`` (PNG, or JPEG for CMYK)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        im = Image.fromarray(arr).convert(mode)
+        ext = "jpg" if mode == "CMYK" else "png"
+        im.save(os.path.join(folder, f"{i:03d}.{ext}"))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder with train/ and val/, three classes, a few 40-px images each."""
+    def make(classes=("ant", "bee", "moth"), n_train=4, n_val=2):
+        for c, name in enumerate(classes):
+            write_images(tmp_path / "train" / name, n_train, seed=c)
+            write_images(tmp_path / "val" / name, n_val, seed=100 + c)
+        return str(tmp_path)
+    return make
+
+
+def run_script(script, *args, cwd=ROOT):
+    """Run a stage script in a subprocess; returns the CompletedProcess (never raises on failure)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)

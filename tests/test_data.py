@@ -1,0 +1,99 @@
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from mbv3prune import data as D
+from mbv3prune.errors import PruneError
+from tests.conftest import write_images
+
+
+def test_split_folders(image_folder):
+    root = image_folder()
+    splits, names = D.discover(root)
+    assert names == ["ant", "bee", "moth"] and len(splits["train"]) == 12 and len(splits["val"]) == 6
+    assert D.eval_split(splits) == "val"
+
+
+def test_train_test_layout_holds_out_val(tmp_path):
+    for c, name in enumerate(["a", "b"]):
+        write_images(tmp_path / "train" / name, 10, seed=c)
+        write_images(tmp_path / "test" / name, 3, seed=10 + c)
+    splits, _ = D.discover(str(tmp_path), seed=1)
+    assert len(splits["val"]) == 2 and len(splits["train"]) == 18 and len(splits["test"]) == 6
+    assert not set(splits["val"]) & set(splits["train"])
+    assert D.discover(str(tmp_path), seed=1)[0] == splits and D.eval_split(splits) == "test"
+
+
+def test_flat_folder_and_csv(tmp_path):
+    for c, name in enumerate(["a", "b"]):
+        write_images(tmp_path / "flat" / name, 5, seed=c)
+    splits, names = D.discover(str(tmp_path / "flat"))
+    assert names == ["a", "b"] and len(splits["train"]) + len(splits["val"]) == 10
+    assert {y for _, y in splits["val"]} == {0, 1}
+    rows = ["path,label"] + [f"flat/{n}/{i:03d}.png,{n}" for n in "ab" for i in range(5)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    splits, names = D.discover(str(tmp_path / "m.csv"))
+    assert names == ["a", "b"] and len(splits["train"]) + len(splits["val"]) == 10
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: None, "does not exist"),
+    (lambda p: os.makedirs(p), "is not a data set"),
+    (lambda p: os.makedirs(os.path.join(p, "train", "a")), "is empty"),
+])
+def test_bad_data_dirs(tmp_path, make, fragment):
+    path = str(tmp_path / "d")
+    make(path)
+    with pytest.raises(PruneError, match=fragment):
+        D.discover(path)
+
+
+def test_class_without_readable_image(tmp_path):
+    write_images(tmp_path / "train" / "good", 3, seed=0)
+    os.makedirs(tmp_path / "train" / "broken")
+    (tmp_path / "train" / "broken" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(PruneError, match="class folder 'broken'.*none of its first images is readable"):
+        D.discover(str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_odd_modes_become_rgb(tmp_path, mode):
+    write_images(tmp_path, 1, seed=0, mode=mode)
+    path = next(os.path.join(tmp_path, f) for f in os.listdir(tmp_path))
+    assert D.open_rgb(path).mode == "RGB"
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_counted(tmp_path):
+    write_images(tmp_path / "a", 3, seed=0)
+    (tmp_path / "a" / "zz_bad.png").write_bytes(b"\x89PNG garbage")
+    good = (tmp_path / "a" / "000.png").read_bytes()
+    (tmp_path / "a" / "zz_trunc.png").write_bytes(good[: len(good) // 2])
+    items = [(str(tmp_path / "a" / f), 0) for f in sorted(os.listdir(tmp_path / "a"))]
+    loader = D.make_loader(items, D.eval_transform(32), batch_size=2)
+    skipped = D.Skipped()
+    seen = sum(len(y) for _, y in D.batches(loader, skipped))
+    assert seen == 3 and skipped.count == 2 and "zz_bad.png" in skipped.summary()
+
+
+def test_eval_transform_uses_weights_metadata():
+    im = Image.new("RGB", (50, 70), (124, 116, 104))  # about the ImageNet mean
+    x = D.eval_transform(32)(im)
+    assert x.shape == (3, 32, 32) and x.abs().max() < 0.02
+
+
+def test_stratified_sample_per_class_covers_single_image_class():
+    items = [(f"a{i}", 0) for i in range(10)] + [("b0", 1)] + [(f"c{i}", 2) for i in range(4)]
+    s = D.stratified_sample(items, per_class=3, seed=5)
+    assert sorted({y for _, y in s}) == [0, 1, 2] and len(s) == 3 + 1 + 3
+    assert s == D.stratified_sample(items, per_class=3, seed=5) != D.stratified_sample(items, per_class=3, seed=6)
+
+
+def test_stratified_sample_fraction_handles_singletons():
+    items = [(f"a{i}", 0) for i in range(20)] + [("b0", 1)] + [(f"c{i}", 2) for i in range(10)]
+    s = D.stratified_sample(items, fraction=0.5, seed=0)
+    assert sorted({y for _, y in s}) == [0, 1, 2] and ("b0", 1) in s
+    assert sum(y == 0 for _, y in s) == 10
+    with pytest.raises(PruneError, match="SAMPLE_FRACTION"):
+        D.stratified_sample(items, fraction=1.5)

@@ -1,0 +1,118 @@
+"""Train or fine-tune a torchvision MobileNetV3 on an ImageFolder data set: the baseline the stages prune.
+
+Reads:  DATA_DIR (ImageFolder with train/ and val/ or test/, a flat ImageFolder, or a path,label CSV);
+        CHECKPOINT to start from ("" = random init; "imagenet" = torchvision weights from the local cache;
+        or any checkpoint the project loads — its classifier is replaced when the class count differs).
+Writes: RUN_DIR/baseline.pt (the best eval-mode val checkpoint, loads with weights_only=True),
+        RUN_DIR/train_metrics.json (per-epoch loss and val top-1, final val/test scores, provenance).
+A baseline whose recorded config and data fingerprint match is reused instead of trained again.
+
+    python train_model.py --DATA_DIR=../shared/data/oxford-flowers12 --RUN_DIR=runs/flowers --IMAGE_SIZE=128
+"""
+import hashlib
+import os
+
+from torch import nn
+
+from mbv3prune import config, models, stage
+from mbv3prune.artifacts import provenance, read_json, record_timings, write_json
+from mbv3prune.data import Skipped, eval_split
+from mbv3prune.errors import PruneError
+from mbv3prune.evaluate import accuracy
+from mbv3prune.train import fit, seed_everything
+
+# -----------------------------------------------------------------------------
+DATA_DIR = "data/synthetic-species"  # data set: ImageFolder (train/ + val/ or test/), flat ImageFolder, or CSV
+RUN_DIR = "runs/demo"  # where every stage reads and writes its artifacts
+MODEL_ARCH = "mobilenet_v3_large"  # mobilenet_v3_large or mobilenet_v3_small
+CHECKPOINT = ""  # start from this checkpoint ("" = random init, "imagenet" = torchvision weights from the cache)
+ALLOW_PICKLE = False  # allow CHECKPOINT to be a whole-model pickle (runs code from the file: only if you trust it)
+IMAGE_SIZE = 64  # training and evaluation resolution in pixels
+BATCH_SIZE = 64  # images per batch
+NUM_WORKERS = 2  # data-loading worker processes
+DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+SEED = 0  # seeds weights, augmentation, splits and shuffling
+EPOCHS = 16  # training epochs
+LR = 2e-3  # peak AdamW learning rate (cosine decay after WARMUP_EPOCHS)
+WEIGHT_DECAY = 0.05  # AdamW weight decay (not on biases and BN)
+LABEL_SMOOTHING = 0.1  # cross-entropy label smoothing
+WARMUP_EPOCHS = 1  # linear learning-rate warm-up
+BN_BATCHES = 20  # training batches used to re-estimate BN statistics before each validation
+REUSE = True  # reuse RUN_DIR/baseline.pt when its config and data fingerprint are unchanged
+DEBUG = False  # show tracebacks of the project's errors
+# -----------------------------------------------------------------------------
+RUN_ONLY = ("NUM_WORKERS", "DEVICE", "REUSE", "DEBUG")  # constants that do not change the result
+
+
+def data_fingerprint(splits):
+    """sha256 over every (path, size) of the data set: changes when files are added, removed or rewritten."""
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        for path, label in splits[split]:
+            h.update(f"{split}\t{label}\t{os.path.normpath(path)}\t{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()
+
+
+def reusable(path, cfg, fingerprint):
+    """True when ``path`` is a baseline trained with this config on this data."""
+    if not (cfg["REUSE"] and os.path.exists(path)):
+        return False
+    _, meta = models.load_checkpoint(path)
+    same_config = {k: v for k, v in meta["config"].items() if k not in RUN_ONLY} == \
+                  {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+    return same_config and meta["extra"].get("data_fingerprint") == fingerprint
+
+
+def initial_model(cfg, num_classes):
+    """Random init, or CHECKPOINT with its classifier replaced when the class count differs."""
+    if not cfg["CHECKPOINT"]:
+        return models.build_model(cfg["MODEL_ARCH"], num_classes)
+    model, meta = models.load_checkpoint(cfg["CHECKPOINT"], cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
+    head = model.classifier[-1]
+    if head.out_features != num_classes:
+        print(f"replacing the {head.out_features}-class classifier of {cfg['CHECKPOINT']} with a {num_classes}-class one")
+        model.classifier[-1] = nn.Linear(head.in_features, num_classes)
+    return model
+
+
+def main(cfg):
+    import time
+    t0 = time.perf_counter()
+    splits, class_names = stage.prepare_data(cfg)
+    out = os.path.join(cfg["RUN_DIR"], "baseline.pt")
+    fingerprint = data_fingerprint(splits)
+    if reusable(out, cfg, fingerprint):
+        metrics = read_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"), "training metrics")
+        print(f"reusing {out}: same config and data (val top-1 {metrics['val']['top1']:.4f}); --REUSE=False retrains")
+        stage.finish([out], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")
+        return
+    seed_everything(cfg["SEED"])
+    device = models.pick_device(cfg["DEVICE"])
+    model = initial_model(cfg, len(class_names))
+    print(f"training {cfg['MODEL_ARCH']} on {cfg['DATA_DIR']}: {len(class_names)} classes, "
+          f"{len(splits['train'])} train / {len(splits['val'])} val images, {cfg['IMAGE_SIZE']} px, {device}")
+    loaders = {"train": stage.loader(cfg, splits["train"], train=True, shuffle=True),
+               "bn": stage.loader(cfg, splits["train"], shuffle=True),
+               "val": stage.loader(cfg, splits["val"])}
+    model, history = fit(model, loaders, class_names, device, cfg["EPOCHS"], cfg["LR"], cfg["WEIGHT_DECAY"],
+                         cfg["LABEL_SMOOTHING"], cfg["WARMUP_EPOCHS"], cfg["BN_BATCHES"])
+    skipped = Skipped()
+    scores = {"val": accuracy(model, loaders["val"], device, class_names, skipped)}
+    final = eval_split(splits)
+    if final != "val":
+        scores[final] = accuracy(model, stage.loader(cfg, splits[final]), device, class_names, skipped)
+    for s in scores.values():
+        s.pop("correct")
+    models.save_checkpoint(out, model, cfg["MODEL_ARCH"], class_names, cfg,
+                           extra={"data_fingerprint": fingerprint, "val_top1": scores["val"]["top1"]})
+    metrics_path = write_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"),
+                              {"history": history, **scores, "class_names": class_names,
+                               "provenance": provenance(cfg)})
+    record_timings(cfg["RUN_DIR"], "train_model", {"seconds": time.perf_counter() - t0})
+    print("\n" + stage.table([[name, s["top1"], s["n"], min(v for v in s["per_class"].values() if v is not None)]
+                              for name, s in scores.items()], ["split", "top-1", "images", "worst class"]))
+    stage.finish([out, metrics_path], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")
+
+
+if __name__ == "__main__":
+    config.run(main, globals())
