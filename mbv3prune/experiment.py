@@ -1,0 +1,55 @@
+"""One pruning experiment: prune a copy, then score it with no recovery, after BN recalibration, after fine-tuning.
+
+Shared by the pruning stage, its threshold sweep and the benchmarks, so that every criterion is measured
+by the same code.
+"""
+import copy
+
+from . import stage
+from .data import Skipped, eval_split
+from .evaluate import accuracy, latency_ms, recalibrate_bn
+from .prune import count_macs_params, prune_blocks
+from .train import fit
+
+
+def make_loaders(cfg, splits):
+    """Loaders: ``eval`` (test, else val), ``val``, ``bn`` (un-augmented train batches), ``train`` (augmented)."""
+    return {"eval": stage.loader(cfg, splits[eval_split(splits)]),
+            "val": stage.loader(cfg, splits["val"]),
+            "bn": stage.loader(cfg, splits["train"], shuffle=True),
+            "train": stage.loader(cfg, splits["train"], train=True, shuffle=True)}
+
+
+def cost(model, image_size, device, latency=True):
+    """MACs and params at ``image_size``, and median CPU/GPU latency at batch 1 and 32."""
+    macs, params = count_macs_params(model, image_size)
+    out = {"macs": macs, "params": params}
+    if latency:
+        out["latency_ms_b1"] = latency_ms(model, image_size, 1, device)
+        out["latency_ms_b32"] = latency_ms(model, image_size, 32, device, repeats=5)
+    return out
+
+
+def score(model, loaders, class_names, device, desc="eval"):
+    """Accuracy on the eval split (top-1, per class, per-sample correctness)."""
+    return accuracy(model, loaders["eval"], device, class_names, Skipped(), desc=desc)
+
+
+def prune_copy(model, blocks, selection, image_size):
+    """A pruned deep copy of ``model`` (the original is untouched) and the per-block record."""
+    pruned = copy.deepcopy(model)
+    record = prune_blocks(pruned, blocks, selection, image_size)
+    return pruned.eval(), record
+
+
+def recover(pruned, loaders, class_names, device, cfg, log=print):
+    """{step: accuracy} for ``pruned`` (modified in place): no recovery, BN recalibrated, fine-tuned."""
+    steps = {"pruned": score(pruned, loaders, class_names, device, "pruned")}
+    if cfg["BN_RECALIBRATE"]:
+        recalibrate_bn(pruned, loaders["bn"], device, Skipped(), cfg["BN_BATCHES"])
+        steps["bn_recalibrated"] = score(pruned, loaders, class_names, device, "bn recalibrated")
+    if cfg["FINETUNE_EPOCHS"]:
+        fit(pruned, loaders, class_names, device, cfg["FINETUNE_EPOCHS"], cfg["FINETUNE_LR"], log=log,
+            bn_batches=cfg["BN_BATCHES"], warmup_epochs=0)
+        steps["finetuned"] = score(pruned, loaders, class_names, device, "fine-tuned")
+    return steps

@@ -1,0 +1,147 @@
+"""Every figure of the project, one function each (matplotlib without a display, written atomically)."""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .artifacts import save_figure  # noqa: E402
+
+
+def magnitude_histogram(counts, edges, title, threshold, suggested, path):
+    """Distribution of |a| over log-spaced bins (exact zeros and overflow annotated), threshold marked."""
+    counts, edges = np.asarray(counts, dtype=np.float64), np.asarray(edges, dtype=np.float64)
+    total = max(counts.sum(), 1.0)
+    lo, hi = edges[2:-2], edges[3:-1]  # the regular bins
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar(lo, counts[2:-1] / total, width=hi - lo, align="edge", color="#4c72b0", edgecolor="none")
+    ax.set_xscale("log")
+    ax.set_xlim(max(lo[counts[2:-1] > 0].min() / 2, 1e-6) if (counts[2:-1] > 0).any() else 1e-6, hi[-1])
+    ax.axvline(threshold, color="#c44e52", lw=1.5, label=f"THRESHOLD {threshold:.3g}")
+    for i, (name, value) in enumerate(sorted(suggested.items())):
+        ax.axvline(value, color=f"C{i + 2}", lw=1, ls="--", label=f"{name} {value:.3g}")
+    ax.set_xlabel("|activation| (log scale)")
+    ax.set_ylabel("fraction of activations")
+    ax.set_title(title, fontsize=9)
+    ax.text(0.01, 0.97, f"exact zeros: {100 * counts[0] / total:.1f}%\nbelow 1e-6: {100 * counts[1] / total:.1f}%",
+            transform=ax.transAxes, va="top", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def threshold_sensitivity(thresholds, curves, current, deadness_threshold, path):
+    """Left: fraction of activations below t; right: fraction of channels with deadness > DEADNESS_THRESHOLD."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    cmap = plt.get_cmap("viridis")
+    for i, (layer, (below, channels)) in enumerate(curves.items()):
+        colour = cmap(i / max(1, len(curves) - 1))
+        axes[0].plot(thresholds, below, color=colour, lw=1, label=layer)
+        axes[1].plot(thresholds, channels, color=colour, lw=1)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.axvline(current, color="#c44e52", lw=1.2)
+        ax.set_xlabel("THRESHOLD on |activation|")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of activations below THRESHOLD")
+    axes[1].set_ylabel(f"fraction of channels with deadness > {deadness_threshold}")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Threshold sensitivity, one curve per layer (red: current THRESHOLD)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def tile(maps, pad=1):
+    """[C, H, W] maps as one 2-D mosaic (NaN padding), as square as possible."""
+    c, h, w = maps.shape
+    cols = math.ceil(math.sqrt(c * h / w))
+    rows = math.ceil(c / cols)
+    mosaic = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), np.nan)
+    for i in range(c):
+        r, q = divmod(i, cols)
+        mosaic[r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = maps[i]
+    return mosaic, cols
+
+
+def deadness_grid(fraction, title, path):
+    """One small heatmap per channel over H x W (brighter = more often inactive), drawn as one tiled image."""
+    mosaic, cols = tile(np.asarray(fraction, dtype=np.float64))
+    fig, ax = plt.subplots(figsize=(8, 8 * mosaic.shape[0] / mosaic.shape[1] + 0.8))
+    im = ax.imshow(mosaic, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"{title}\n{fraction.shape[0]} channels, {cols} per row, each {fraction.shape[1]}x{fraction.shape[2]}",
+                 fontsize=9)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="fraction of images with |a| < THRESHOLD")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def deadness_histogram(per_layer, deadness_threshold, path):
+    """Histogram of channel deadness over all layers, one stacked colour per layer."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    values = [np.asarray(v, dtype=np.float64) for v in per_layer.values()]
+    ax.hist(values, bins=np.linspace(0, 1, 41), stacked=True, label=list(per_layer), color=plt.get_cmap("viridis")(
+        np.linspace(0, 1, len(values))))
+    ax.axvline(deadness_threshold, color="#c44e52", lw=1.5, label=f"DEADNESS_THRESHOLD {deadness_threshold}")
+    ax.set_xlabel("channel deadness (fraction of activations below THRESHOLD)")
+    ax.set_ylabel("channels")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def heat_overlay(ax, image, heat, title):
+    """An image with a [h, w] heat map upsampled onto it."""
+    heat = torch.as_tensor(heat, dtype=torch.float32)[None, None]
+    heat = torch.nn.functional.interpolate(heat, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
+    ax.imshow(image)
+    ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def single_overlay(image, heat, title, path):
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    heat_overlay(ax, image, heat, title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def before_after_panel(image, rows, layers, path):
+    """Rows = models ({label, prediction, heats per layer}), columns = the image and one overlay per layer."""
+    fig, axes = plt.subplots(len(rows), len(layers) + 1, figsize=(2.3 * (len(layers) + 1), 2.5 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_title(f"{row['label']}\n{row['prediction']}", fontsize=7)
+        axes[r, 0].axis("off")
+        for c, layer in enumerate(layers):
+            heat = row["heats"][layer]
+            heat_overlay(axes[r, c + 1], image, heat["map"], f"{layer}\n{heat['desc']}")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def sweep(xs, top1, macs_reduction, xlabel, path, baseline_top1=None):
+    """Top-1 and MACs reduction against the swept value: the trade-off a user picks from."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, top1, "o-", color="#4c72b0", label="top-1 (after BN recalibration)")
+    if baseline_top1 is not None:
+        ax.axhline(baseline_top1, color="#4c72b0", ls=":", lw=1, label="baseline top-1")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1", color="#4c72b0")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(xs, macs_reduction, "s--", color="#dd8452", label="MACs reduction")
+    ax2.set_ylabel("MACs reduction", color="#dd8452")
+    ax2.set_ylim(0, max(0.6, max(macs_reduction, default=0) * 1.1))
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)

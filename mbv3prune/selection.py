@@ -1,0 +1,108 @@
+"""Which hidden channels to remove: exactly a plan's indices, or the most prunable until a MACs target is met.
+
+Both keep the per-block floors (``MIN_KEEP_RATIO``, 8 channels) and round every block's kept count to a
+multiple of ``ROUND_TO``. In ``target_macs`` mode the channels of all blocks are ranked by one score and
+taken most prunable first; a block gives up channels in whole ``ROUND_TO`` chunks (its next chunk's score
+is the score of its least prunable channel), so the rounding never undoes the ranking.
+"""
+import heapq
+import math
+import warnings
+
+import torch
+
+from .errors import PruneError
+from .plan import block_candidates, class_deadness, min_kept, proposal_map
+
+
+def from_plan(plan, blocks, skip_blocks=(), min_keep_ratio=0.25, round_to=8):
+    """{block: indices} exactly as the plan lists them (SKIP_BLOCKS left out); a block below the floor is refused."""
+    selection = {}
+    for name, entry in plan["blocks"].items():
+        idxs = sorted(entry["prune"])
+        if not idxs or name in skip_blocks:
+            continue
+        hidden = blocks[name]["hidden_channels"]
+        kept = hidden - len(idxs)
+        if kept < min_kept(hidden, min_keep_ratio):
+            raise PruneError(f"plan block {name} keeps {kept} of {hidden} channels, below the floor of "
+                             f"{min_kept(hidden, min_keep_ratio)} (MIN_KEEP_RATIO={min_keep_ratio}, 8 channels)")
+        if kept % round_to:
+            warnings.warn(f"plan block {name} keeps {kept} channels, not a multiple of ROUND_TO={round_to}: "
+                          "pruned as the plan says")
+        selection[name] = idxs
+    return selection
+
+
+def _chunks(order, hidden, floor, round_to):
+    """Removal steps of one block: slices of ``order`` whose removal lands the kept count on a ROUND_TO multiple."""
+    limit = min(hidden - floor, len(order))
+    size = hidden % round_to or round_to
+    steps, start = [], 0
+    while start + size <= limit:
+        steps.append(order[start:start + size])
+        start, size = start + size, round_to
+    return steps
+
+
+def rank_channels(stats, blocks, layers, score, threshold, class_aware=False, min_class_samples=5, weights=None,
+                  skip_blocks=()):
+    """{block: [(prunability, channel)]} over every hidden channel of every prunable block (higher = prune first).
+
+    Class-aware deadness ranks a channel by its deadness in the class where it is most alive.
+    """
+    layers = proposal_map(layers)
+    ranking = {}
+    for name, roles in blocks.items():
+        if "expand" not in roles or name in skip_blocks:
+            continue
+        prun, _ = block_candidates(stats, roles, layers[name], score, threshold, -math.inf, weights=weights)
+        if class_aware and score == "deadness":
+            per_class = class_deadness(stats, layers[name], threshold, min_class_samples)
+            if per_class.shape[0]:
+                prun = torch.minimum(prun, per_class.amin(0).to(prun.device))
+        ranking[name] = list(zip(prun.tolist(), range(len(prun))))
+    return ranking
+
+
+def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8):
+    """{block: indices} removing at least ``target`` (a fraction) of ``total_macs``, most prunable chunks first.
+
+    ``ranking``: {block: [(prunability, channel), ...]} over the block's channels that may be removed.
+    Returns (selection, predicted MACs reduction). Stops early, below target, when nothing is left to take.
+    """
+    if not 0 < target < 1:
+        raise PruneError(f"TARGET_MACS_REDUCTION={target} must lie in (0, 1)")
+    heap, steps = [], {}
+    for order, (name, ranked) in enumerate(ranking.items()):
+        if name not in per_channel_macs:
+            continue
+        hidden = blocks[name]["hidden_channels"]
+        channels = [c for _, c in sorted(ranked, key=lambda r: (-r[0], r[1]))]
+        score = {c: p for p, c in ranked}
+        steps[name] = [(min(score[c] for c in step), step) for step in
+                       _chunks(channels, hidden, min_kept(hidden, min_keep_ratio), round_to)]
+        if steps[name]:
+            heapq.heappush(heap, (-steps[name][0][0], order, name, 0))
+    selection, removed = {}, 0
+    while heap and removed < target * total_macs:
+        _, order, name, i = heapq.heappop(heap)
+        step = steps[name][i][1]
+        selection.setdefault(name, []).extend(step)
+        removed += len(step) * per_channel_macs[name]
+        if i + 1 < len(steps[name]):
+            heapq.heappush(heap, (-steps[name][i + 1][0], order, name, i + 1))
+    return {k: sorted(v) for k, v in selection.items()}, removed / total_macs
+
+
+def uniform_ratio(ranking, blocks, ratio, min_keep_ratio=0.25, round_to=8):
+    """{block: indices}: the same fraction of every block's hidden channels, most prunable first."""
+    selection = {}
+    for name, ranked in ranking.items():
+        hidden = blocks[name]["hidden_channels"]
+        kept = max(hidden - int(round(ratio * hidden)), min_kept(hidden, min_keep_ratio))
+        kept = min(-(-kept // round_to) * round_to, hidden)
+        channels = [c for _, c in sorted(ranked, key=lambda r: (-r[0], r[1]))][: hidden - kept]
+        if channels:
+            selection[name] = sorted(channels)
+    return selection

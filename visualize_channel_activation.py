@@ -1,0 +1,147 @@
+"""Score every channel's deadness, draw the deadness grids, and write the pruning plan.
+
+Reads:  RUN_DIR/activation_stats.pt/.json (captured again only when missing or measured on another
+        checkpoint, sample, capture point or image size), CHECKPOINT (default RUN_DIR/baseline.pt).
+Writes: RUN_DIR/pruning_plan_<PLAN_TAG>.json (see README, "The plan file": the model it was measured on,
+        capture point, thresholds, per-layer channel deadness with per-class min and max, per-block `prune`
+        indices and kept count; meant to be edited by hand), RUN_DIR/deadness/<layer>_deadness_grid.png
+        (one small H x W heat map per channel, brighter = more often inactive), RUN_DIR/deadness_histogram.png.
+A channel is proposed when its deadness (fraction of |a| < THRESHOLD) exceeds DEADNESS_THRESHOLD; every
+block keeps at least MIN_KEEP_RATIO of its channels and 8, rounded up to a multiple of ROUND_TO. With
+CLASS_AWARE=True a channel alive for any class with at least MIN_CLASS_SAMPLES images is spared. A new
+THRESHOLD or DEADNESS_THRESHOLD re-plans from the saved statistics in seconds.
+
+    python visualize_channel_activation.py --RUN_DIR=runs/demo --DEADNESS_THRESHOLD=0.8 --PLAN_TAG=d08
+"""
+import os
+import time
+
+import torch
+
+from mbv3prune import config, measure, models, plan, plots, stage
+from mbv3prune.artifacts import provenance, record_timings, sha256_file
+from mbv3prune.blocks import find_blocks
+from mbv3prune.capture import CAPTURE_POINTS, DEFAULT_THRESHOLD, snap_threshold
+from mbv3prune.errors import PruneError
+from mbv3prune.prune import count_macs_params, macs_per_channel
+
+# -----------------------------------------------------------------------------
+DATA_DIR = "data/synthetic-species"  # data set whose train split is sampled (when a capture is needed)
+RUN_DIR = "runs/demo"  # where every stage reads and writes its artifacts
+MODEL_ARCH = "mobilenet_v3_large"  # mobilenet_v3_large or mobilenet_v3_small (must match the checkpoint)
+CHECKPOINT = ""  # model the plan is for ("" = RUN_DIR/baseline.pt)
+ALLOW_PICKLE = False  # allow CHECKPOINT to be a whole-model pickle (runs code from the file: only if you trust it)
+SAMPLES_PER_CLASS = 32  # images drawn per class (a smaller class gives all it has)
+SAMPLE_FRACTION = 0.0  # if > 0: a stratified fraction of the train split instead of SAMPLES_PER_CLASS
+CAPTURE_POINT = "project_input"  # project_input (what the project conv consumes), activation or conv_output
+THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (other values: read from the histograms)
+DEADNESS_THRESHOLD = 0.9  # a channel inactive more often than this is proposed for pruning
+SCORE = "deadness"  # deadness, mean_abs (mean |a| < THRESHOLD) or contribution (mean |a| x consumer weight norm)
+CLASS_AWARE = False  # spare a channel that is alive for any class with >= MIN_CLASS_SAMPLES images
+MIN_CLASS_SAMPLES = 5  # classes with fewer sampled images do not count for CLASS_AWARE
+MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)
+ROUND_TO = 8  # kept hidden channels are rounded up to a multiple of this
+SKIP_BLOCKS = []  # blocks never proposed, e.g. ["features.15"]
+PLAN_TAG = "default"  # the plan is written to RUN_DIR/pruning_plan_<PLAN_TAG>.json
+GRIDS = True  # draw the per-layer deadness grids
+RECAPTURE = False  # capture again even when saved statistics fit
+RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt
+SAVE_EVERY = 50  # batches between partial saves (0 = never)
+IMAGE_SIZE = 64  # input resolution
+BATCH_SIZE = 64  # images per batch
+NUM_WORKERS = 2  # data-loading worker processes
+DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+SEED = 0  # seeds the sample
+DEBUG = False  # show tracebacks of the project's errors
+# -----------------------------------------------------------------------------
+
+
+def check_config(cfg):
+    if cfg["CAPTURE_POINT"] not in CAPTURE_POINTS:
+        raise PruneError(f"unknown CAPTURE_POINT {cfg['CAPTURE_POINT']!r}: use one of {', '.join(CAPTURE_POINTS)}")
+    plan.check_score(cfg["SCORE"])
+    measure.check_threshold_in_range(cfg["THRESHOLD"])
+    for name in ("DEADNESS_THRESHOLD", "MIN_KEEP_RATIO"):
+        if not 0 <= cfg[name] <= 1:
+            raise PruneError(f"{name}={cfg[name]} must lie in [0, 1]")
+    if cfg["ROUND_TO"] < 1 or cfg["MIN_CLASS_SAMPLES"] < 1:
+        raise PruneError("ROUND_TO and MIN_CLASS_SAMPLES must be at least 1")
+    if not all(isinstance(c, str) and c.replace("-", "").replace("_", "").isalnum() for c in [cfg["PLAN_TAG"]]):
+        raise PruneError(f"PLAN_TAG={cfg['PLAN_TAG']!r} must be a plain name (letters, digits, - and _)")
+
+
+def figures(cfg, stats, layers, plan_dict):
+    """Deadness grids per proposal layer and the deadness histogram; returns the paths."""
+    wrote, captured = [], float(stats["threshold"])
+    if cfg["GRIDS"]:
+        for layer in plan_dict["layers"]:
+            grid = stats[f"{layer}/neuron_below"].double() / stats[f"{layer}/n_images"].double()
+            title = f"{layer} ({layers[layer]['block']}): deadness per neuron at |a| < {captured:.3g}"
+            path = os.path.join(cfg["RUN_DIR"], "deadness", f"{layer.replace('.', '_')}_deadness_grid.png")
+            wrote.append(plots.deadness_grid(grid.numpy(), title, path))
+    per_layer = {f"{layers[layer]['block']}": [v for v in d["channel_deadness"] if v is not None]
+                 for layer, d in plan_dict["layers"].items()}
+    wrote.append(plots.deadness_histogram(per_layer, cfg["DEADNESS_THRESHOLD"],
+                                          os.path.join(cfg["RUN_DIR"], "deadness_histogram.png")))
+    return wrote
+
+
+def block_rows(plan_dict, per_channel, total):
+    rows = []
+    for name, b in plan_dict["blocks"].items():
+        layer = b.get("layer")
+        dead = torch.tensor([v for v in plan_dict["layers"].get(layer, {}).get("channel_deadness", []) if v is not None],
+                            dtype=torch.float64)
+        q = (lambda p: f"{float(torch.quantile(dead, p)):.2f}") if len(dead) else (lambda p: "-")
+        rows.append([name, b["hidden_channels"], q(0.05), q(0.5), q(0.95), b["candidates"], b["kept"], len(b["prune"]),
+                     f"{100 * len(b['prune']) * per_channel.get(name, 0) / total:.1f}%", b.get("skipped", "")])
+    return rows
+
+
+def main(cfg):
+    t0 = time.perf_counter()
+    check_config(cfg)
+    device = models.pick_device(cfg["DEVICE"])
+    checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
+    model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
+    splits, class_names = stage.prepare_data(cfg)
+    stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
+    blocks, widths = find_blocks(model), models.layer_widths(model)
+    stats, stats_meta, wrote = measure.ensure_stats(cfg, model.to(device), blocks, splits, class_names, checkpoint,
+                                                   widths, device, force=cfg["RECAPTURE"])
+    threshold = cfg["THRESHOLD"]
+    if abs(snap_threshold(threshold, stats["hist_edges"]) - threshold) > 1e-12 * threshold and \
+            abs(threshold - float(stats["threshold"])) > 1e-12 * threshold:
+        print(f"THRESHOLD={threshold} is not a histogram edge: deadness is read at "
+              f"{snap_threshold(threshold, stats['hist_edges']):.4g}")
+    layers = stats_meta["layers"]
+    proposals = plan.propose(stats, blocks, layers, cfg["SCORE"], threshold=threshold,
+                             deadness_threshold=cfg["DEADNESS_THRESHOLD"], min_keep_ratio=cfg["MIN_KEEP_RATIO"],
+                             round_to=cfg["ROUND_TO"], class_aware=cfg["CLASS_AWARE"],
+                             min_class_samples=cfg["MIN_CLASS_SAMPLES"], skip_blocks=cfg["SKIP_BLOCKS"], weights=model)
+    plan_dict = plan.make_plan(proposals, stats, arch=meta["arch"], widths=widths,
+                               checkpoint_sha256=sha256_file(checkpoint), capture_point=cfg["CAPTURE_POINT"],
+                               score=cfg["SCORE"], threshold=threshold, deadness_threshold=cfg["DEADNESS_THRESHOLD"],
+                               class_aware=cfg["CLASS_AWARE"], min_class_samples=cfg["MIN_CLASS_SAMPLES"],
+                               min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"],
+                               provenance=provenance(cfg, {"checkpoint": checkpoint}))
+    plan_path = plan.write_plan(os.path.join(cfg["RUN_DIR"], f"pruning_plan_{cfg['PLAN_TAG']}.json"), plan_dict)
+    wrote = [plan_path] + wrote + figures(cfg, stats, layers, plan_dict)
+    total, _ = count_macs_params(model, cfg["IMAGE_SIZE"])
+    per_channel = macs_per_channel(model, blocks, cfg["IMAGE_SIZE"])
+    rows = block_rows(plan_dict, per_channel, total)
+    record_timings(cfg["RUN_DIR"], "visualize_channel_activation", {"seconds": time.perf_counter() - t0})
+    print(stage.table(rows, ["block", "hidden", "dead p5", "p50", "p95", "candidates", "kept", "prune", "MACs", "skipped"]))
+    removed = sum(len(b["prune"]) * per_channel.get(n, 0) for n, b in plan_dict["blocks"].items())
+    print(f"\nplan: {sum(r[7] for r in rows)} channels, {100 * removed / total:.1f}% of MACs "
+          f"({cfg['SCORE']}, THRESHOLD={threshold:.4g}, DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']}"
+          f"{', class-aware' if cfg['CLASS_AWARE'] else ''})")
+    grids = [p for p in wrote if p.endswith("_grid.png")]
+    stage.finish([p for p in wrote if not p.endswith("_grid.png")] +
+                 ([f"{os.path.dirname(grids[0])}/ ({len(grids)} deadness grids)"] if grids else []),
+                 f"python experiment_activation_based_block_pruning.py --RUN_DIR={cfg['RUN_DIR']} "
+                 f"--PLAN={plan_path}")
+
+
+if __name__ == "__main__":
+    config.run(main, globals())
