@@ -1,10 +1,12 @@
-# make demo: set up .venv and run every stage on the generated demo data into runs/demo/
-# make test: set up .venv with the test packages and run the test suite (what CI runs)
+# make demo:    set up .venv and run all seven stages on the generated demo data into runs/demo/
+# make test:    set up .venv with the test packages and run the test suite (what CI runs)
+# make flowers: train the flower baseline once (runs/flowers/baseline.pt) and run the stages on the real photos
 PYTHON ?= python3
 PY := .venv/bin/python
 RUN := runs/demo
 FLOWERS := ../shared/data/oxford-flowers12
 FRUN := runs/flowers
+FARGS := --DATA_DIR=$(FLOWERS) --RUN_DIR=$(FRUN) --IMAGE_SIZE=128
 
 .PHONY: demo test flowers clean-demo
 
@@ -21,16 +23,27 @@ demo: .venv/.requirements
 	$(PY) train_model.py --RUN_DIR=$(RUN)
 	$(PY) mobilenetv3_features.py --RUN_DIR=$(RUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(RUN)
-	@echo "demo outputs are in $(RUN)/"
+	$(PY) visualize_neuron_activations.py --RUN_DIR=$(RUN)
+	$(PY) visualize_channel_activation.py --RUN_DIR=$(RUN)
+	$(PY) experiment_activation_based_block_pruning.py --RUN_DIR=$(RUN) --FALLBACK_TARGET=0.2 --FINETUNE_EPOCHS=1
+	$(PY) validate_model_structure.py --RUN_DIR=$(RUN)
+	$(PY) get_model_architecture.py --RUN_DIR=$(RUN) --COMPARE=$(RUN)/pruned.pt --OUT=$(RUN)/architecture_pruned.json
+	$(PY) visualize_activation_overlay_image.py --RUN_DIR=$(RUN)
+	@echo "demo outputs are in $(RUN)/ (pruning_report.json, validation.json, overlays/, activations/, deadness/)"
 
 test: .venv/.requirements-test
 	$(PY) -m pytest -q tests
 
 flowers: .venv/.requirements
 	test -d $(FLOWERS) || { echo "$(FLOWERS) not found: the flower photos live in ../shared"; exit 1; }
-	$(PY) train_model.py --DATA_DIR=$(FLOWERS) --RUN_DIR=$(FRUN) --IMAGE_SIZE=128 --EPOCHS=40
+	$(PY) train_model.py $(FARGS) --EPOCHS=30
 	$(PY) mobilenetv3_features.py --RUN_DIR=$(FRUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(FRUN) --IMAGE_SIZE=128
+	$(PY) visualize_neuron_activations.py $(FARGS) --SAMPLES_PER_CLASS=60
+	$(PY) visualize_channel_activation.py $(FARGS) --SAMPLES_PER_CLASS=60
+	$(PY) experiment_activation_based_block_pruning.py $(FARGS) --FALLBACK_TARGET=0.2 --FINETUNE_EPOCHS=3 --SWEEP="[0.1,0.2,0.3,0.4]" --PRUNE_MODE=target_macs
+	$(PY) validate_model_structure.py $(FARGS)
+	$(PY) visualize_activation_overlay_image.py $(FARGS)
 
 clean-demo:
 	rm -rf $(RUN)
