@@ -28,7 +28,7 @@ RUN_DIR = "runs/demo"  # where every stage reads and writes its artifacts
 MODEL_ARCH = "mobilenet_v3_large"  # mobilenet_v3_large or mobilenet_v3_small (must match the checkpoints)
 CHECKPOINT = ""  # model to validate ("" = RUN_DIR/pruned.pt)
 ORIGINAL = ""  # model to compare with ("" = RUN_DIR/baseline.pt when it exists; "none" = no comparison)
-REPORT = ""  # pruning report with the promised widths ("" = RUN_DIR/pruning_report.json when it exists)
+REPORT = ""  # pruning report with the promised widths ("" = RUN_DIR/pruning_report.json when it exists; "none")
 ALLOW_PICKLE = False  # allow whole-model pickles (runs code from the file: only if you trust it)
 IMAGE_SIZE = 64  # input resolution
 BATCH_SIZE = 64  # images per batch
@@ -124,7 +124,7 @@ def main(cfg):
     original = config.path_or_default(cfg, "ORIGINAL", "baseline.pt")
     original = None if cfg["ORIGINAL"] == "none" or (not cfg["ORIGINAL"] and not os.path.exists(original)) else original
     report = config.path_or_default(cfg, "REPORT", "pruning_report.json")
-    report = report if cfg["REPORT"] or os.path.exists(report) else None
+    report = None if cfg["REPORT"] == "none" or (not cfg["REPORT"] and not os.path.exists(report)) else report
     splits, class_names = stage.prepare_data(cfg)
     stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
     model.to(device)

@@ -15,9 +15,29 @@ from .errors import PruneError, run_main
 
 
 def constant_names(namespace):
-    """The script's UPPER_CASE constants, in the order the script defines them."""
-    return [k for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list, tuple, dict, type(None)))]
+    """The script's constants, in order: UPPER_CASE names assigned between its two ``# ---`` rules (or, in a
+    file without rules, every module-level UPPER_CASE literal)."""
+    declared = _declared_names(namespace.get("__file__", ""))
+    names = declared if declared is not None else [k for k in namespace if k.isupper() and not k.startswith("_")]
+    return [k for k in names if k in namespace and isinstance(namespace[k], _LITERALS)]
+
+
+_LITERALS = (bool, int, float, str, list, tuple, dict, type(None))
+
+
+def _declared_names(path):
+    """UPPER_CASE names assigned between the first two ``# ---`` lines of ``path``; None without such rules."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return None
+    rules = [i + 1 for i, line in enumerate(lines) if line.startswith("# ---")]
+    if len(rules) < 2:
+        return None
+    tree = ast.parse("\n".join(lines))
+    return [node.targets[0].id for node in tree.body
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            and rules[0] < node.lineno < rules[1] and node.targets[0].id.isupper()]
 
 
 def constant_comments(path):

@@ -37,3 +37,31 @@ def run_script(script, *args, cwd=ROOT):
     """Run a stage script in a subprocess; returns the CompletedProcess (never raises on failure)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=900)
+
+
+def run_stage(script, *args):
+    """Run a stage script in this process (fresh module namespace): (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+    import runpy
+
+    from mbv3prune import config
+    namespace = runpy.run_path(os.path.join(ROOT, script), run_name="stage_under_test")
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            config.run(namespace["main"], namespace, list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Three classes, 6 train and 3 val images each, 40 px: enough for every stage at 32 px."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    for c, name in enumerate(["ant", "bee", "moth"]):
+        write_images(root / "train" / name, 6, seed=c)
+        write_images(root / "val" / name, 3, seed=100 + c)
+    return str(root)

@@ -1,0 +1,101 @@
+"""Every stage script, chained on a tiny data set, for Large and Small (32 px, one training epoch)."""
+import json
+import os
+
+import pytest
+import torch
+
+from mbv3prune import models
+from tests.conftest import run_stage
+
+ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
+
+
+def common(run_dir, arch, data):
+    return [f"--RUN_DIR={run_dir}", f"--MODEL_ARCH={arch}", f"--DATA_DIR={data}", "--IMAGE_SIZE=32",
+            "--NUM_WORKERS=0"]
+
+
+def ok(script, *args):
+    code, out, err = run_stage(script, *args)
+    assert code == 0, f"{script} exited {code}: {err[-2000:]}"
+    return out
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pipeline(request, tiny_data, tmp_path_factory):
+    """A run directory after stages 0-3 (train, structure, capture, plan) for one architecture."""
+    arch, run = request.param, str(tmp_path_factory.mktemp(request.param))
+    args = common(run, arch, tiny_data)
+    ok("train_model.py", *args, "--EPOCHS=1", "--BN_BATCHES=1")
+    ok("mobilenetv3_features.py", f"--RUN_DIR={run}", f"--MODEL_ARCH={arch}")
+    ok("get_model_architecture.py", f"--RUN_DIR={run}", f"--MODEL_ARCH={arch}", "--IMAGE_SIZE=32")
+    ok("visualize_neuron_activations.py", *args)
+    out = ok("visualize_channel_activation.py", *args, "--DEADNESS_THRESHOLD=0.5")
+    assert "pruning_plan_default.json" in out and "next:" in out
+    return arch, run, args
+
+
+def test_capture_and_plan_artifacts(pipeline):
+    arch, run, _ = pipeline
+    blocks = json.load(open(os.path.join(run, "mobilenetv3_block_structure.json")))["blocks"]
+    stats = torch.load(os.path.join(run, "activation_stats.pt"), weights_only=True)
+    meta = json.load(open(os.path.join(run, "activation_stats.json")))
+    assert meta["sample"]["images"] == 18 and {y for _, y in meta["sample"]["files"]} == {0, 1, 2}
+    for block, roles in blocks.items():
+        layer = roles["project"]
+        assert stats[f"{layer}/below"].shape == (roles["hidden_channels"],)
+        assert os.path.exists(os.path.join(run, "activations", f"{layer.replace('.', '_')}_hist.png"))
+        assert os.path.exists(os.path.join(run, "deadness", f"{layer.replace('.', '_')}_deadness_grid.png"))
+    for name in ("threshold_sensitivity.png", "deadness_histogram.png", "activation_summary.json", "architecture.json"):
+        assert os.path.exists(os.path.join(run, name)), name
+    plan = json.load(open(os.path.join(run, "pruning_plan_default.json")))
+    assert plan["model"]["arch"] == arch and set(plan["blocks"]) == set(blocks)
+
+
+def test_replan_from_saved_statistics_without_capture(pipeline):
+    _, run, args = pipeline
+    before = os.path.getmtime(os.path.join(run, "activation_stats.pt"))
+    out = ok("visualize_channel_activation.py", *args, "--DEADNESS_THRESHOLD=0.2", "--PLAN_TAG=low", "--GRIDS=False")
+    assert "re-using" in out and os.path.getmtime(os.path.join(run, "activation_stats.pt")) == before
+    assert os.path.exists(os.path.join(run, "pruning_plan_low.json"))
+
+
+@pytest.mark.parametrize("mode", [["--PRUNE_MODE=target_macs", "--TARGET_MACS_REDUCTION=0.3"],
+                                  ["--PRUNE_MODE=target_macs", "--SCORE=contribution", "--TARGET_MACS_REDUCTION=0.15"],
+                                  ["--PRUNE_MODE=threshold", "--FALLBACK_TARGET=0.2"]])
+def test_prune_then_validate_and_overlay(pipeline, mode):
+    arch, run, args = pipeline
+    out = ok("experiment_activation_based_block_pruning.py", *args, *mode, "--LATENCY=False")
+    report = json.load(open(os.path.join(run, "pruning_report.json")))
+    assert report["macs_reduction"] >= 0.10 and "bn_recalibrated" in report["accuracy"]
+    assert "hidden channels" in out
+    pruned, _ = models.load_checkpoint(os.path.join(run, "pruned.pt"))
+    assert models.layer_widths(pruned) == report["pruned_widths"]
+    ok("validate_model_structure.py", *args, "--EXPORT=trace")
+    assert json.load(open(os.path.join(run, "validation.json")))["passed"]
+    ok("visualize_activation_overlay_image.py", *args[:4], "--MAX_IMAGES=1")
+    assert os.path.exists(os.path.join(run, "overlays", "panel_img00.png"))
+
+
+def test_broken_model_fails_validation_naming_the_check(pipeline, tmp_path):
+    arch, run, args = pipeline
+    model, meta = models.load_checkpoint(os.path.join(run, "baseline.pt"))
+    bn = model.get_submodule(next(iter(json.load(open(os.path.join(run, "mobilenetv3_block_structure.json")))["blocks"].values()))["project_bn"])
+    bn.running_var.fill_(-1.0)  # negative variance: NaN everywhere downstream
+    broken = str(tmp_path / "broken.pt")
+    models.save_checkpoint(broken, model, arch, meta["class_names"])
+    code, out, err = run_stage("validate_model_structure.py", *args, f"--CHECKPOINT={broken}", "--EXPORT=none",
+                               "--ORIGINAL=none", "--REPORT=none")
+    assert code == 2 and "finite_on_random_input" in err and "Traceback" not in err
+
+
+def test_plan_from_another_model_is_refused(pipeline, tmp_path):
+    arch, run, args = pipeline
+    plan = json.load(open(os.path.join(run, "pruning_plan_default.json")))
+    layer = next(iter(plan["model"]["widths"]))
+    plan["model"]["widths"][layer]["out"] = plan["model"]["widths"][layer].get("out", 0) + 8
+    other = tmp_path / "other_plan.json"
+    other.write_text(json.dumps(plan))
+    code, _, err = run_stage("experiment_activation_based_block_pruning.py", *args, f"--PLAN={other}")
+    assert code == 2 and layer in err and "Traceback" not in err
