@@ -35,9 +35,14 @@ def score(model, loaders, class_names, device, desc="eval"):
     return accuracy(model, loaders["eval"], device, class_names, Skipped(), desc=desc)
 
 
-def prune_copy(model, blocks, selection, image_size):
-    """A pruned deep copy of ``model`` (the original is untouched) and the per-block record."""
+def prune_copy(model, blocks, selection, image_size, stats=None, compensate_fn=None):
+    """A pruned deep copy of ``model`` (the original is untouched) and the per-block record.
+
+    ``compensate_fn(model, blocks, selection, stats)`` folds the removed channels in first (see compensate).
+    """
     pruned = copy.deepcopy(model)
+    if compensate_fn is not None:
+        compensate_fn(pruned, blocks, selection, stats)
     record = prune_blocks(pruned, blocks, selection, image_size)
     return pruned.eval(), record
 

@@ -145,3 +145,27 @@ def sweep(xs, top1, macs_reduction, xlabel, path, baseline_top1=None):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def deadness_rounds(initial, latest, deadness_threshold, path):
+    """Per block, each channel's deadness in the first measurement against the last one (did deadness move?)."""
+    names = list(initial)
+    cols = min(5, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        x, y = np.asarray(initial[name], dtype=np.float64), np.asarray(latest[name], dtype=np.float64)
+        moved = (x > deadness_threshold) != (y > deadness_threshold)
+        ax.scatter(x[~moved], y[~moved], s=4, color="#4c72b0", alpha=0.6)
+        ax.scatter(x[moved], y[moved], s=8, color="#c44e52", label=f"{int(moved.sum())} crossed")
+        ax.axvline(deadness_threshold, color="grey", lw=0.6, ls=":")
+        ax.axhline(deadness_threshold, color="grey", lw=0.6, ls=":")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.supxlabel("deadness, first measurement")
+    fig.supylabel("deadness, last measurement before pruning")
+    fig.tight_layout()
+    return save_figure(fig, path)
