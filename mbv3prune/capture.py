@@ -1,0 +1,420 @@
+"""Streaming activation capture: hooks in a context manager, per-channel running totals, log-spaced histograms.
+
+A pass over a whole data set keeps no feature maps: every captured tensor is reduced, on its own device and
+under ``torch.inference_mode()``, into running totals whose size depends on the layer only, never on the
+number of images. For every layer (a captured tensor; its key is a module name) the totals are:
+
+=================  ==================  ==========================================================
+``n``              int64 []            elements per channel counted (images x H x W)
+``n_images``       int64 []            images seen
+``below``          int64 [C]           count of |a| < threshold
+``neuron_below``   int64 [C, H, W]     per neuron, images with |a| < threshold
+``sum``            float64 [C]         sum of a
+``sum_abs``        float64 [C]         sum of |a|
+``sum_sq``         float64 [C]         sum of a**2
+``max_abs``        float32 [C]         max of |a|
+``n_class``        int64 [K]           images per class
+``hist_class``     int64 [K, C, NB]    histogram of |a| per class (``histograms=True``)
+``hist``           int64 [C, NB]       ``hist_class`` summed over classes (added by ``finalize``)
+=================  ==================  ==========================================================
+
+Counts are int64, sums float64 (float32 stops counting exactly past 2**24). A batch is first reduced per
+channel in float32 (over the batch, then over H x W) and then added into the float64 totals: each batch
+contributes a float32 rounding error (a few 1e-7 of its sum of |a|), and nothing drifts over batches.
+The threshold is compared in float32. Per block, whatever the capture point, ``{block}/pregate_sum``
+(float64 [C]) and ``{block}/pregate_n`` (int64 []) hold the per-channel sum and count of the depthwise
+activation's output before the SE gate (``pregate_mean``). A NaN or inf in a captured tensor stops the
+capture with a PruneError naming the first such layer in forward order; the check is free: NaN and inf
+propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
+
+Histogram bins are fixed (``hist_edges()``), identical for every layer and run: bin 0 holds exact zeros
+(strictly, |a| < 2**-128, i.e. zeros and the tiniest float32 subnormals), bin 1 the underflow
+(0 < |a| < 2**-20), then 2**SUB_BITS bins per octave from 2**-20 (~9.5e-7) to 2**10 (1024), then an
+overflow bin (inf included). A value's bin is read off its float32 bit pattern (exponent and the top
+SUB_BITS mantissa bits), so binning is exact at every edge. One ``index_add_`` per layer and batch counts
+all classes, channels and bins at once, straight into the totals (``bincount`` would zero and add a
+[K, C, NB] result every batch: about twice the cost); each batch is grouped by class first, so each
+class's rows stay in cache. Live, ``hist_class`` is int32 while no bin can overflow (``finalize``: int64).
+On one CPU thread capture costs 1.05-1.25x plain inference without histograms and 1.35-1.55x with everything
+(``benchmarks/capture_overhead.py``); memory does not grow with the number of images.
+"""
+import contextlib
+import math
+
+import torch
+from tqdm import tqdm
+
+from .blocks import capture_layer
+from .errors import PruneError
+
+CAPTURE_POINTS = ("project_input", "activation", "conv_output")
+DEFAULT_THRESHOLD = 2.0 ** -7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` exactly
+SUB_BITS = 2  # mantissa bits kept: 2**SUB_BITS histogram bins per octave
+LOW_EXP, HIGH_EXP = -20, 10  # regular bins span [2**LOW_EXP, 2**HIGH_EXP), about 1e-6 .. 1e3
+_SHIFT = 23 - SUB_BITS  # float32 bits >> _SHIFT = (biased exponent, top mantissa bits): monotone in |a|
+_LO_KEY = (LOW_EXP + 127) << SUB_BITS
+_HI_KEY = (HIGH_EXP + 127) << SUB_BITS
+NUM_BINS = _HI_KEY - _LO_KEY + 3  # zero, underflow, regular bins, overflow
+_INT32_MAX = 2 ** 31 - 1
+LAYER_STATS = ("n", "n_images", "below", "neuron_below", "sum", "sum_abs", "sum_sq", "max_abs", "n_class")
+BLOCK_STATS = ("pregate_sum", "pregate_n")
+GLOBAL_STATS = ("hist_edges", "threshold", "n_batches")
+
+
+def hist_edges():
+    """The NUM_BINS + 1 bin edges (float64): bin i holds edges[i] <= |a| < edges[i + 1]; all exact in float32."""
+    keys = torch.tensor([1] + list(range(_LO_KEY, _HI_KEY + 1)), dtype=torch.int32)
+    inner = (keys << _SHIFT).view(torch.float32).double()
+    return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.full((1,), math.inf, dtype=torch.float64)])
+
+
+def _bin_keys(abs_values):
+    """Histogram bin + _LO_KEY - 1 (int32) of every element of a float32 tensor of magnitudes |a|."""
+    key = abs_values.view(torch.int32) >> _SHIFT
+    idx = key.clamp(_LO_KEY - 1, _HI_KEY)
+    idx += key.clamp_(max=1)  # +1 unless zero: zero -> _LO_KEY - 1, underflow -> _LO_KEY, ...
+    return idx
+
+
+def bin_index(abs_values):
+    """The histogram bin (int32) of every element of a float32 tensor of magnitudes |a|."""
+    return _bin_keys(abs_values).sub_(_LO_KEY - 1)
+
+
+def _channel_sum(x):
+    """Per-channel sum of [B, C, H, W] in its dtype (over the batch first: contiguous, vectorised)."""
+    return x.sum(0).sum((1, 2))
+
+
+def _channel_amax(x):
+    return x.amax(0).amax((1, 2))
+
+
+def _count_over_batch(mask):
+    """mask [B, ...].sum(0), counted in uint8 when B < 256 (exact, and 6x faster than via int32)."""
+    return mask.view(torch.uint8).sum(0, dtype=torch.uint8 if mask.shape[0] < 256 else torch.int32)
+
+
+def check_threshold(threshold):
+    """``threshold`` as a float; a PruneError unless it is a finite number > 0."""
+    if not (isinstance(threshold, (int, float)) and 0 < threshold < math.inf):
+        raise PruneError(f"threshold {threshold!r} must be a number > 0")
+    return float(threshold)
+
+
+def _edges_below(edges, threshold):
+    """How many leading bins have an upper edge <= threshold."""
+    return int((edges[1:] <= check_threshold(threshold)).sum())
+
+
+def snap_threshold(threshold, edges):
+    """The largest bin edge <= ``threshold``: the threshold that ``deadness_from_hist`` actually applies."""
+    return float(edges[_edges_below(edges, threshold)])
+
+
+def deadness_from_hist(hist, edges, threshold):
+    """Fraction of |a| < threshold per row of ``hist`` [..., NB] (NaN where a row is empty).
+
+    Exact when ``threshold`` is a bin edge. Otherwise the count covers the whole bins whose upper edge is
+    <= threshold, i.e. the deadness at ``snap_threshold(threshold, edges)``: never more than the true one.
+    """
+    k = _edges_below(edges, threshold)
+    total = hist.sum(-1).double()
+    return hist[..., :k].sum(-1).double() / total
+
+
+def pregate_mean(stats, block):
+    """Per-channel mean of a block's depthwise activation before the SE gate (for SE compensation)."""
+    return stats[f"{block}/pregate_sum"] / stats[f"{block}/pregate_n"].double()
+
+
+def _block_layers(block, roles, capture_point):
+    """[(module, hook kind, role)] of the tensors captured in one block."""
+    if capture_point == "project_input":
+        return [(roles["project"], "pre", "project")]
+    if capture_point == "activation":
+        dw = "depthwise_act" if "depthwise_act" in roles else "depthwise_bn"
+        return [(roles[r], "post", r) for r in ("expand_act", dw) if r in roles]
+    if capture_point == "conv_output":
+        return [(roles[r], "post", r) for r in ("expand", "depthwise") if r in roles]
+    raise PruneError(f"unknown CAPTURE_POINT {capture_point!r}: use one of {', '.join(CAPTURE_POINTS)}")
+
+
+def describe_layers(blocks, capture_point="project_input"):
+    """JSON-able {layer: {block, module, hook, role, proposal, channels}} of the captured tensors, in forward order.
+
+    ``module`` is the hooked module (the layer key); ``hook`` says whether its input (``pre``) or its output
+    (``post``) is captured; ``proposal`` marks the layer a block is scored on.
+    """
+    layers = {}
+    for block, roles in blocks.items():
+        proposal = capture_layer(roles, capture_point)
+        for module, hook, role in _block_layers(block, roles, capture_point):
+            layers[module] = {"block": block, "module": module, "hook": hook, "role": role,
+                              "proposal": module == proposal, "channels": roles["hidden_channels"]}
+    return layers
+
+
+def _pregate_module(roles):
+    return roles.get("depthwise_act", roles["depthwise_bn"])
+
+
+def _register(module, kind, fn):
+    """Hook ``fn`` on the module's input (``pre``) or output; the hook returns None, so it never alters them."""
+    if kind == "pre":
+        def pre_hook(mod, args):
+            fn(args[0])
+        return module.register_forward_pre_hook(pre_hook)
+
+    def hook(mod, args, out):
+        fn(out)
+    return module.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def attached_hooks(model, hooks):
+    """Register ``(module name, "pre" | "post", fn(tensor))`` hooks in eval mode; always remove them on exit."""
+    modules = dict(model.named_modules())
+    handles, was_training = [], model.training
+    try:
+        model.eval()
+        for name, kind, fn in hooks:
+            if name not in modules:
+                raise PruneError(f"layer {name} is not a module of this {type(model).__name__}: "
+                                 "blocks from another model?")
+            handles.append(_register(modules[name], kind, fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def _zeros(shape, dtype, device):
+    """Totals are normal tensors (not inference tensors), so they stay usable after the pass."""
+    with torch.inference_mode(False):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _new_layer_totals(shape, num_classes, histograms, device):
+    c = shape[0]
+    totals = {"n": ((), torch.int64), "n_images": ((), torch.int64), "below": ((c,), torch.int64),
+              "neuron_below": (shape, torch.int64), "sum": ((c,), torch.float64),
+              "sum_abs": ((c,), torch.float64), "sum_sq": ((c,), torch.float64),
+              "max_abs": ((c,), torch.float32), "n_class": ((num_classes,), torch.int64)}
+    if histograms:
+        totals["hist_class"] = ((num_classes, c, NUM_BINS), torch.int32)  # see _Accumulator._hist_class
+    return {stat: _zeros(s, dtype, device) for stat, (s, dtype) in totals.items()}
+
+
+class _Accumulator:
+    """Adds each captured tensor of the current batch into the running totals held in ``state``."""
+
+    def __init__(self, state, threshold, num_classes, histograms):
+        self.state, self.threshold, self.num_classes, self.histograms = state, threshold, num_classes, histograms
+        self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
+        self._ones, self._counted = {}, {}
+
+    def start_batch(self, labels):
+        """Labels (on the model's device) of the batch about to run."""
+        self.labels, self.batch_max, self._offsets = labels, [], {}
+        self.class_counts = torch.bincount(labels, minlength=self.num_classes)
+
+    def _totals(self, layer, x):
+        """``stat -> tensor`` of the layer's totals (made at its first batch), checked against ``x``'s shape."""
+        if x.dim() != 4:
+            raise PruneError(f"layer {layer}: captured tensor of shape {tuple(x.shape)}, expected (batch, C, H, W)")
+        if f"{layer}/n" not in self.state:
+            fresh = _new_layer_totals(tuple(x.shape[1:]), self.num_classes, self.histograms, x.device)
+            self.state.update({f"{layer}/{stat}": t for stat, t in fresh.items()})
+        shape = tuple(self.state[f"{layer}/neuron_below"].shape)
+        if tuple(x.shape[1:]) != shape:
+            raise PruneError(f"layer {layer}: captured tensor of shape {tuple(x.shape)}, expected (batch, *{shape}): "
+                             "all images of a capture (and of a resumed one) must have the same size")
+        return lambda stat: self.state[f"{layer}/{stat}"]
+
+    def _hist_offsets(self, channels, device):
+        """Index of bin 0 of every (image, channel) in the flat hist_class [K, C, NUM_BINS]: [B, C, 1, 1] int32."""
+        if channels not in self._offsets:
+            channel = torch.arange(channels, dtype=torch.int32, device=device)
+            rows = self.labels.to(torch.int32).view(-1, 1) * channels + channel
+            self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, :, None, None]
+        return self._offsets[channels]
+
+    def _hist_class(self, layer, elements):
+        """The layer's hist_class before counting ``elements`` more per channel.
+
+        Live, it is int32 (half the cache traffic of int64) while no bin can pass 2**31 - 1 (a bin never
+        holds more than ``n``), int64 beyond; ``finalize`` always gives int64.
+        """
+        key = f"{layer}/hist_class"
+        if layer not in self._counted:  # once per layer and capture: n may come from a resumed state
+            self._counted[layer] = int(self.state[f"{layer}/n"])
+        self._counted[layer] += elements
+        dtype = torch.int32 if self._counted[layer] <= _INT32_MAX else torch.int64
+        if self.state[key].dtype != dtype:
+            with torch.inference_mode(False):
+                self.state[key] = self.state[key].to(dtype)
+        return self.state[key]
+
+    def _count(self, hist, idx):
+        """hist[idx] += 1 for every element of the int32 index (a contiguous source of ones is faster than expand)."""
+        ones = self._ones.get(hist.dtype)
+        if ones is None or ones.numel() < idx.numel() or ones.device != idx.device:
+            ones = self._ones[hist.dtype] = torch.ones(idx.numel(), dtype=hist.dtype, device=idx.device)
+        hist.view(-1).index_add_(0, idx, ones[: idx.numel()])
+
+    def layer(self, layer, x):
+        """Reduce one captured tensor [B, C, H, W] into its layer's totals."""
+        total = self._totals(layer, x)
+        b, c, h, w = x.shape
+        hist = self._hist_class(layer, b * h * w) if self.histograms else None
+        x = x.float()
+        a = x.abs()
+        total("n").add_(b * h * w)
+        total("n_images").add_(b)
+        total("n_class").add_(self.class_counts)
+        self._below_and_max(layer, total, a)
+        if hist is not None:
+            self._count(hist, _bin_keys(a).add_(self._hist_offsets(c, x.device)).reshape(-1))
+        total("sum").add_(_channel_sum(x))
+        total("sum_abs").add_(_channel_sum(a))
+        total("sum_sq").add_(_channel_sum(a.mul_(a)))  # a is ours: squared in place, last
+
+    def _below_and_max(self, layer, total, a):
+        neuron_below = _count_over_batch(a < self.threshold)
+        total("neuron_below").add_(neuron_below)
+        total("below").add_(neuron_below.sum((1, 2)))
+        batch_max = _channel_amax(a)  # NaN propagates: also the batch's non-finite check
+        torch.maximum(total("max_abs"), batch_max, out=total("max_abs"))
+        self.batch_max.append((layer, batch_max))
+
+    def pregate(self, block, x):
+        """Add the depthwise activation (before the SE gate) into the block's per-channel sum and count."""
+        if f"{block}/pregate_sum" not in self.state:
+            self.state[f"{block}/pregate_sum"] = _zeros((x.shape[1],), torch.float64, x.device)
+            self.state[f"{block}/pregate_n"] = _zeros((), torch.int64, x.device)
+        self.state[f"{block}/pregate_sum"].add_(_channel_sum(x.float()))
+        self.state[f"{block}/pregate_n"].add_(x.numel() // x.shape[1])
+
+    def check_finite(self):
+        """PruneError naming the first layer, in forward order, whose tensor held NaN or inf in this batch."""
+        if not self.batch_max or bool(torch.isfinite(torch.cat([m for _, m in self.batch_max])).all()):
+            return
+        layer = next(name for name, m in self.batch_max if not bool(torch.isfinite(m).all()))
+        raise PruneError(f"layer {layer}: NaN or inf in the captured activations "
+                         f"(batch {int(self.state['n_batches']) + 1}): check the model's weights and the input")
+
+
+def _hooks(acc, blocks, capture_point):
+    """(module, kind, fn) for every captured layer and every block's pre-gate depthwise activation."""
+    hooks = [(name, info["hook"], lambda x, name=name: acc.layer(name, x))
+             for name, info in describe_layers(blocks, capture_point).items()]
+    hooks += [(_pregate_module(roles), "post", lambda x, block=block: acc.pregate(block, x))
+              for block, roles in blocks.items()]
+    return hooks
+
+
+def expected_keys(blocks, capture_point, histograms=True):
+    """Every key of a capture's state (``hist`` excluded: ``finalize`` adds it)."""
+    stats = LAYER_STATS + (("hist_class",) if histograms else ())
+    keys = {f"{layer}/{s}" for layer in describe_layers(blocks, capture_point) for s in stats}
+    return keys | {f"{block}/{s}" for block in blocks for s in BLOCK_STATS} | set(GLOBAL_STATS)
+
+
+def _new_state(device, threshold):
+    return {"hist_edges": hist_edges().to(device), "threshold": _zeros((), torch.float64, device).add_(threshold),
+            "n_batches": _zeros((), torch.int64, device)}
+
+
+def _resumed_state(state, keys, threshold, num_classes, device):
+    """A private copy (on ``device``) of a previous capture's state, checked against this capture's settings."""
+    given = {k for k in state if not k.endswith("/hist")}
+    if given != keys:
+        odd = sorted(given ^ keys)[0]
+        raise PruneError(f"resume state does not fit this capture: key {odd} is "
+                         f"{'extra' if odd in given else 'missing'} (other model, CAPTURE_POINT or histogram setting?)")
+    if float(state["threshold"]) != threshold:
+        raise PruneError(f"resume state was captured at threshold {float(state['threshold'])}, not {threshold}")
+    if not torch.equal(state["hist_edges"].cpu(), hist_edges()):
+        raise PruneError("resume state has other histogram edges (made by another version of mbv3prune.capture)")
+    some_layer = next(k for k in keys if k.endswith("/n_class"))
+    if state[some_layer].numel() != num_classes:
+        raise PruneError(f"resume state counts {state[some_layer].numel()} classes, not NUM_CLASSES={num_classes}")
+    with torch.inference_mode(False):
+        return {k: state[k].to(device, copy=True) for k in keys}
+
+
+def _labels(labels, num_classes, device):
+    """Labels as int64 on ``device``, each in [0, num_classes)."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise PruneError(f"labels must be a 1-d integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise PruneError(f"label {int(bad[0])} is outside [0, {num_classes}): NUM_CLASSES too small?")
+    return labels.to(device, torch.int64, non_blocking=True)
+
+
+def _grouped_by_class(images, labels):
+    """The batch reordered so that each class's images are adjacent: every total is a sum over images, so the
+    order changes nothing, but each class's histogram rows then stay in cache while they are counted."""
+    order = torch.argsort(labels, stable=True)
+    return images[order], labels[order]
+
+
+def _model_device(model, device):
+    """The model's device, which must be ``device`` when one is given ("cuda" matches "cuda:0")."""
+    model_device = next(model.parameters()).device
+    want = torch.device(device) if device is not None else model_device
+    if want.type != model_device.type or want.index not in (None, model_device.index):
+        raise PruneError(f"the model is on {model_device}, not on DEVICE={device}: move it with model.to(device) first")
+    return model_device
+
+
+def _one_batch(model, acc, images, labels, device):
+    """Forward one batch (grouped by class) with the hooks accumulating; a NaN or inf stops the capture."""
+    images, labels = _grouped_by_class(images.to(device, non_blocking=True), labels)
+    acc.start_batch(labels)
+    model(images)
+    acc.check_finite()
+    acc.state["n_batches"].add_(1)
+
+
+def capture(model, batches, blocks, capture_point="project_input", threshold=DEFAULT_THRESHOLD, num_classes=1,
+            device=None, progress=True, state=None, histograms=True, on_batch=None):
+    """Run ``model`` over ``(images, labels)`` batches and return ``(stats, layers)``: running totals, no maps.
+
+    ``stats`` is a dict of CPU tensors (see the module docstring; loads with ``torch.load(weights_only=True)``),
+    ``layers`` the JSON-able ``describe_layers``. ``state``: a previous (partial) result to keep
+    accumulating into; not modified. ``on_batch(i, state)`` runs after each batch (``i`` counts all
+    batches, resumed ones included); ``state`` is live: save ``finalize(state)``, never modify it.
+    ``histograms=False`` skips ``hist_class`` (and ``hist``).
+    """
+    device = _model_device(model, device)
+    keys = expected_keys(blocks, capture_point, histograms)
+    threshold = check_threshold(threshold)
+    state = (_resumed_state(state, keys, threshold, num_classes, device) if state is not None
+             else _new_state(device, threshold))
+    acc = _Accumulator(state, threshold, num_classes, histograms)
+    with attached_hooks(model, _hooks(acc, blocks, capture_point)), torch.inference_mode():
+        for images, labels in tqdm(batches, desc=f"capture {capture_point}", unit="batch", disable=not progress):
+            _one_batch(model, acc, images, _labels(labels, num_classes, device), device)
+            if on_batch is not None:
+                on_batch(int(state["n_batches"]), state)
+    missing = sorted(keys - set(state))
+    if missing:
+        raise PruneError(f"capture saw no activations for {missing[0]}: no batches, or blocks from another model")
+    return finalize(state, copy=False), describe_layers(blocks, capture_point)
+
+
+def finalize(state, copy=True):
+    """Plain CPU tensors of a (live) capture state, with ``{layer}/hist`` summed from ``hist_class``.
+
+    ``copy=False`` may return the state's own CPU tensors: only for a state that is no longer updated.
+    """
+    stats = {k: v.detach().to("cpu", copy=copy) for k, v in state.items() if not k.endswith("/hist")}
+    for key in [k for k in stats if k.endswith("/hist_class")]:
+        stats[key] = stats[key].long()
+        stats[key[: -len("_class")]] = stats[key].sum(0)
+    return stats
