@@ -3,6 +3,7 @@
 Every artifact is written to a temporary file in its own directory and renamed into place, so a stage
 killed at any moment leaves the previous artifact intact and readable.
 """
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -23,6 +24,8 @@ def atomic_write(path, write):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        os.remove(stale)  # left by a write that was killed before its rename
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
@@ -70,9 +73,17 @@ def read_json(path, what="JSON file"):
         raise PruneError(f"{what} {path} is not readable JSON: {err}") from None
 
 
+def save_torch(path, obj):
+    """``torch.save`` atomically through a file object, so the bytes do not depend on the temporary name."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, write)
+
+
 def save_tensors(path, tensors):
     """Save a dict of plain tensors (loads with ``torch.load(weights_only=True)``)."""
-    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    return save_torch(path, tensors)
 
 
 def load_tensors(path, what="tensor file"):

@@ -51,19 +51,31 @@ def stale_reason(run_dir, ident):
     return None
 
 
-def run_capture(cfg, model, blocks, items, num_classes, device):
+def _resume_state(cfg, ident):
+    """(state, batches done) of the partial save, refused when it was made for another capture."""
+    partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
+    if not (cfg["RESUME"] and os.path.exists(partial)):
+        return None, 0
+    saved = read_json(partial + ".json", "partial capture").get("identity")
+    if saved != {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}:
+        raise PruneError(f"partial capture {partial} was made with another checkpoint, sample, capture point, "
+                         "batch size or threshold: run without RESUME=True to start over")
+    state = load_tensors(partial, "partial capture")
+    print(f"resuming the capture after {int(state['n_batches'])} batches from {partial}")
+    return state, int(state["n_batches"])
+
+
+def run_capture(cfg, model, blocks, items, num_classes, device, ident):
     """Capture over ``items`` (resuming from the partial save with RESUME=True); returns (stats, layers, skipped)."""
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
-    state, done = None, 0
-    if cfg["RESUME"] and os.path.exists(partial):
-        state = load_tensors(partial, "partial capture")
-        done = int(state["n_batches"])
-        print(f"resuming the capture after {done} batches from {partial}")
+    state, done = _resume_state(cfg, ident)
+    sidecar = {"identity": {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}}
     skipped = Skipped()
     loader = stage.loader(cfg, items[done * cfg["BATCH_SIZE"]:])
 
     def on_batch(i, live):
         if cfg["SAVE_EVERY"] and i % cfg["SAVE_EVERY"] == 0:
+            write_json(partial + ".json", sidecar)
             save_tensors(partial, C.finalize(live))
         if _KILL_AFTER and i >= _KILL_AFTER:
             os._exit(17)
@@ -83,9 +95,9 @@ def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=No
             "sample": {"data_dir": cfg["DATA_DIR"], "images": len(record), "files": record},
             **(extra or {}), "provenance": provenance(cfg, {"checkpoint": checkpoint})}
     js = write_json(os.path.join(cfg["RUN_DIR"], STATS_JSON), meta)
-    partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
-    if os.path.exists(partial):
-        os.remove(partial)
+    for leftover in (os.path.join(cfg["RUN_DIR"], PARTIAL), os.path.join(cfg["RUN_DIR"], PARTIAL + ".json")):
+        if os.path.exists(leftover):
+            os.remove(leftover)
     return pt, js
 
 
@@ -99,13 +111,14 @@ def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, de
     """Saved statistics when they fit this config, else a fresh capture (saved). Returns (stats, meta, wrote)."""
     items = sample(cfg, splits)
     ident = identity(cfg, checkpoint, items)
-    reason = "RECAPTURE=True" if force else stale_reason(cfg["RUN_DIR"], ident)
+    resuming = cfg["RESUME"] and os.path.exists(os.path.join(cfg["RUN_DIR"], PARTIAL))
+    reason = "RECAPTURE=True" if force else "RESUME=True" if resuming else stale_reason(cfg["RUN_DIR"], ident)
     if reason is None:
         stats, meta = load(cfg["RUN_DIR"])
         print(f"re-using {os.path.join(cfg['RUN_DIR'], STATS_PT)} (same checkpoint, sample, capture point)")
         return stats, meta, []
     print(f"capturing activations of {len(items)} images ({reason})")
-    stats, layers, skipped = run_capture(cfg, model, blocks, items, len(class_names), device)
+    stats, layers, skipped = run_capture(cfg, model, blocks, items, len(class_names), device, ident)
     if skipped.count:
         print(skipped.summary())
     wrote = save(cfg, stats, layers, items, ident, checkpoint, widths, skipped)

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .artifacts import atomic_write, versions
+from .artifacts import save_torch, versions
 from .errors import PruneError
 
 ARCHS = ("mobilenet_v3_large", "mobilenet_v3_small")
@@ -108,7 +108,7 @@ def save_checkpoint(path, model, arch, class_names, config=None, extra=None):
         "versions": versions(),
         "extra": dict(extra or {}),
     }
-    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return save_torch(path, ckpt)
 
 
 def _torch_load(path, allow_pickle):
