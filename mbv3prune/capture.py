@@ -398,7 +398,7 @@ def capture(model, batches, blocks, capture_point="project_input", threshold=DEF
              else _new_state(device, threshold))
     acc = _Accumulator(state, threshold, num_classes, histograms)
     with attached_hooks(model, _hooks(acc, blocks, capture_point)), torch.inference_mode():
-        for images, labels in tqdm(batches, desc=f"capture {capture_point}", unit="batch", disable=not progress):
+        for images, labels in tqdm(batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True):
             _one_batch(model, acc, images, _labels(labels, num_classes, device), device)
             if on_batch is not None:
                 on_batch(int(state["n_batches"]), state)

@@ -16,7 +16,7 @@ def predict(model, loader, device, skipped, desc="eval"):
     """(predicted labels, true labels, max softmax) over a loader, in eval mode."""
     model.eval()
     preds, labels, conf = [], [], []
-    for images, y in tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False):
+    for images, y in tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False, disable=None):
         probs = model(images).float().softmax(dim=1)
         c, p = probs.max(dim=1)
         preds.append(p.cpu()), labels.append(y.cpu()), conf.append(c.cpu())

@@ -37,7 +37,7 @@ def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, lab
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     losses = []
-    bar = tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False)
+    bar = tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False, disable=None)
     for images, labels in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total_steps, warmup, lr)
