@@ -36,7 +36,7 @@ test: .venv/.requirements-test
 
 flowers: .venv/.requirements
 	test -d $(FLOWERS) || { echo "$(FLOWERS) not found: the flower photos live in ../shared"; exit 1; }
-	$(PY) train_model.py $(FARGS) --EPOCHS=30
+	$(PY) train_model.py $(FARGS) --EPOCHS=24
 	$(PY) mobilenetv3_features.py --RUN_DIR=$(FRUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(FRUN) --IMAGE_SIZE=128
 	$(PY) visualize_neuron_activations.py $(FARGS) --SAMPLES_PER_CLASS=60
