@@ -21,7 +21,7 @@ import torch
 from mbv3prune import config, measure, models, plan, plots, stage
 from mbv3prune.artifacts import provenance, record_timings, sha256_file
 from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import CAPTURE_POINTS, DEFAULT_THRESHOLD, snap_threshold
+from mbv3prune.capture import DEFAULT_THRESHOLD, snap_threshold, valid_capture_point
 from mbv3prune.errors import PruneError
 from mbv3prune.prune import count_macs_params, macs_per_channel
 
@@ -57,8 +57,7 @@ DEBUG = False  # show tracebacks of the project's errors
 
 
 def check_config(cfg):
-    if cfg["CAPTURE_POINT"] not in CAPTURE_POINTS:
-        raise PruneError(f"unknown CAPTURE_POINT {cfg['CAPTURE_POINT']!r}: use one of {', '.join(CAPTURE_POINTS)}")
+    valid_capture_point(cfg["CAPTURE_POINT"])
     plan.check_score(cfg["SCORE"])
     measure.check_threshold_in_range(cfg["THRESHOLD"])
     for name in ("DEADNESS_THRESHOLD", "MIN_KEEP_RATIO"):

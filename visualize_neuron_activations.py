@@ -20,7 +20,7 @@ import time
 from mbv3prune import config, measure, models, plots, stage
 from mbv3prune.artifacts import provenance, record_timings, write_json
 from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import CAPTURE_POINTS, DEFAULT_THRESHOLD
+from mbv3prune.capture import DEFAULT_THRESHOLD, valid_capture_point
 from mbv3prune.errors import PruneError
 from mbv3prune.histograms import layer_counts, percentiles, sensitivity, suggest, thresholds_axis
 
@@ -48,8 +48,7 @@ DEBUG = False  # show tracebacks of the project's errors
 
 
 def check_config(cfg):
-    if cfg["CAPTURE_POINT"] not in CAPTURE_POINTS:
-        raise PruneError(f"unknown CAPTURE_POINT {cfg['CAPTURE_POINT']!r}: use one of {', '.join(CAPTURE_POINTS)}")
+    valid_capture_point(cfg["CAPTURE_POINT"])
     measure.check_threshold_in_range(cfg["THRESHOLD"])
     if not 0 <= cfg["DEADNESS_THRESHOLD"] < 1:
         raise PruneError(f"DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']} must lie in [0, 1)")

@@ -95,6 +95,13 @@ def _count_over_batch(mask):
     return mask.view(torch.uint8).sum(0, dtype=torch.uint8 if mask.shape[0] < 256 else torch.int32)
 
 
+def valid_capture_point(capture_point):
+    """``capture_point``, or a PruneError listing the valid ones."""
+    if capture_point not in CAPTURE_POINTS:
+        raise PruneError(f"unknown CAPTURE_POINT {capture_point!r}: use one of {', '.join(CAPTURE_POINTS)}")
+    return capture_point
+
+
 def check_threshold(threshold):
     """``threshold`` as a float; a PruneError unless it is a finite number > 0."""
     if not (isinstance(threshold, (int, float)) and 0 < threshold < math.inf):
@@ -137,7 +144,7 @@ def _block_layers(block, roles, capture_point):
         return [(roles[r], "post", r) for r in ("expand_act", dw) if r in roles]
     if capture_point == "conv_output":
         return [(roles[r], "post", r) for r in ("expand", "depthwise") if r in roles]
-    raise PruneError(f"unknown CAPTURE_POINT {capture_point!r}: use one of {', '.join(CAPTURE_POINTS)}")
+    valid_capture_point(capture_point)
 
 
 def describe_layers(blocks, capture_point="project_input"):

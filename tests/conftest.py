@@ -65,3 +65,25 @@ def tiny_data(tmp_path_factory):
         write_images(root / "train" / name, 6, seed=c)
         write_images(root / "val" / name, 3, seed=100 + c)
     return str(root)
+
+
+def randomized_model(arch, seed=0, size=32):
+    """A 3-class model in eval mode: random biases and BN affine terms, BN statistics measured on random images
+    (so channels differ everywhere and the input still reaches the output)."""
+    import torch
+    from mbv3prune import models
+    torch.manual_seed(seed)
+    model = models.build_model(arch, 3)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: the statistics of the calibration batch
+        model.train()(torch.randn(8, 3, size, size, generator=gen))
+        for bn in bns:
+            bn.momentum = 0.1
+    return model.eval()

@@ -19,6 +19,7 @@ from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.compensate import VAR_FLOOR, compensate, compensate_block, compensate_project
 from mbv3prune.errors import PruneError
+from tests.conftest import randomized_model
 from mbv3prune.prune import prune_blocks
 
 SIZE = 32
@@ -33,22 +34,8 @@ CASES = [("mobilenet_v3_large", "relu_se"), ("mobilenet_v3_large", "hardswish_se
 
 @functools.lru_cache(maxsize=None)
 def _calibrated(arch):
-    """A float64 3-class model: random biases and BN affine terms, BN statistics measured on random images."""
-    torch.manual_seed(0)
-    model = models.build_model(arch, 3)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: the statistics of the calibration batch
-        model.train()(torch.randn(8, 3, SIZE, SIZE, generator=gen))
-        for bn in bns:
-            bn.momentum = 0.1
-    return model.eval().double()
+    """A float64 3-class model (conftest.randomized_model)."""
+    return randomized_model(arch, 0, SIZE).double()
 
 
 def _model(arch):

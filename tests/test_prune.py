@@ -11,6 +11,7 @@ import torch
 from mbv3prune import models
 from mbv3prune.blocks import find_blocks
 from mbv3prune.errors import PruneError
+from tests.conftest import randomized_model
 from mbv3prune.prune import (block_group, block_macs, build_graph, count_macs_params,
                              macs_per_channel, prune_blocks, validate_indices)
 
@@ -22,23 +23,8 @@ HIDDEN_DIM = {"expand": 0, "expand_bn": 0, "depthwise": 0, "depthwise_bn": 0, "s
 
 
 def _model(arch, seed=0):
-    """A 3-class model in eval mode: random biases and BN affine terms, BN statistics measured on random images
-    (so channels differ everywhere and the input still reaches the output)."""
-    torch.manual_seed(seed)
-    model = models.build_model(arch, 3)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: the statistics of the calibration batch
-        model.train()(torch.randn(8, 3, SIZE, SIZE, generator=gen))
-        for bn in bns:
-            bn.momentum = 0.1
-    return model.eval()
+    """See conftest.randomized_model."""
+    return randomized_model(arch, seed, SIZE)
 
 
 def _batch(n=2, size=SIZE):
