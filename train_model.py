@@ -17,7 +17,6 @@ from torch import nn
 from mbv3prune import config, models, stage
 from mbv3prune.artifacts import provenance, read_json, record_timings, write_json
 from mbv3prune.data import Skipped, eval_split
-from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import accuracy
 from mbv3prune.train import fit, seed_everything
 

@@ -91,8 +91,8 @@ def block_rows(plan_dict, per_channel, total):
         layer = b.get("layer")
         dead = torch.tensor([v for v in plan_dict["layers"].get(layer, {}).get("channel_deadness", []) if v is not None],
                             dtype=torch.float64)
-        q = (lambda p: f"{float(torch.quantile(dead, p)):.2f}") if len(dead) else (lambda p: "-")
-        rows.append([name, b["hidden_channels"], q(0.05), q(0.5), q(0.95), b["candidates"], b["kept"], len(b["prune"]),
+        q = [f"{float(torch.quantile(dead, p)):.2f}" if len(dead) else "-" for p in (0.05, 0.5, 0.95)]
+        rows.append([name, b["hidden_channels"], *q, b["candidates"], b["kept"], len(b["prune"]),
                      f"{100 * len(b['prune']) * per_channel.get(name, 0) / total:.1f}%", b.get("skipped", "")])
     return rows
 

@@ -14,7 +14,6 @@ import functools
 import pytest
 import torch
 
-from mbv3prune import models
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.compensate import VAR_FLOOR, compensate, compensate_block, compensate_project

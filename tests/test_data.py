@@ -1,7 +1,6 @@
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from mbv3prune import data as D

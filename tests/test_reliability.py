@@ -1,6 +1,5 @@
 """Bad input -> one clear line, exit status 2, nothing written; killed stages leave artifacts intact; reruns are
 byte-identical."""
-import copy
 import json
 import os
 import shutil
