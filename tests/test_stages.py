@@ -63,12 +63,18 @@ def test_replan_from_saved_statistics_without_capture(pipeline):
 
 @pytest.mark.parametrize("mode", [["--PRUNE_MODE=target_macs", "--TARGET_MACS_REDUCTION=0.3"],
                                   ["--PRUNE_MODE=target_macs", "--SCORE=contribution", "--TARGET_MACS_REDUCTION=0.15"],
-                                  ["--PRUNE_MODE=threshold", "--FALLBACK_TARGET=0.2"]])
+                                  ["--PRUNE_MODE=target_macs", "--SCORE=mean_abs", "--COMPENSATE=False"],
+                                  ["--PRUNE_MODE=threshold", "--FALLBACK_TARGET=0.2"],
+                                  ["--PRUNE_MODE=iterative", "--TARGET_MACS_REDUCTION=0.0", "--CORRECT_VARIANCE=True"]])
 def test_prune_then_validate_and_overlay(pipeline, mode):
     arch, run, args = pipeline
     out = ok("experiment_activation_based_block_pruning.py", *args, *mode, "--LATENCY=False")
     report = json.load(open(os.path.join(run, "pruning_report.json")))
-    assert report["macs_reduction"] >= 0.10 and "bn_recalibrated" in report["accuracy"]
+    assert "bn_recalibrated" in report["accuracy"]
+    if "--PRUNE_MODE=iterative" in mode:
+        assert report["rounds"] and os.path.exists(os.path.join(run, "deadness_rounds.png"))
+    else:
+        assert report["macs_reduction"] >= 0.10
     assert "hidden channels" in out
     pruned, _ = models.load_checkpoint(os.path.join(run, "pruned.pt"))
     assert models.layer_widths(pruned) == report["pruned_widths"]
