@@ -309,6 +309,10 @@ def main(cfg):
     prune_fn = prune_iteratively if cfg["PRUNE_MODE"] == "iterative" else prune_one_shot
     pruned, chosen, how, extra = prune_fn(ctx)
     print(f"pruned {sum(map(len, chosen.values()))} channels in {len(chosen)} blocks: {how}")
+    for name, roles in ctx.blocks.items():
+        if "expand" not in roles or name in cfg["SKIP_BLOCKS"]:
+            reason = "in SKIP_BLOCKS" if name in cfg["SKIP_BLOCKS"] else "no expand conv (channels tied to the stem and residual)"
+            print(f"  skipped {name}: {reason}")
     accuracy = {"baseline": baseline_acc, **recover(pruned, ctx.loaders, ctx.class_names, ctx.device, cfg)}
     out = os.path.join(cfg["RUN_DIR"], "pruned.pt")
     models.save_checkpoint(out, pruned, ctx.meta["arch"], ctx.class_names, cfg,
