@@ -31,7 +31,7 @@ from mbv3prune.compensate import check_capture_point, compensate
 from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import file_size_mb, flag_class_drops
-from mbv3prune.experiment import cost, make_loaders, prune_copy, recover, score
+from mbv3prune.experiment import latencies, make_loaders, prune_copy, recover, score
 from mbv3prune.plan import check_plan_matches_model, check_score, load_plan, propose
 from mbv3prune.prune import block_macs, count_macs_params, macs_per_channel
 from mbv3prune.train import seed_everything
@@ -279,12 +279,11 @@ def report(ctx, pruned, chosen, how, extra, accuracy, out):
     }
 
 
-def latencies(ctx, pruned):
+def measure_latency(ctx, pruned):
     if not ctx.cfg["LATENCY"]:
         return {}
-    costs = {"before": cost(ctx.model, ctx.cfg["IMAGE_SIZE"], ctx.device),
-             "after": cost(pruned, ctx.cfg["IMAGE_SIZE"], ctx.device)}
-    return {f"{k}_{tag}": c[k] for tag, c in costs.items() for k in ("latency_ms_b1", "latency_ms_b32")}
+    measured = {tag: latencies(m, ctx.cfg["IMAGE_SIZE"], ctx.device) for tag, m in (("before", ctx.model), ("after", pruned))}
+    return {f"{k}_{tag}": v for tag, times in measured.items() for k, v in times.items()}
 
 
 def print_summary(ctx, pruned, chosen, result, timings):
@@ -323,7 +322,7 @@ def main(cfg):
         result["sweep"], figure = run_sweep(ctx)
         figures.append(figure)
     wrote = [out, *figures, write_json(os.path.join(cfg["RUN_DIR"], "pruning_report.json"), result)]
-    timings = latencies(ctx, pruned)
+    timings = measure_latency(ctx, pruned)
     record_timings(cfg["RUN_DIR"], "pruning", {"seconds": time.perf_counter() - t0, **timings})
     print_summary(ctx, pruned, chosen, result, timings)
     stage.finish(wrote, f"python validate_model_structure.py --RUN_DIR={cfg['RUN_DIR']}")

@@ -87,6 +87,7 @@ def main(cfg):
     loaded = load_models(cfg)
     arch = loaded[0][2]["arch"]
     layers = cfg["LAYERS"] or QUARTER_BLOCKS[arch]
+    blocks = {tag: _blocks(model, layers, tag) for tag, model, _ in loaded}
     images = cfg["IMAGES"] or default_images(cfg)
     for path in images:
         if not os.path.isfile(path):
@@ -102,8 +103,7 @@ def main(cfg):
         shown = np.asarray(pil.resize((256, int(256 * pil.height / pil.width))))
         panel_rows = []
         for tag, model, meta in loaded:
-            blocks = _blocks(model, layers, tag)
-            heats, pred, conf = heat_maps(model.to(device), x, blocks, layers, cfg["CAPTURE_POINT"])
+            heats, pred, conf = heat_maps(model.to(device), x, blocks[tag], layers, cfg["CAPTURE_POINT"])
             label = meta["class_names"][pred]
             panel_rows.append({"label": tag, "prediction": f"{label} ({conf:.2f})", "heats": heats})
             rows.append([os.path.basename(path), tag, label, round(conf, 3)])

@@ -48,7 +48,7 @@ def test_plain_state_dict_any_class_count(tmp_path, arch, classes):
 
 def test_whole_model_pickle_needs_allow_pickle(tmp_path):
     model = torchvision.models.mobilenet_v3_small(num_classes=3)
-    torch.save(model, tmp_path / "whole.pt")
+    torch.save(model, tmp_path / "whole.pt")  # deliberately a whole-model pickle: the input this test refuses
     with pytest.raises(PruneError, match="whole-model pickle.*ALLOW_PICKLE=True"):
         models.load_checkpoint(str(tmp_path / "whole.pt"))
     with pytest.warns(UserWarning, match="weights_only=False"):
