@@ -1,7 +1,8 @@
 """Atomic writes, JSON with a schema version, sha256, and the provenance every artifact carries.
 
 Every artifact is written to a temporary file in its own directory and renamed into place, so a stage
-killed at any moment leaves the previous artifact intact and readable.
+killed at any moment leaves the previous artifact intact and readable. Under torchrun only rank 0 writes:
+a write from another rank is a bug, and ``atomic_write`` refuses it.
 """
 import glob
 import hashlib
@@ -22,6 +23,7 @@ _KILL_BEFORE_RENAME = os.environ.get("MBV3PRUNE_TEST_KILL_BEFORE_RENAME", "")  #
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
     path = os.fspath(path)
+    _check_writer(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(os.path.basename(path))}.*.tmp")):
@@ -37,6 +39,12 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _check_writer(path):
+    """Under torchrun, rank 0 alone writes artifacts (the others would race it on a shared file system)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        raise RuntimeError(f"rank {torch.distributed.get_rank()} tried to write {path}: only rank 0 writes artifacts")
 
 
 def _clean(obj):

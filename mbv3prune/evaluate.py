@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .data import batches
 
 
@@ -16,7 +17,8 @@ def predict(model, loader, device, skipped, desc="eval"):
     """(predicted labels, true labels, max softmax) over a loader, in eval mode."""
     model.eval()
     preds, labels, conf = [], [], []
-    for images, y in tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False, disable=None):
+    for images, y in tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False,
+                          disable=None if distributed.is_main() else True):
         probs = model(images).float().softmax(dim=1)
         c, p = probs.max(dim=1)
         preds.append(p.cpu()), labels.append(y.cpu()), conf.append(c.cpu())

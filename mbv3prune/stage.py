@@ -2,25 +2,33 @@
 import os
 
 from . import data as D
+from . import distributed
 from .errors import PruneError
 
 DEMO_DATA_DIR = "data/synthetic-species"  # the embedded demo set, generated on first use
 
 
 def prepare_data(cfg):
-    """(splits, class_names) of ``DATA_DIR``; the demo set is generated first when it is the one asked for."""
+    """(splits, class_names) of ``DATA_DIR``; the demo set is generated first when it is the one asked for
+    (under torchrun by rank 0, while the other ranks wait)."""
     if os.path.normpath(cfg["DATA_DIR"]) == os.path.normpath(DEMO_DATA_DIR):
         from .synthetic import ensure
-        ensure(DEMO_DATA_DIR)
+        if distributed.is_main():
+            ensure(DEMO_DATA_DIR)
+        distributed.barrier()
     return D.discover(cfg["DATA_DIR"], seed=cfg["SEED"])
 
 
-def loader(cfg, items, train=False, shuffle=False, arch=None):
-    """A loader over ``items`` with the eval (or train) transform at ``IMAGE_SIZE``."""
+def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):
+    """A loader over ``items`` with the eval transform at ``IMAGE_SIZE``, or a training loader (``train``): it
+    drops a last partial batch, augments unless ``augment=False``, and under torchrun reads only this
+    process's part of ``items`` (a DistributedSampler)."""
     arch = arch or cfg["MODEL_ARCH"]
-    transform = D.train_transform(cfg["IMAGE_SIZE"], arch) if train else D.eval_transform(cfg["IMAGE_SIZE"], arch)
+    augment = train if augment is None else augment
+    transform = D.train_transform(cfg["IMAGE_SIZE"], arch) if augment else D.eval_transform(cfg["IMAGE_SIZE"], arch)
+    drop_last = train and len(items) > cfg["BATCH_SIZE"] * distributed.world_size()
     return D.make_loader(items, transform, cfg["BATCH_SIZE"], cfg["NUM_WORKERS"], shuffle=shuffle,
-                         seed=cfg["SEED"], drop_last=train and len(items) > cfg["BATCH_SIZE"])
+                         seed=cfg["SEED"], drop_last=drop_last, shard=train)
 
 
 def check_class_names(meta, class_names, data_dir):

@@ -1,0 +1,169 @@
+"""Several processes under ``torchrun`` (PyTorch's own launcher): one per GPU, on one machine or several.
+
+Launched by torchrun (``RANK`` and ``WORLD_SIZE`` in the environment), a stage calls ``setup(DEVICE)``: the
+process joins the group (NCCL on CUDA, gloo on CPU), takes the GPU ``cuda:LOCAL_RANK``, and on every rank
+but 0 its stdout goes to /dev/null (errors still reach stderr). Then:
+
+- the capture gives each rank a disjoint ``shard`` of the sample (``items[rank::world]``: every image once,
+  no padding) and ``all_reduce_totals`` adds the running totals of all ranks;
+- training wraps the model in ``wrap`` (DistributedDataParallel) and reads the training set through a
+  seeded DistributedSampler (``sampler``), one part per rank;
+- rank 0 alone writes artifacts: ``artifacts.atomic_write`` refuses any other rank.
+
+Without torchrun every function here is a no-op and a stage runs in one process, as it always did.
+"""
+import atexit
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .errors import PruneError
+
+_UNREDUCED = ("hist_edges", "threshold")  # capture totals that are the same on every rank, not sums
+
+
+def launched():
+    """True when torchrun (or any ``env://`` launcher) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def active():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if active() else 0
+
+
+def world_size():
+    return dist.get_world_size() if active() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def setup(device_request="auto"):
+    """This process's device; under torchrun, also joins the process group (once) and silences ranks > 0."""
+    from .models import pick_device
+    device = pick_device(device_request)
+    if not launched():
+        return device
+    if not dist.is_available():
+        raise PruneError("started by torchrun, but this torch build has no torch.distributed")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif int(os.environ["WORLD_SIZE"]) > 1:
+            raise PruneError(f"DEVICE={device_request} under torchrun: every process takes cuda:LOCAL_RANK, "
+                             "use DEVICE=auto or cuda")
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise PruneError(f"DEVICE={device_request} ({device.type}) cannot run under torchrun: use cuda or cpu")
+    if not active():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(cleanup)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def cleanup():
+    """Leave the process group (registered at exit by ``setup``)."""
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def shard(items):
+    """This rank's part of ``items``: every ``world_size()``-th from ``rank()``. Disjoint, no padding."""
+    return items[rank()::world_size()]
+
+
+def from_main(fn):
+    """``fn()`` evaluated on rank 0 alone and sent to every rank: a decision that reads rank 0's files."""
+    if not active():
+        return fn()
+    box = [fn() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean(value):
+    """The mean of a number over the ranks (e.g. each rank's training loss)."""
+    if not active():
+        return float(value)
+    total = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    return float(total) / world_size()
+
+
+def _comm_device():
+    """gloo reduces CPU tensors, NCCL CUDA ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_totals(stats):
+    """Capture totals (finalized: plain CPU tensors, int64 histograms) added across ranks, in place.
+
+    SUM for counts, sums, histograms and ``n_batches``, MAX for ``max_abs``; ``hist_edges`` and ``threshold``
+    are left as they are. One collective per (operation, dtype): the tensors are flattened into one buffer.
+    """
+    if not active():
+        return stats
+    groups = {}
+    for key in sorted(k for k in stats if k not in _UNREDUCED):
+        groups.setdefault((key.endswith("/max_abs"), str(stats[key].dtype)), []).append(key)
+    for (is_max, _), keys in sorted(groups.items()):
+        op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
+        flat = torch.cat([stats[k].reshape(-1) for k in keys]).to(_comm_device())
+        dist.all_reduce(flat, op=op)
+        flat, offset = flat.cpu(), 0
+        for k in keys:
+            n = stats[k].numel()
+            stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
+            offset += n
+    return stats
+
+
+def sampler(dataset, shuffle, seed, drop_last):
+    """A DistributedSampler (this rank's part of ``dataset``, reshuffled by ``set_epoch``), or None alone."""
+    if not active():
+        return None
+    from torch.utils.data import DistributedSampler
+    return DistributedSampler(dataset, world_size(), rank(), shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+def set_epoch(loader, epoch):
+    """Tell a loader's DistributedSampler the epoch (its shuffle depends on it)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def wrap(model, device):
+    """``model`` in DistributedDataParallel under torchrun (it broadcasts rank 0's weights), else ``model``."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def seed_ranks():
+    """With several ranks, reseed torch with ``initial seed + rank``: each rank its own dropout and augmentation."""
+    if world_size() > 1:
+        torch.manual_seed(torch.initial_seed() + rank())
