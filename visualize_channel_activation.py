@@ -9,7 +9,8 @@ Writes: RUN_DIR/pruning_plan_<PLAN_TAG>.json (see README, "The plan file": the m
 A channel is proposed when its deadness (fraction of |a| < THRESHOLD) exceeds DEADNESS_THRESHOLD; every
 block keeps at least MIN_KEEP_RATIO of its channels and 8, rounded up to a multiple of ROUND_TO. With
 CLASS_AWARE=True a channel alive for any class with at least MIN_CLASS_SAMPLES images is spared. A new
-THRESHOLD or DEADNESS_THRESHOLD re-plans from the saved statistics in seconds.
+THRESHOLD or DEADNESS_THRESHOLD re-plans from the saved statistics in seconds. Under torchrun a capture it
+needs is shared by the processes (see visualize_neuron_activations.py); rank 0 alone plans and writes.
 
     python visualize_channel_activation.py --RUN_DIR=runs/demo --DEADNESS_THRESHOLD=0.8 --PLAN_TAG=d08
 """
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from mbv3prune import config, measure, models, plan, plots, stage
+from mbv3prune import config, distributed, measure, models, plan, plots, stage
 from mbv3prune.artifacts import provenance, record_timings, sha256_file
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import DEFAULT_THRESHOLD, snap_threshold, valid_capture_point
@@ -100,14 +101,16 @@ def block_rows(plan_dict, per_channel, total):
 def main(cfg):
     t0 = time.perf_counter()
     check_config(cfg)
-    device = models.pick_device(cfg["DEVICE"])
+    device = distributed.setup(cfg["DEVICE"])
     checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     splits, class_names = stage.prepare_data(cfg)
     stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
     blocks, widths = find_blocks(model), models.layer_widths(model)
-    stats, stats_meta, wrote = measure.ensure_stats(cfg, model.to(device), blocks, splits, class_names, checkpoint,
-                                                   widths, device, force=cfg["RECAPTURE"])
+    stats, stats_meta, wrote = measure.ensure_stats(cfg, models.to_device(model, device), blocks, splits, class_names,
+                                                   checkpoint, widths, device, force=cfg["RECAPTURE"])
+    if not distributed.is_main():
+        return  # the other processes only helped capture
     threshold = cfg["THRESHOLD"]
     if abs(snap_threshold(threshold, stats["hist_edges"]) - threshold) > 1e-12 * threshold and \
             abs(threshold - float(stats["threshold"])) > 1e-12 * threshold:

@@ -11,13 +11,17 @@ Writes: RUN_DIR/activation_stats.pt (per layer and channel: counts below THRESHO
 Memory does not grow with the number of images: no feature map outlives its batch. A capture interrupted
 with RESUME=True continues from its last partial save. Saved statistics are re-used when they were
 measured on the same checkpoint, sample, capture point and image size (RECAPTURE=True forces a new pass).
+Under torchrun each process (GPU) captures its own shard of the sample and the totals are added across
+processes (the same statistics as one process); rank 0 alone writes and prints. Partial saves and RESUME
+need one process.
 
     python visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=32
+    torchrun --nproc_per_node=4 visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=256
 """
 import os
 import time
 
-from mbv3prune import config, measure, models, plots, stage
+from mbv3prune import config, distributed, measure, models, plots, stage
 from mbv3prune.artifacts import provenance, record_timings, write_json
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import DEFAULT_THRESHOLD, valid_capture_point
@@ -36,10 +40,10 @@ CAPTURE_POINT = "project_input"  # project_input (what the project conv consumes
 THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (2**-7, a histogram bin edge)
 DEADNESS_THRESHOLD = 0.9  # for the sensitivity figure: a channel inactive more often than this is dead
 RECAPTURE = False  # capture again even when saved statistics fit
-RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt
-SAVE_EVERY = 50  # batches between partial saves (0 = never)
+RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt (one process only)
+SAVE_EVERY = 50  # batches between partial saves (0 = never; off under torchrun with several processes)
 IMAGE_SIZE = 64  # input resolution
-BATCH_SIZE = 64  # images per batch
+BATCH_SIZE = 64  # images per batch (per process under torchrun)
 NUM_WORKERS = 2  # data-loading worker processes
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 SEED = 0  # seeds the sample
@@ -73,14 +77,16 @@ def figures(cfg, stats, layers, edges, suggestions, global_suggestion):
 def main(cfg):
     t0 = time.perf_counter()
     check_config(cfg)
-    device = models.pick_device(cfg["DEVICE"])
+    device = distributed.setup(cfg["DEVICE"])
     checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     splits, class_names = stage.prepare_data(cfg)
     stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
-    stats, stats_meta, wrote = measure.ensure_stats(cfg, model.to(device), find_blocks(model), splits, class_names,
-                                                   checkpoint, models.layer_widths(model), device,
+    stats, stats_meta, wrote = measure.ensure_stats(cfg, models.to_device(model, device), find_blocks(model), splits,
+                                                   class_names, checkpoint, models.layer_widths(model), device,
                                                    force=cfg["RECAPTURE"])
+    if not distributed.is_main():
+        return  # the other processes only helped capture
     t_capture = time.perf_counter() - t0
     layers, edges = stats_meta["layers"], stats["hist_edges"]
     suggestions, global_suggestion = suggest(stats, layers, edges)

@@ -4,14 +4,21 @@
 ``activation_stats.json`` what they were measured on: the sample (every file and label), capture point,
 threshold, image size, the checkpoint's sha256 and widths, config and versions. A later stage re-uses them
 unless they were measured on another checkpoint, sample, capture point or image size.
+
+Under torchrun every process captures a disjoint shard of the sample (``distributed.shard``) and the totals
+are added across processes, so the statistics equal a one-process capture of the same sample (counts
+exactly, sums to float rounding; ``n_batches`` counts the batches of all processes). Rank 0 alone decides
+whether to re-use, reads and writes. Partial saves need one process: ``SAVE_EVERY`` is ignored under
+torchrun with several processes, and ``RESUME=True`` is refused there.
 """
 import hashlib
 import json
 import os
+import time
 
 from . import capture as C
-from . import stage
-from .artifacts import load_tensors, provenance, read_json, save_tensors, sha256_file, write_json
+from . import distributed, stage
+from .artifacts import load_tensors, provenance, read_json, record_timings, save_tensors, sha256_file, write_json
 from .data import Skipped, batches, stratified_sample
 from .errors import PruneError
 
@@ -65,24 +72,49 @@ def _resume_state(cfg, ident):
     return state, int(state["n_batches"])
 
 
+def check_processes(cfg, images):
+    """Several processes: no RESUME (partial saves are per process) and at least one image each."""
+    world = distributed.world_size()
+    if world > 1 and cfg["RESUME"]:
+        raise PruneError(f"RESUME=True needs one process, not {world}: partial saves are off under torchrun")
+    if images < world:
+        raise PruneError(f"the sample has {images} images, fewer than the {world} processes: raise SAMPLES_PER_CLASS")
+
+
+def _merged_skipped(skipped, items):
+    """The unreadable images of every rank, the first ones in sample order (as one process would report)."""
+    if distributed.world_size() == 1:
+        return skipped
+    position = {path: i for i, (path, _) in enumerate(items)}
+    parts = distributed.gather((skipped.count, skipped.paths))
+    merged = Skipped()
+    merged.count = sum(count for count, _ in parts)
+    merged.paths = sorted((p for _, paths in parts for p in paths), key=position.get)[:5]
+    return merged
+
+
 def run_capture(cfg, model, blocks, items, num_classes, device, ident):
-    """Capture over ``items`` (resuming from the partial save with RESUME=True); returns (stats, layers, skipped)."""
+    """Capture over ``items`` (resuming from the partial save with RESUME=True); returns (stats, layers, skipped).
+
+    Under torchrun each process measures its shard of ``items`` and every process gets the summed totals.
+    """
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
     state, done = _resume_state(cfg, ident)
     sidecar = {"identity": {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}}
+    save_every = cfg["SAVE_EVERY"] if distributed.world_size() == 1 else 0
     skipped = Skipped()
-    loader = stage.loader(cfg, items[done * cfg["BATCH_SIZE"]:])
+    loader = stage.loader(cfg, distributed.shard(items)[done * cfg["BATCH_SIZE"]:])
 
     def on_batch(i, live):
-        if cfg["SAVE_EVERY"] and i % cfg["SAVE_EVERY"] == 0:
+        if save_every and i % save_every == 0:
             write_json(partial + ".json", sidecar)
             save_tensors(partial, C.finalize(live))
         if _KILL_AFTER and i >= _KILL_AFTER:
             os._exit(17)
 
     stats, layers = C.capture(model, batches(loader, skipped, device), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
-                              num_classes, device, state=state, on_batch=on_batch)
-    return stats, layers, skipped
+                              num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch)
+    return distributed.all_reduce_totals(stats), layers, _merged_skipped(skipped, items)
 
 
 def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=None):
@@ -107,18 +139,36 @@ def load(run_dir):
         read_json(os.path.join(run_dir, STATS_JSON), "activation statistics")
 
 
-def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, device, force=False):
-    """Saved statistics when they fit this config, else a fresh capture (saved). Returns (stats, meta, wrote)."""
-    items = sample(cfg, splits)
-    ident = identity(cfg, checkpoint, items)
+def _capture_reason(cfg, ident, force):
+    """Why a capture is needed (None: the saved statistics fit)."""
     resuming = cfg["RESUME"] and os.path.exists(os.path.join(cfg["RUN_DIR"], PARTIAL))
-    reason = "RECAPTURE=True" if force else "RESUME=True" if resuming else stale_reason(cfg["RUN_DIR"], ident)
+    return "RECAPTURE=True" if force else "RESUME=True" if resuming else stale_reason(cfg["RUN_DIR"], ident)
+
+
+def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, device, force=False):
+    """Saved statistics when they fit this config, else a fresh capture (saved). Returns (stats, meta, wrote).
+
+    Under torchrun all processes share the capture; rank 0 gets the result, the others (None, None, []).
+    A capture pass records its time in RUN_DIR/timings.json ("capture": seconds, images, processes).
+    """
+    items = sample(cfg, splits)
+    check_processes(cfg, len(items))
+    ident = identity(cfg, checkpoint, items)
+    reason = distributed.from_main(lambda: _capture_reason(cfg, ident, force))
     if reason is None:
+        if not distributed.is_main():
+            return None, None, []
         stats, meta = load(cfg["RUN_DIR"])
         print(f"re-using {os.path.join(cfg['RUN_DIR'], STATS_PT)} (same checkpoint, sample, capture point)")
         return stats, meta, []
-    print(f"capturing activations of {len(items)} images ({reason})")
+    world = distributed.world_size()
+    print(f"capturing activations of {len(items)} images ({reason})" + (f" in {world} processes" if world > 1 else ""))
+    t0 = time.perf_counter()
     stats, layers, skipped = run_capture(cfg, model, blocks, items, len(class_names), device, ident)
+    if not distributed.is_main():
+        return None, None, []
+    record_timings(cfg["RUN_DIR"], "capture", {"seconds": time.perf_counter() - t0, "images": len(items),
+                                               "processes": world})
     if skipped.count:
         print(skipped.summary())
     wrote = save(cfg, stats, layers, items, ident, checkpoint, widths, skipped)
