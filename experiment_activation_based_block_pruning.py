@@ -15,15 +15,18 @@ channels by SCORE and prune the most prunable until MACs fall by TARGET_MACS_RED
 (block by block in forward order, re-measuring downstream blocks after each round and pruning only
 channels that stay dead: see mbv3prune/iterative.py). With COMPENSATE=True the removed channels' mean
 contribution is folded into the project BN and the SE fc1 bias first (lossless for constant channels).
+Under torchrun every process prunes and scores identically and the fine-tuning runs as DistributedDataParallel
+(each process its own part of the training set, BATCH_SIZE per process); rank 0 alone writes and prints.
 
     python experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --PRUNE_MODE=target_macs
+    torchrun --nproc_per_node=4 experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --FINETUNE_EPOCHS=4
 """
 import os
 import time
 import warnings
 from types import SimpleNamespace
 
-from mbv3prune import config, iterative, models, plots, selection, stage
+from mbv3prune import config, distributed, iterative, models, plots, selection, stage
 from mbv3prune.artifacts import load_tensors, provenance, read_json, record_timings, sha256_file, write_json
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import describe_layers
@@ -60,10 +63,11 @@ BN_RECALIBRATE = True  # re-estimate BN statistics on training batches after pru
 BN_BATCHES = 20  # training batches used to re-estimate BN statistics
 FINETUNE_EPOCHS = 0  # fine-tuning epochs after pruning (train_model.py's recipe; 0 = none)
 FINETUNE_LR = 5e-4  # peak learning rate of the fine-tuning
+AMP = True  # on CUDA, fine-tune under autocast (bf16 where supported, else fp16 with loss scaling); no effect on CPU
 SWEEP = []  # thresholds (threshold mode: DEADNESS_THRESHOLD values) or MACs targets (target_macs) to compare
 LATENCY = True  # measure latency at batch 1 and 32 (into timings.json)
 IMAGE_SIZE = 64  # input resolution for MACs, latency and accuracy
-BATCH_SIZE = 64  # images per batch
+BATCH_SIZE = 64  # images per batch (per process under torchrun)
 NUM_WORKERS = 2  # data-loading worker processes
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 SEED = 0  # seeds data order and fine-tuning
@@ -106,7 +110,7 @@ def load_structure(path, model):
 
 def load_context(cfg):
     """Everything the modes share: model, blocks, plan, stats (when needed), data, MACs."""
-    ctx = SimpleNamespace(cfg=cfg, device=models.pick_device(cfg["DEVICE"]))
+    ctx = SimpleNamespace(cfg=cfg, device=distributed.setup(cfg["DEVICE"]))
     ctx.checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
     ctx.model, ctx.meta = models.load_checkpoint(ctx.checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     ctx.blocks = load_structure(os.path.join(cfg["RUN_DIR"], "mobilenetv3_block_structure.json"), ctx.model)
@@ -123,7 +127,7 @@ def load_context(cfg):
         check_capture_point(ctx.plan["capture_point"])
     ctx.splits, ctx.class_names = stage.prepare_data(cfg)
     stage.check_class_names(ctx.meta, ctx.class_names, cfg["DATA_DIR"])
-    ctx.model.to(ctx.device)
+    models.to_device(ctx.model, ctx.device)
     ctx.loaders = make_loaders(cfg, ctx.splits)
     ctx.total, ctx.params = count_macs_params(ctx.model, cfg["IMAGE_SIZE"])
     ctx.per_channel = macs_per_channel(ctx.model, ctx.blocks, cfg["IMAGE_SIZE"])
@@ -202,10 +206,11 @@ def prune_iteratively(ctx):
         ctx.model, lambda: batches(sample_loader, Skipped(), ctx.device), ctx.stats, ctx.layers, opts,
         cfg["IMAGE_SIZE"], len(ctx.class_names), compensator(ctx),
         lambda m: score(m, ctx.loaders, ctx.class_names, ctx.device, "round")["top1"])
-    figure = plots.deadness_rounds(measured["initial_values"], measured["latest_values"], opts["deadness_threshold"],
-                                   os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"))
+    figures = [] if not distributed.is_main() else [
+        plots.deadness_rounds(measured["initial_values"], measured["latest_values"], opts["deadness_threshold"],
+                              os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"))]
     how = f"iterative: consistently {opts['score']} > {opts['deadness_threshold']}, {len(rounds)} rounds"
-    return pruned, chosen, how, {"mode": "iterative", "rounds": rounds, "figures": [figure],
+    return pruned, chosen, how, {"mode": "iterative", "rounds": rounds, "figures": figures,
                                  "target_macs_reduction": cfg["TARGET_MACS_REDUCTION"] or None}
 
 
@@ -313,6 +318,8 @@ def main(cfg):
             reason = "in SKIP_BLOCKS" if name in cfg["SKIP_BLOCKS"] else "no expand conv (channels tied to the stem and residual)"
             print(f"  skipped {name}: {reason}")
     accuracy = {"baseline": baseline_acc, **recover(pruned, ctx.loaders, ctx.class_names, ctx.device, cfg)}
+    if not distributed.is_main():
+        return  # the other processes only helped fine-tune: rank 0 writes, measures latency and reports
     out = os.path.join(cfg["RUN_DIR"], "pruned.pt")
     models.save_checkpoint(out, pruned, ctx.meta["arch"], ctx.class_names, cfg,
                            extra={"pruned_from_sha256": sha256_file(ctx.checkpoint), "pruned": chosen})

@@ -6,17 +6,22 @@ Reads:  DATA_DIR (ImageFolder with train/ and val/ or test/, a flat ImageFolder,
 Writes: RUN_DIR/baseline.pt (the best eval-mode val checkpoint, loads with weights_only=True),
         RUN_DIR/train_metrics.json (per-epoch loss and val top-1, final val/test scores, provenance).
 A baseline whose recorded config and data fingerprint match is reused instead of trained again.
+Under torchrun the model trains as DistributedDataParallel, one process per GPU: each reads its own part of
+the training set, BATCH_SIZE is per process, and rank 0 alone logs and writes (see mbv3prune/train.py).
 
     python train_model.py --DATA_DIR=../shared/data/oxford-flowers12 --RUN_DIR=runs/flowers --IMAGE_SIZE=128
+    torchrun --nproc_per_node=4 train_model.py --DATA_DIR=../shared/data/oxford-flowers12 --RUN_DIR=runs/flowers
 """
 import hashlib
 import os
+import time
 
 from torch import nn
 
-from mbv3prune import config, models, stage
+from mbv3prune import config, distributed, models, stage
 from mbv3prune.artifacts import provenance, read_json, record_timings, write_json
 from mbv3prune.data import Skipped, eval_split
+from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import accuracy
 from mbv3prune.train import fit, seed_everything
 
@@ -27,7 +32,7 @@ MODEL_ARCH = "mobilenet_v3_large"  # mobilenet_v3_large or mobilenet_v3_small
 CHECKPOINT = ""  # start from this checkpoint ("" = random init, "imagenet" = torchvision weights from the cache)
 ALLOW_PICKLE = False  # allow CHECKPOINT to be a whole-model pickle (runs code from the file: only if you trust it)
 IMAGE_SIZE = 64  # training and evaluation resolution in pixels
-BATCH_SIZE = 64  # images per batch
+BATCH_SIZE = 64  # images per batch and process (torchrun with N processes trains at N x BATCH_SIZE)
 NUM_WORKERS = 2  # data-loading worker processes
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 SEED = 0  # seeds weights, augmentation, splits and shuffling
@@ -37,10 +42,20 @@ WEIGHT_DECAY = 0.05  # AdamW weight decay (not on biases and BN)
 LABEL_SMOOTHING = 0.1  # cross-entropy label smoothing
 WARMUP_EPOCHS = 1  # linear learning-rate warm-up
 BN_BATCHES = 20  # training batches used to re-estimate BN statistics before each validation
+FREEZE_BN = False  # keep BN layers in eval mode while training (running statistics: for tiny per-GPU batches)
+AUGMENT = True  # augment training images (random resized crop, flip, colour jitter); False: the eval transform
+DROPOUT = 0.2  # dropout before the classifier's last layer (torchvision's default)
+AMP = True  # on CUDA, train under autocast (bf16 where supported, else fp16 with loss scaling); no effect on CPU
 REUSE = True  # reuse RUN_DIR/baseline.pt when its config and data fingerprint are unchanged
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
-RUN_ONLY = ("NUM_WORKERS", "DEVICE", "REUSE", "DEBUG")  # constants that do not change the result
+RUN_ONLY = ("NUM_WORKERS", "DEVICE", "AMP", "REUSE", "DEBUG")  # constants that do not change the result
+ADDED_LATER = {"FREEZE_BN": False, "AUGMENT": True, "DROPOUT": 0.2}  # how baselines older than these were trained
+
+
+def check_config(cfg):
+    if not 0 <= cfg["DROPOUT"] < 1:
+        raise PruneError(f"DROPOUT={cfg['DROPOUT']} must lie in [0, 1)")
 
 
 def data_fingerprint(splits):
@@ -53,48 +68,62 @@ def data_fingerprint(splits):
 
 
 def reusable(path, cfg, fingerprint):
-    """True when ``path`` is a baseline trained with this config on this data."""
+    """True when ``path`` is a baseline trained with this config, on this data, by as many processes."""
     if not (cfg["REUSE"] and os.path.exists(path)):
         return False
     _, meta = models.load_checkpoint(path)
-    same_config = {k: v for k, v in meta["config"].items() if k not in RUN_ONLY} == \
+    same_config = {k: v for k, v in {**ADDED_LATER, **meta["config"]}.items() if k not in RUN_ONLY} == \
                   {k: v for k, v in cfg.items() if k not in RUN_ONLY}
-    return same_config and meta["extra"].get("data_fingerprint") == fingerprint
+    return same_config and meta["extra"].get("data_fingerprint") == fingerprint and \
+        meta["extra"].get("processes", 1) == distributed.world_size()
 
 
 def initial_model(cfg, num_classes):
-    """Random init, or CHECKPOINT with its classifier replaced when the class count differs."""
+    """Random init, or CHECKPOINT with its classifier replaced when the class count differs; DROPOUT set."""
     if not cfg["CHECKPOINT"]:
-        return models.build_model(cfg["MODEL_ARCH"], num_classes)
+        return set_dropout(models.build_model(cfg["MODEL_ARCH"], num_classes), cfg["DROPOUT"])
     model, meta = models.load_checkpoint(cfg["CHECKPOINT"], cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     head = model.classifier[-1]
     if head.out_features != num_classes:
         print(f"replacing the {head.out_features}-class classifier of {cfg['CHECKPOINT']} with a {num_classes}-class one")
         model.classifier[-1] = nn.Linear(head.in_features, num_classes)
+    return set_dropout(model, cfg["DROPOUT"])
+
+
+def set_dropout(model, p):
+    for m in model.classifier.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
     return model
 
 
 def main(cfg):
-    import time
     t0 = time.perf_counter()
+    check_config(cfg)
+    device = distributed.setup(cfg["DEVICE"])
     splits, class_names = stage.prepare_data(cfg)
     out = os.path.join(cfg["RUN_DIR"], "baseline.pt")
     fingerprint = data_fingerprint(splits)
-    if reusable(out, cfg, fingerprint):
-        metrics = read_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"), "training metrics")
-        print(f"reusing {out}: same config and data (val top-1 {metrics['val']['top1']:.4f}); --REUSE=False retrains")
-        stage.finish([out], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")
+    if distributed.from_main(lambda: reusable(out, cfg, fingerprint)):
+        if distributed.is_main():
+            metrics = read_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"), "training metrics")
+            print(f"reusing {out}: same config and data (val top-1 {metrics['val']['top1']:.4f}); --REUSE=False retrains")
+            stage.finish([out], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")
         return
     seed_everything(cfg["SEED"])
-    device = models.pick_device(cfg["DEVICE"])
-    model = initial_model(cfg, len(class_names))
+    model = models.to_device(initial_model(cfg, len(class_names)), device)
+    world = distributed.world_size()
     print(f"training {cfg['MODEL_ARCH']} on {cfg['DATA_DIR']}: {len(class_names)} classes, "
-          f"{len(splits['train'])} train / {len(splits['val'])} val images, {cfg['IMAGE_SIZE']} px, {device}")
-    loaders = {"train": stage.loader(cfg, splits["train"], train=True, shuffle=True),
+          f"{len(splits['train'])} train / {len(splits['val'])} val images, {cfg['IMAGE_SIZE']} px, {device}"
+          + (f", {world} processes x {cfg['BATCH_SIZE']} images per batch" if world > 1 else ""))
+    loaders = {"train": stage.loader(cfg, splits["train"], train=True, shuffle=True, augment=cfg["AUGMENT"]),
                "bn": stage.loader(cfg, splits["train"], shuffle=True),
                "val": stage.loader(cfg, splits["val"])}
     model, history = fit(model, loaders, class_names, device, cfg["EPOCHS"], cfg["LR"], cfg["WEIGHT_DECAY"],
-                         cfg["LABEL_SMOOTHING"], cfg["WARMUP_EPOCHS"], cfg["BN_BATCHES"])
+                         cfg["LABEL_SMOOTHING"], cfg["WARMUP_EPOCHS"], cfg["BN_BATCHES"], freeze_bn=cfg["FREEZE_BN"],
+                         amp=cfg["AMP"])
+    if not distributed.is_main():
+        return  # identical weights on every process: rank 0 scores and saves them
     skipped = Skipped()
     scores = {"val": accuracy(model, loaders["val"], device, class_names, skipped)}
     final = eval_split(splits)
@@ -103,11 +132,12 @@ def main(cfg):
     for s in scores.values():
         s.pop("correct")
     models.save_checkpoint(out, model, cfg["MODEL_ARCH"], class_names, cfg,
-                           extra={"data_fingerprint": fingerprint, "val_top1": scores["val"]["top1"]})
+                           extra={"data_fingerprint": fingerprint, "val_top1": scores["val"]["top1"],
+                                  "processes": world})
     metrics_path = write_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"),
                               {"history": history, **scores, "class_names": class_names,
                                "provenance": provenance(cfg)})
-    record_timings(cfg["RUN_DIR"], "train_model", {"seconds": time.perf_counter() - t0})
+    record_timings(cfg["RUN_DIR"], "train_model", {"seconds": time.perf_counter() - t0, "processes": world})
     print("\n" + stage.table([[name, s["top1"], s["n"], min(v for v in s["per_class"].values() if v is not None)]
                               for name, s in scores.items()], ["split", "top-1", "images", "worst class"]))
     stage.finish([out, metrics_path], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")

@@ -13,7 +13,8 @@ from .train import fit
 
 
 def make_loaders(cfg, splits):
-    """Loaders: ``eval`` (test, else val), ``val``, ``bn`` (un-augmented train batches), ``train`` (augmented)."""
+    """Loaders: ``eval`` (test, else val), ``val``, ``bn`` (un-augmented train batches), ``train`` (augmented;
+    under torchrun each process's own part)."""
     return {"eval": stage.loader(cfg, splits[eval_split(splits)]),
             "val": stage.loader(cfg, splits["val"]),
             "bn": stage.loader(cfg, splits["train"], shuffle=True),
@@ -44,13 +45,17 @@ def prune_copy(model, blocks, selection, image_size, stats=None, compensate_fn=N
 
 
 def recover(pruned, loaders, class_names, device, cfg, log=print):
-    """{step: accuracy} for ``pruned`` (modified in place): no recovery, BN recalibrated, fine-tuned."""
+    """{step: accuracy} for ``pruned`` (modified in place): no recovery, BN recalibrated, fine-tuned.
+
+    Under torchrun every process runs all steps; the fine-tuning is DistributedDataParallel (``cfg["AMP"]``:
+    autocast on CUDA) and leaves identical weights everywhere.
+    """
     steps = {"pruned": score(pruned, loaders, class_names, device, "pruned")}
     if cfg["BN_RECALIBRATE"]:
         recalibrate_bn(pruned, loaders["bn"], device, Skipped(), cfg["BN_BATCHES"])
         steps["bn_recalibrated"] = score(pruned, loaders, class_names, device, "bn recalibrated")
     if cfg["FINETUNE_EPOCHS"]:
         fit(pruned, loaders, class_names, device, cfg["FINETUNE_EPOCHS"], cfg["FINETUNE_LR"], log=log,
-            bn_batches=cfg["BN_BATCHES"], warmup_epochs=0)
+            bn_batches=cfg["BN_BATCHES"], warmup_epochs=0, amp=cfg.get("AMP", False))
         steps["finetuned"] = score(pruned, loaders, class_names, device, "fine-tuned")
     return steps

@@ -4,7 +4,16 @@ torchvision's MobileNetV3 BN layers use momentum 0.01: after a short run their r
 far behind the weights and the model collapses in eval mode. So before every validation the BN
 statistics are re-estimated on training batches (cumulative average), and validation is in eval mode,
 the mode the model is used in.
+
+Under torchrun the model trains as DistributedDataParallel: each process reads its own part of the training
+set (a DistributedSampler) at the loader's batch size, and the gradients are averaged, so N processes at
+batch B take the steps one process takes at batch N x B. BN layers normalise with each process's own batch
+(no SyncBatchNorm: with tiny per-GPU batches use ``freeze_bn``). BN re-estimation and validation run on the
+same, unsharded batches in every process, so every process keeps identical weights and chooses the same
+best epoch without communicating. On CUDA, ``amp`` trains under autocast (bf16 where supported, else fp16
+with loss scaling).
 """
+import contextlib
 import copy
 import math
 import random
@@ -14,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .data import Skipped, batches
 from .evaluate import accuracy, recalibrate_bn
 
@@ -32,44 +42,83 @@ def cosine_lr(step, total, warmup, base_lr):
     return 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, label_smoothing, device, skipped, desc):
-    """One epoch of training; returns (mean loss, next step)."""
+def freeze_bn_layers(model):
+    """Put the BN layers in eval mode: they normalise with their running statistics and do not update them."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def mixed_precision(device, amp):
+    """(autocast context, GradScaler or None): autocast on CUDA only, bf16 where supported, else fp16 + scaler."""
+    if not (amp and device.type == "cuda"):
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _step(loss, optimizer, scaler):
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, label_smoothing, device, skipped, desc,
+                    freeze_bn=False, precision=None):
+    """One epoch of training; returns (mean loss over all processes, next step).
+
+    ``freeze_bn``: BN layers in eval mode. ``precision``: ``mixed_precision``'s pair (None: full precision).
+    """
     model.train()
+    if freeze_bn:
+        freeze_bn_layers(model)
+    autocast, scaler = precision or (contextlib.nullcontext(), None)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     losses = []
-    bar = tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False, disable=None)
+    bar = tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False,
+               disable=None if distributed.is_main() else True)
     for images, labels in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total_steps, warmup, lr)
-        loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with autocast:
+            loss = loss_fn(model(images), labels)
+        _step(loss, optimizer, scaler)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         step += 1
-    return float(np.mean(losses)) if losses else float("nan"), step
+    return distributed.mean(np.mean(losses) if losses else float("nan")), step
 
 
 def fit(model, loaders, class_names, device, epochs, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
-        warmup_epochs=1, bn_batches=20, log=print):
+        warmup_epochs=1, bn_batches=20, log=print, freeze_bn=False, amp=False):
     """Train ``model`` and keep the weights with the best eval-mode val top-1.
 
-    ``loaders``: {"train": augmented, "bn": un-augmented training batches, "val": validation}.
-    Returns (best model, history: one dict per epoch).
+    ``loaders``: {"train": augmented, "bn": un-augmented training batches, "val": validation}; under torchrun
+    "train" is sharded (``stage.loader(..., train=True)``), "bn" and "val" are not. ``freeze_bn``: BN layers
+    stay in eval mode while training. ``amp``: autocast on CUDA. Returns (best model, history: one dict per epoch).
     """
     model.to(device)
+    net = distributed.wrap(model, device)
+    distributed.seed_ranks()
     skipped = Skipped()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    precision = mixed_precision(device, amp)
     total = epochs * len(loaders["train"])
     warmup = min(warmup_epochs * len(loaders["train"]), total // 2)
     best, best_acc, history, step = copy.deepcopy(model.state_dict()), -1.0, [], 0
     for epoch in range(1, epochs + 1):
-        loss, step = train_one_epoch(model, loaders["train"], optimizer, step, total, warmup, lr, label_smoothing,
-                                     device, skipped, f"epoch {epoch}/{epochs}")
+        distributed.set_epoch(loaders["train"], epoch)
+        loss, step = train_one_epoch(net, loaders["train"], optimizer, step, total, warmup, lr, label_smoothing,
+                                     device, skipped, f"epoch {epoch}/{epochs}", freeze_bn, precision)
         recalibrate_bn(model, loaders["bn"], device, skipped, max_batches=bn_batches)
         val = accuracy(model, loaders["val"], device, class_names, skipped, desc="val")
         history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_top1": val["top1"]})
