@@ -1,0 +1,145 @@
+"""Several processes under torchrun, on the CPU with gloo: the capture equals one process's, DDP training at
+2 x batch 4 equals one process at batch 8, and only rank 0 writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mbv3prune import distributed, measure, models
+from mbv3prune.artifacts import write_json
+from mbv3prune.blocks import find_blocks
+from mbv3prune.capture import capture
+from mbv3prune.errors import PruneError
+from mbv3prune.train import seed_everything
+from tests.conftest import ROOT, randomized_model, run_stage, write_images
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+ARCH = "mobilenet_v3_small"
+COMMON = [f"--MODEL_ARCH={ARCH}", "--IMAGE_SIZE=32", "--NUM_WORKERS=0", "--DEVICE=cpu"]
+
+
+def torchrun(nproc, script, *args):
+    """``torchrun --standalone --nproc_per_node=nproc script args`` with one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", os.path.join(ROOT, script), *args],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun {script} exited {result.returncode}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shard_is_disjoint_covers_every_item_once_and_pads_nothing(monkeypatch, world):
+    items = [(f"img{i}.png", i % 3) for i in range(13)]
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    parts = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts.append(distributed.shard(items))
+    assert sorted(x for part in parts for x in part) == sorted(items)  # each item exactly once
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes():
+    model = randomized_model(ARCH)
+    gen = torch.Generator().manual_seed(0)
+    stats, _ = capture(model, [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0]))],
+                       find_blocks(model), num_classes=3, progress=False)
+    expected = {k: v.clone() for k, v in stats.items()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        reduced = distributed.all_reduce_totals(stats)
+        assert distributed.gather("x") == ["x"] and distributed.mean(2.5) == 2.5
+    finally:
+        dist.destroy_process_group()
+    assert reduced.keys() == expected.keys()
+    for k, v in expected.items():
+        assert reduced[k].dtype == v.dtype and torch.equal(reduced[k], v), k
+
+
+def test_only_rank_0_writes(monkeypatch, tmp_path):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with pytest.raises(RuntimeError, match="only rank 0 writes"):
+        write_json(tmp_path / "x.json", {})
+    assert not os.listdir(tmp_path)
+
+
+def test_resume_and_a_too_small_sample_are_refused_with_several_processes(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    with pytest.raises(PruneError, match="RESUME=True needs one process"):
+        measure.check_processes({"RESUME": True}, 100)
+    with pytest.raises(PruneError, match="fewer than the 4 processes"):
+        measure.check_processes({"RESUME": False}, 3)
+
+
+def test_channels_last_capture_equals_contiguous_to_rounding():
+    """The CUDA layout (model and images channels_last), checked on the CPU: same totals up to float rounding."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = randomized_model(ARCH).to(memory_format=fmt)
+        stats, _ = capture(model, [(x.to(memory_format=fmt), y) for x, y in data], find_blocks(model),
+                           num_classes=3, progress=False)
+        results.append(stats)
+    plain, last = results
+    for k, v in plain.items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(last[k], v, rtol=1e-3, atol=1e-3 * float(v.abs().max()), msg=k)
+        else:  # an activation at a threshold or bin edge may move by rounding: a few counts at most
+            assert float((last[k] - v).abs().sum()) <= 1e-3 * max(1, float(v.abs().sum())), k
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ddp_checkpoint") / "baseline.pt")
+    models.save_checkpoint(path, randomized_model(ARCH), ARCH, ["ant", "bee", "moth"])
+    return path
+
+
+def test_capture_under_torchrun_equals_one_process(tiny_data, checkpoint, tmp_path):
+    args = [f"--DATA_DIR={tiny_data}", f"--CHECKPOINT={checkpoint}", *COMMON, "--BATCH_SIZE=3",
+            "--SAMPLES_PER_CLASS=6"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    code, _, err = run_stage("visualize_neuron_activations.py", f"--RUN_DIR={one}", *args)
+    assert code == 0, err
+    out = torchrun(2, "visualize_neuron_activations.py", f"--RUN_DIR={two}", *args)
+    assert "in 2 processes" in out and out.count("wrote:") == 1  # rank 1 prints nothing
+    a, b = (torch.load(os.path.join(d, "activation_stats.pt"), weights_only=True) for d in (one, two))
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if v.dtype == torch.float64 and k not in ("hist_edges", "threshold"):  # sums: float rounding
+            torch.testing.assert_close(b[k], v, rtol=1e-6, atol=1e-6 * float(v.abs().max()), msg=k)
+        else:  # counts, histograms, per-class counts, n_batches (6 batches of 3 either way), max_abs: exact
+            assert torch.equal(b[k], v), k
+    ja, jb = (json.load(open(os.path.join(d, "activation_stats.json"))) for d in (one, two))
+    assert {k: v for k, v in ja.items() if k != "provenance"} == {k: v for k, v in jb.items() if k != "provenance"}
+    assert json.load(open(os.path.join(two, "timings.json")))["capture"]["processes"] == 2
+
+
+def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
+    """Same samples per step (DistributedSampler, same seed), BN frozen, no augmentation or dropout."""
+    data = tmp_path / "data"
+    for c, name in enumerate(["ant", "bee", "moth"]):
+        write_images(data / "train" / name, 11, seed=c, size=32)  # 33 images: 4 steps at 8 (or 2 x 4)
+        write_images(data / "val" / name, 2, seed=100 + c, size=32)
+    args = [f"--DATA_DIR={data}", *COMMON, "--EPOCHS=1", "--BN_BATCHES=1", "--FREEZE_BN=True", "--AUGMENT=False",
+            "--DROPOUT=0.0"]
+    torchrun(1, "train_model.py", f"--RUN_DIR={tmp_path / 'one'}", "--BATCH_SIZE=8", *args)
+    out = torchrun(2, "train_model.py", f"--RUN_DIR={tmp_path / 'two'}", "--BATCH_SIZE=4", *args)
+    assert out.count("wrote:") == 1 and "2 processes x 4 images per batch" in out
+    (one, _), (two, meta) = (models.load_checkpoint(str(tmp_path / d / "baseline.pt")) for d in ("one", "two"))
+    assert meta["extra"]["processes"] == 2
+    seed_everything(0)
+    initial = models.build_model(ARCH, 3)
+    initial, p1, p2 = ({k: p.detach() for k, p in m.named_parameters()} for m in (initial, one, two))
+    assert max(float((p1[k] - initial[k]).abs().max()) for k in p1) > 1e-3  # the steps did move the weights
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5, msg=k)
