@@ -7,6 +7,10 @@ blocks downstream of the change (upstream blocks keep their statistics). A chann
 is a candidate in the initial measurement AND in the latest one ("consistent deadness"); a channel that
 came alive is spared and logged. Every block is pruned at most once, in its original channel numbering,
 so the floors and ROUND_TO hold exactly as in one-shot pruning.
+
+With ``opts["quotas"]`` ({block: channels to remove}, e.g. a one-shot selection's counts) the rounds take
+exactly each block's quota instead of its threshold candidates, ranked by the *consistent* prunability
+min(initial, latest): the same MACs as the one-shot selection, chosen on re-measured activations.
 """
 import copy
 
@@ -35,6 +39,11 @@ def _round_selection(blocks, todo, initial, latest, opts):
     chosen, spared = {}, {}
     for name in todo:
         prun, now = latest[name]
+        if opts.get("quotas"):
+            consistent = torch.minimum(prun, initial[name][0].to(prun.device))
+            chosen[name] = most_prunable(consistent, torch.ones_like(now), opts["quotas"][name])
+            spared[name] = []
+            continue
         qualify = initial[name][1].to(now.device) & now
         spared[name] = torch.nonzero(initial[name][1].to(now.device) & ~now).flatten().tolist()
         hidden = blocks[name]["hidden_channels"]
@@ -49,7 +58,7 @@ def _next_blocks(order, done, initial, latest, blocks, opts, count):
     """The earliest ``count`` not-yet-pruned blocks whose consistent candidates survive the floors."""
     picked = []
     for name in order:
-        if name in done or name not in latest:
+        if name in done or name not in latest or (opts.get("quotas") and not opts["quotas"].get(name)):
             continue
         chosen, _ = _round_selection(blocks, [name], initial, latest, opts)
         if chosen:
@@ -69,8 +78,8 @@ def run(model, sample_batches, stats, layers, opts, image_size, num_classes, com
     ``sample_batches()`` yields the stratified sample's (images, labels) on the model's device; ``stats``
     are the initial statistics; ``opts`` holds score, threshold, deadness_threshold, class_aware,
     min_class_samples, min_keep_ratio, round_to, skip_blocks, blocks_per_round, max_rounds,
-    target_macs_reduction (0 = none) and capture_point. ``compensate_fn(model, blocks, selection, stats)``
-    folds removed channels in before each prune; ``score_fn(model)`` gives a top-1 for the log.
+    target_macs_reduction (0 = none), capture_point and optionally quotas.
+    ``compensate_fn(model, blocks, selection, stats)`` folds removed channels in before each prune; ``score_fn(model)`` gives a top-1 for the log.
     """
     pruned = copy.deepcopy(model).eval()
     blocks = find_blocks(pruned)

@@ -106,3 +106,18 @@ def test_blocks_upstream_are_not_remeasured_and_target_stops(setup):
     order = list(blocks)
     pruned_block = next(iter(rounds[0]["pruned"]))
     assert all(order.index(b) > order.index(pruned_block) for b in rounds[0]["remeasured"])
+
+
+def test_quotas_take_exactly_each_blocks_count_by_consistent_deadness(setup):
+    model, blocks, stats, layers = setup
+    layer = blocks[K]["project"]
+    all_dead = int((stats[f"{layer}/below"] == stats[f"{layer}/n"]).sum())  # C0 among them
+    quotas = {K: all_dead, NEXT: 2}
+    _, rounds, removed, values = iterative.run(model, sample, stats, layers, opts(quotas=quotas), 32, 3,
+                                               log=lambda *_: None)
+    assert {b: len(v) for b, v in removed.items()} == quotas
+    assert C0 in removed[K]
+    consistent = torch.minimum(values["initial_values"][NEXT], values["latest_values"][NEXT])
+    assert consistent[J] == 0.0  # dead at first, alive after K was pruned
+    assert removed[NEXT] == plan.most_prunable(consistent, torch.ones_like(consistent, dtype=torch.bool), 2)
+    assert [list(r["pruned"]) for r in rounds] == [[K], [NEXT]]
