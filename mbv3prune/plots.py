@@ -169,3 +169,66 @@ def deadness_rounds(initial, latest, deadness_threshold, path):
     fig.supylabel("deadness, last measurement before pruning")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def criteria_comparison(results, allocations, path, steps=(("pruned", "no fine-tuning"),
+                                                          ("bn_recalibrated", "BN recalibrated"),
+                                                          ("finetuned", "fine-tuned"))):
+    """Top-1 against MACs removed: a line per criterion (random: mean of its seeds, min-max band), a panel per
+    allocation (rows) and recovery step (columns); 95% bootstrap intervals as error bars."""
+    fig, axes = plt.subplots(len(allocations), len(steps), figsize=(5 * len(steps), 4 * len(allocations)),
+                             squeeze=False, sharey=True)
+    baseline = results.get("baseline", {}).get("top1")
+    names = sorted({n for a in allocations for n in _criteria_curves(results, a)})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for row, allocation in zip(axes, allocations):
+        curves = _criteria_curves(results, allocation)
+        for ax, (step, label) in zip(row, steps):
+            for name, points in sorted(curves.items()):
+                pts = sorted(((x, r[step]) for x, r in points if step in r), key=lambda p: p[0])
+                if not pts:
+                    continue
+                xs = [100 * x for x, _ in pts]
+                ys = [100 * r["top1"] for _, r in pts]
+                err = [[100 * (r["top1"] - r["ci95"][0]) for _, r in pts],
+                       [100 * (r["ci95"][1] - r["top1"]) for _, r in pts]]
+                style = ":" if name == "random" else "--" if name.startswith("tp_") else "-"
+                ax.errorbar(xs, ys, yerr=err, fmt="o" + style, ms=3, lw=1.2, capsize=2, color=colors[name],
+                            label=name, alpha=0.9)
+            if not ax.has_data():
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
+            if baseline is not None:
+                ax.axhline(100 * baseline, color="grey", ls=":", lw=1, label="baseline")
+            ax.set_title(f"{allocation} allocation, {label}", fontsize=9)
+            ax.set_xlim(0, 55)
+            ax.set_xlabel("MACs removed (%)")
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("top-1 on test (%)")
+    legend = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
+    handles, labels = list(legend.values()), list(legend)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(len(labels), 1)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save_figure(fig, path)
+
+
+def _criteria_curves(results, allocation):
+    """{criterion: [(MACs removed, result)]}; the random seeds averaged into one 'random' curve."""
+    curves, seeds = {}, {}
+    for key, r in results.items():
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != allocation:
+            continue
+        name = parts[2]
+        if name.startswith("random_s"):
+            seeds.setdefault(parts[1], []).append(r)
+        else:
+            curves.setdefault(name, []).append((r["macs_reduction"], r))
+    for runs in seeds.values():
+        mean = {"macs_reduction": float(np.mean([r["macs_reduction"] for r in runs]))}
+        for step in runs[0]:
+            if isinstance(runs[0][step], dict) and "top1" in runs[0][step]:
+                tops = [r[step]["top1"] for r in runs]
+                mean[step] = {"top1": float(np.mean(tops)), "ci95": [min(r[step]["ci95"][0] for r in runs),
+                                                                    max(r[step]["ci95"][1] for r in runs)]}
+        curves.setdefault("random", []).append((mean["macs_reduction"], mean))
+    return curves

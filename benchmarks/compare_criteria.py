@@ -1,0 +1,279 @@
+"""Activation criteria against torch-pruning's own criteria, at matched MACs, on the flower photos.
+
+Reads:  RUN_DIR/baseline.pt and RUN_DIR/activation_stats.pt/.json (what `make flowers` writes: the baseline
+        trained on DATA_DIR's train/ split, statistics captured on a stratified sample of it).
+Writes: RUN_DIR/criteria_comparison.json (every result: MACs and params removed, top-1 with a 95% bootstrap
+        interval and per-image correctness after each recovery step; the config and provenance),
+        examples/criteria_comparison.png (top-1 against MACs removed, a line per criterion, a panel per
+        allocation and recovery step) and examples/criteria_comparison.md (the tables the README includes).
+Every criterion prunes the same candidates (the hidden channels of the inverted-residual blocks with an
+expand conv: one torch-pruning group per block), with the same floors and ROUND_TO, to the same MACs:
+ALLOCATION uniform takes the same ratio of every block (the ratio whose MACs come nearest the target, the
+same per-block counts for every criterion); global ranks all blocks' channels together. test/ only scores.
+Results are saved after every configuration; an interrupted run continues where it stopped.
+
+    python -m benchmarks.compare_criteria
+    python -m benchmarks.compare_criteria --TARGETS=[0.2] --FT_POINTS=[] --RANDOM_SEEDS=[0]
+"""
+import os
+import time
+
+from tqdm import tqdm
+
+from mbv3prune import bench, config, iterative, plots, stage
+from mbv3prune.artifacts import atomic_write, provenance, read_json, sha256_file, write_json
+from mbv3prune.compensate import compensate
+from mbv3prune.data import Skipped, batches, stratified_sample
+from mbv3prune.errors import PruneError
+from mbv3prune.selection import to_macs_target, uniform_ratio
+from mbv3prune.train import seed_everything
+
+# -----------------------------------------------------------------------------
+DATA_DIR = "../shared/data/oxford-flowers12"  # the data set the baseline was trained on (train/ + test/)
+RUN_DIR = "runs/flowers"  # baseline.pt and activation_stats.pt of `make flowers`
+OUT = ""  # results JSON ("" = RUN_DIR/criteria_comparison.json)
+FIGURE = "examples/criteria_comparison.png"  # the figure
+TABLE = "examples/criteria_comparison.md"  # the Markdown tables (the README includes them)
+MODEL_ARCH = "mobilenet_v3_large"  # must match the checkpoint
+IMAGE_SIZE = 128  # resolution the baseline was trained and the statistics captured at
+TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5]  # fractions of MACs removed
+ALLOCATIONS = ["uniform", "global"]  # uniform: same ratio in every block; global: one ranking across blocks
+CRITERIA = ["deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution",
+            "tp_l1", "tp_taylor", "tp_bn_scale", "tp_activation", "random"]  # criteria compared
+RANDOM_SEEDS = [0, 1, 2]  # seeds of the random criterion
+FT_POINTS = [["global", 0.3]]  # [allocation, target] pairs also fine-tuned (~2.5 min each; random: first seed only)
+FINETUNE_EPOCHS = 3  # fine-tuning epochs at FT_POINTS (train_model.py's recipe, same for every criterion)
+FINETUNE_LR = 5e-4  # peak learning rate of the fine-tuning
+BN_BATCHES = 20  # training batches for BN recalibration
+COMPENSATE = True  # fold removed channels' mean into the project BN / SE fc1 before pruning (every criterion)
+MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)
+ROUND_TO = 8  # kept hidden channels are a multiple of this
+MIN_CLASS_SAMPLES = 5  # class-aware deadness: classes with fewer sampled images do not count
+ITERATIVE_SAMPLES_PER_CLASS = 10  # deadness_iterative: images per class re-measured after each block
+TAYLOR_BATCHES = 4  # tp_taylor: training batches whose gradients are accumulated
+ACTIVATION_IMAGES = 128  # tp_activation: training images of its one forward pass
+REPRODUCE = True  # first reproduce DEVELOPERS.md's measurement (25% of every block, BN recalibrated)
+REPRODUCE_THRESHOLD = 0.05  # DEVELOPERS.md's fixed deadness threshold |a| < 0.05 (read from the histograms)
+BATCH_SIZE = 64  # images per batch
+NUM_WORKERS = 2  # data-loading worker processes
+DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+SEED = 0  # seeds fine-tuning and data order
+BN_RECALIBRATE = True  # (always on here: the BN-recalibrated step is one of the reported steps)
+DEBUG = False  # show tracebacks of the project's errors
+# -----------------------------------------------------------------------------
+OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution")
+RESULT_KEYS = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "IMAGE_SIZE", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES",
+               "COMPENSATE", "MIN_KEEP_RATIO", "ROUND_TO", "MIN_CLASS_SAMPLES", "ITERATIVE_SAMPLES_PER_CLASS",
+               "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD")
+
+
+def check_config(cfg):
+    unknown = [c for c in cfg["CRITERIA"] if c not in OURS and not c.startswith("tp_") and c != "random"]
+    if unknown:
+        raise PruneError(f"unknown criterion {unknown[0]!r} in CRITERIA")
+    if any(not 0 < t < 0.75 for t in cfg["TARGETS"]):
+        raise PruneError(f"TARGETS={cfg['TARGETS']} must lie in (0, 0.75)")
+    if any(a not in ("uniform", "global") for a in cfg["ALLOCATIONS"]):
+        raise PruneError(f"ALLOCATIONS={cfg['ALLOCATIONS']}: use uniform and/or global")
+
+
+def rankings(run, cfg):
+    """{criterion name: ranking}; random expands to one entry per seed."""
+    out = {}
+    for name in cfg["CRITERIA"]:
+        t0 = time.perf_counter()
+        if name == "random":
+            out.update({f"random_s{s}": bench.random_ranking(run, s) for s in cfg["RANDOM_SEEDS"]})
+        elif name.startswith("tp_"):
+            out[name] = bench.torch_pruning_ranking(run, name, cfg["TAYLOR_BATCHES"], cfg["ACTIVATION_IMAGES"])
+        elif name in ("deadness", "deadness_iterative"):
+            out[name] = bench.ours(run, "deadness")
+        elif name == "deadness_class_aware":
+            out[name] = bench.ours(run, "deadness", class_aware=True, min_class_samples=cfg["MIN_CLASS_SAMPLES"])
+        else:
+            out[name] = bench.ours(run, name)
+        print(f"ranked by {name} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def select(run, cfg, ranking, allocation, target):
+    if allocation == "uniform":
+        return bench.uniform_to_macs(ranking, run, target, cfg["MIN_KEEP_RATIO"], cfg["ROUND_TO"])[0]
+    return to_macs_target(ranking, run.blocks, run.per_channel, run.total, target, cfg["MIN_KEEP_RATIO"],
+                          cfg["ROUND_TO"])[0]
+
+
+def compensator(run, cfg):
+    if not cfg["COMPENSATE"]:
+        return None
+    return lambda model, blocks, chosen, stats: compensate(model, blocks, chosen, stats, run.capture_point)
+
+
+def iterative_model(run, cfg, quotas):
+    """The baseline pruned block by block to ``quotas``, re-measuring downstream deadness after each block."""
+    files = run.stats_meta["sample"]["files"]
+    root = cfg["DATA_DIR"]
+    items = stratified_sample([(os.path.join(root, p), y) for p, y in files], cfg["ITERATIVE_SAMPLES_PER_CLASS"],
+                              seed=cfg["SEED"])
+    loader = stage.loader(cfg, items)
+    opts = {"score": "deadness", "threshold": float(run.stats["threshold"]), "deadness_threshold": 0.0,
+            "class_aware": False, "min_class_samples": cfg["MIN_CLASS_SAMPLES"],
+            "min_keep_ratio": cfg["MIN_KEEP_RATIO"],
+            "round_to": cfg["ROUND_TO"], "skip_blocks": [], "weights": run.model, "blocks_per_round": 1,
+            "max_rounds": len(run.blocks), "target_macs_reduction": 0, "capture_point": run.capture_point,
+            "quotas": {b: len(v) for b, v in quotas.items()}}
+    pruned, _, removed, _ = iterative.run(run.model, lambda: batches(loader, Skipped(), run.device), run.stats,
+                                          run.layers, opts, cfg["IMAGE_SIZE"], len(run.class_names),
+                                          compensator(run, cfg), log=lambda *_: None)
+    return pruned, removed
+
+
+def one_config(run, cfg, ranks, criterion, allocation, target, finetune):
+    base = "deadness" if criterion == "deadness_iterative" else criterion
+    chosen = select(run, cfg, ranks[base], allocation, target)
+    step_cfg = {**cfg, "FINETUNE_EPOCHS": cfg["FINETUNE_EPOCHS"] if finetune else 0, "BN_RECALIBRATE": True}
+    model = None
+    if criterion == "deadness_iterative":
+        model, chosen = iterative_model(run, cfg, chosen)
+    return bench.prune_and_score(run, chosen, step_cfg, compensator(run, cfg), model)
+
+
+def reproduce(run, cfg, ranks, results, save):
+    """DEVELOPERS.md: 25% of every block's hidden channels, no compensation, BN recalibrated."""
+    repro = {"deadness_0.05": bench.ours(run, "deadness", threshold=cfg["REPRODUCE_THRESHOLD"]),
+             "mean_abs": ranks.get("mean_abs") or bench.ours(run, "mean_abs"),
+             "tp_l1": ranks.get("tp_l1") or bench.torch_pruning_ranking(run, "tp_l1"),
+             **{k: v for k, v in ranks.items() if k.startswith("random_s")}}
+    for name, ranking in repro.items():
+        key = f"reproduce/0.25/{name}"
+        if key not in results:
+            chosen = uniform_ratio(ranking, run.blocks, 0.25, cfg["MIN_KEEP_RATIO"], cfg["ROUND_TO"])
+            results[key] = bench.prune_and_score(run, chosen, {**cfg, "FINETUNE_EPOCHS": 0, "BN_RECALIBRATE": True})
+            save()
+
+
+def load_partial(path, identity):
+    """Results of an earlier, interrupted run of this same configuration (else {})."""
+    if not os.path.exists(path):
+        return {}
+    saved = read_json(path, "criteria comparison")
+    return saved.get("results", {}) if saved.get("identity") == identity else {}
+
+
+def main(cfg):
+    t0 = time.perf_counter()
+    check_config(cfg)
+    seed_everything(cfg["SEED"])
+    out = config.path_or_default(cfg, "OUT", "criteria_comparison.json")
+    run = bench.load_run(cfg)
+    identity = {"checkpoint_sha256": sha256_file(run.checkpoint), **{k: cfg[k] for k in RESULT_KEYS}}
+    results = load_partial(out, identity)
+    if results:
+        print(f"continuing {out}: {len(results)} results already measured")
+    record = {"schema_version": 1, "kind": "mbv3prune-criteria-comparison", "identity": identity,
+              "baseline": None, "results": results, "provenance": provenance(cfg, {"checkpoint": run.checkpoint})}
+    save = lambda: write_json(out, record)  # noqa: E731
+    if "baseline" not in results:
+        results["baseline"] = bench.with_intervals({"baseline": bench.score_baseline(run)})["baseline"]
+    record["baseline"] = results["baseline"]
+    ranks = rankings(run, cfg)
+    if cfg["REPRODUCE"]:
+        reproduce(run, cfg, ranks, results, save)
+    names = [n for n in ranks if n != "deadness_iterative" or "deadness_iterative" in cfg["CRITERIA"]]
+    todo = [(a, t, n) for a in cfg["ALLOCATIONS"] for t in cfg["TARGETS"] for n in names
+            if f"{a}/{t}/{n}" not in results]
+    for allocation, target, name in tqdm(todo, desc="criteria", disable=None):
+        finetune = [allocation, target] in [list(p) for p in cfg["FT_POINTS"]] and \
+            not (name.startswith("random_s") and name != f"random_s{cfg['RANDOM_SEEDS'][0]}")
+        results[f"{allocation}/{target}/{name}"] = one_config(run, cfg, ranks, name, allocation, target, finetune)
+        save()
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    save()
+    figure = plots.criteria_comparison(results, cfg["ALLOCATIONS"], cfg["FIGURE"])
+    table = write_markdown(cfg, results)
+    print(table)
+    stage.finish([out, figure, cfg["TABLE"]])
+
+
+# --- the Markdown tables ------------------------------------------------------------------------------
+
+STEPS = (("pruned", "no FT"), ("bn_recalibrated", "BN"), ("finetuned", "FT"))
+
+
+def _pct(r, step):
+    return f"{100 * r[step]['top1']:.1f}" if step in r else ""
+
+
+def _ci(r, step):
+    lo, hi = r[step]["ci95"]
+    return f"{100 * r[step]['top1']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def criteria_in(results, allocation, target):
+    prefix = f"{allocation}/{target}/"
+    return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
+
+
+def verdict(rows, step):
+    """win / loss / tie of our best criterion against the best other one: a win only when the 95% intervals
+    do not overlap."""
+    ours = {k: v for k, v in rows.items() if k in OURS and step in v}
+    others = {k: v for k, v in rows.items() if k not in OURS and step in v}
+    if not ours or not others:
+        return ""
+    a = max(ours.items(), key=lambda kv: kv[1][step]["top1"])
+    b = max(others.items(), key=lambda kv: kv[1][step]["top1"])
+    if a[1][step]["ci95"][0] > b[1][step]["ci95"][1]:
+        return f"win ({a[0]})"
+    if b[1][step]["ci95"][0] > a[1][step]["ci95"][1]:
+        return f"loss (to {b[0]})"
+    return f"tie ({a[0]} vs {b[0]})"
+
+
+def write_markdown(cfg, results):
+    base = results["baseline"]
+    lines = [f"Baseline top-1 {100 * base['top1']:.1f}% on {len(base['correct'])} test photos. Cells: top-1 % with "
+             "no fine-tuning / after BN recalibration, at the MACs removed measured after pruning.", ""]
+    repro = {k.split("/")[-1]: v for k, v in results.items() if k.startswith("reproduce/")}
+    if repro:
+        lines += ["25% of every block's hidden channels (DEVELOPERS.md's measurement):", "",
+                  "| criterion | MACs removed | no FT | BN recalibrated (95% CI) |", "|---|---|---|---|"]
+        lines += [f"| {k} | {100 * v['macs_reduction']:.1f}% | {_pct(v, 'pruned')} | {_ci(v, 'bn_recalibrated')} |"
+                  for k, v in repro.items()]
+        lines.append("")
+    for allocation in cfg["ALLOCATIONS"]:
+        targets = [t for t in cfg["TARGETS"] if criteria_in(results, allocation, t)]
+        names = list(dict.fromkeys(n for t in targets for n in criteria_in(results, allocation, t)))
+        lines += [f"{allocation} allocation, top-1 % no FT / BN recalibrated:", "",
+                  "| criterion | " + " | ".join(f"{100 * t:.0f}% MACs" for t in targets) + " |",
+                  "|---" * (len(targets) + 1) + "|"]
+        for n in names:
+            cells = []
+            for t in targets:
+                r = criteria_in(results, allocation, t).get(n)
+                cells.append(f"{_pct(r, 'pruned')} / {_pct(r, 'bn_recalibrated')}" if r else "")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("| best ours vs best other (BN) | " + " | ".join(
+            verdict(criteria_in(results, allocation, t), "bn_recalibrated") for t in targets) + " |")
+        lines.append("")
+    for allocation, target in cfg["FT_POINTS"]:
+        rows = criteria_in(results, allocation, target)
+        if not any("finetuned" in r for r in rows.values()):
+            continue
+        lines += [f"{allocation} allocation at {100 * target:.0f}% MACs, {cfg['FINETUNE_EPOCHS']} fine-tuning epochs "
+                  "(95% bootstrap intervals):", "",
+                  "| criterion | MACs removed | no FT | BN recalibrated | fine-tuned |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {100 * r['macs_reduction']:.1f}% | {_ci(r, 'pruned')} | {_ci(r, 'bn_recalibrated')} | "
+                  f"{_ci(r, 'finetuned')} |" for n, r in rows.items()]
+        lines.append(f"\nBest ours vs best other after fine-tuning: {verdict(rows, 'finetuned')}.\n")
+    text = "\n".join(lines) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(cfg["TABLE"], write)
+    return text
+
+
+if __name__ == "__main__":
+    config.run(main, globals())

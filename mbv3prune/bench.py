@@ -1,0 +1,154 @@
+"""What the accuracy benchmarks share: one run's model, statistics and loaders, channel rankings, scoring.
+
+A *ranking* is {block: [(prunability, channel), ...]} over the hidden channels of every prunable block
+(higher = prune first), the input of ``selection.to_macs_target`` (global allocation) and
+``selection.uniform_ratio`` (the same ratio in every block). Ours come from the activation statistics;
+torch-pruning's from its importance classes evaluated on each block's one dependency group.
+"""
+import os
+from types import SimpleNamespace
+
+import torch
+import torch_pruning as tp
+
+from . import models, selection, stage
+from .artifacts import load_tensors, read_json, sha256_file
+from .blocks import find_blocks
+from .capture import describe_layers
+from .data import Skipped, batches
+from .errors import PruneError
+from .evaluate import bootstrap_interval
+from .experiment import make_loaders, prune_copy, recover, score
+from .prune import build_graph, count_macs_params, macs_per_channel
+
+
+def load_run(cfg):
+    """The baseline of RUN_DIR, its activation statistics (checked to belong to it), data and MACs."""
+    run = SimpleNamespace(cfg=cfg, device=models.pick_device(cfg["DEVICE"]))
+    run.checkpoint = os.path.join(cfg["RUN_DIR"], "baseline.pt")
+    run.model, run.meta = models.load_checkpoint(run.checkpoint, cfg["MODEL_ARCH"])
+    run.blocks = find_blocks(run.model)
+    stats_path = os.path.join(cfg["RUN_DIR"], "activation_stats.pt")
+    run.stats = load_tensors(stats_path, "activation statistics")
+    run.stats_meta = read_json(os.path.splitext(stats_path)[0] + ".json", "activation statistics")
+    if run.stats_meta.get("identity", {}).get("checkpoint_sha256") != sha256_file(run.checkpoint):
+        raise PruneError(f"{stats_path} was measured on another checkpoint than {run.checkpoint}: "
+                         "re-run visualize_neuron_activations.py")
+    if run.stats_meta["identity"].get("image_size") != cfg["IMAGE_SIZE"]:
+        raise PruneError(f"{stats_path} was measured at {run.stats_meta['identity'].get('image_size')} px, "
+                         f"not IMAGE_SIZE={cfg['IMAGE_SIZE']}")
+    run.capture_point = run.stats_meta["identity"]["capture_point"]
+    run.layers = describe_layers(run.blocks, run.capture_point)
+    run.splits, run.class_names = stage.prepare_data(cfg)
+    stage.check_class_names(run.meta, run.class_names, cfg["DATA_DIR"])
+    run.model.to(run.device)
+    run.loaders = make_loaders(cfg, run.splits)
+    run.total, run.params = count_macs_params(run.model, cfg["IMAGE_SIZE"])
+    run.per_channel = macs_per_channel(run.model, run.blocks, cfg["IMAGE_SIZE"])
+    return run
+
+
+def prunable_blocks(run):
+    return [name for name in run.blocks if name in run.per_channel]
+
+
+def ours(run, score, threshold=None, class_aware=False, min_class_samples=5):
+    """Ranking by one of the project's activation scores (threshold: the captured one by default)."""
+    threshold = float(run.stats["threshold"]) if threshold is None else threshold
+    return selection.rank_channels(run.stats, run.blocks, run.layers, score, threshold, class_aware,
+                                   min_class_samples, run.model)
+
+
+def random_ranking(run, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {b: list(zip(torch.rand(run.blocks[b]["hidden_channels"], generator=gen).tolist(),
+                        range(run.blocks[b]["hidden_channels"]))) for b in prunable_blocks(run)}
+
+
+def taylor_gradients(model, loader, device, n_batches):
+    """Accumulate cross-entropy gradients over ``n_batches`` training batches (BN in eval mode)."""
+    model.eval().zero_grad()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for i, (images, labels) in enumerate(batches(loader, Skipped(), device)):
+        if i >= n_batches:
+            break
+        loss_fn(model(images), labels).backward()
+
+
+def activation_forward(model, loader, device, importance, n_images):
+    """One forward pass over ``n_images`` training images inside ActivationImportance's hooks."""
+    images = torch.cat([x for x, _ in batches(loader, Skipped(), device)])[:n_images]
+    with importance.compute_importance(model), torch.no_grad():
+        model.eval()(images)
+
+
+def tp_importance(name):
+    """torch-pruning's importance object for a criterion name (its defaults, group mean reduction and mean
+    normalisation, as its global pruning uses)."""
+    importances = {"tp_l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+                   "tp_taylor": tp.importance.GroupTaylorImportance,
+                   "tp_bn_scale": tp.importance.BNScaleImportance,
+                   "tp_activation": tp.importance.ActivationImportance}
+    if name not in importances:
+        raise PruneError(f"unknown torch-pruning criterion {name!r}: use one of {', '.join(importances)}")
+    return importances[name]()
+
+
+def torch_pruning_ranking(run, name, taylor_batches=4, activation_images=128):
+    """Ranking by torch-pruning's importance ``name`` on each block's whole hidden-channel group."""
+    model, importance = run.model, tp_importance(name)
+    graph = build_graph(model, run.cfg["IMAGE_SIZE"])
+    if name == "tp_taylor":
+        taylor_gradients(model, run.loaders["bn"], run.device, taylor_batches)
+    if name == "tp_activation":
+        activation_forward(model, run.loaders["bn"], run.device, importance, activation_images)
+    ranking = {}
+    for b in prunable_blocks(run):
+        hidden = run.blocks[b]["hidden_channels"]
+        group = graph.get_pruning_group(model.get_submodule(run.blocks[b]["expand"]), tp.prune_conv_out_channels,
+                                        list(range(hidden)))
+        with torch.no_grad():
+            imp = importance(group)
+        if imp is None or imp.numel() != hidden:
+            raise PruneError(f"torch-pruning's {name} gave no importance for block {b}")
+        ranking[b] = list(zip((-imp.double().cpu()).tolist(), range(hidden)))
+    model.zero_grad(set_to_none=True)
+    return ranking
+
+
+def uniform_to_macs(ranking, run, target, min_keep_ratio, round_to, step=0.0025):
+    """(selection, reduction): the same ratio in every block, the ratio whose MACs reduction is nearest ``target``."""
+    best = None
+    for i in range(int(0.8 / step) + 1):
+        chosen = selection.uniform_ratio(ranking, run.blocks, i * step, min_keep_ratio, round_to)
+        red = reduction(run, chosen)
+        if best is None or abs(red - target) < abs(best[1] - target):
+            best = (chosen, red)
+    return best
+
+
+def reduction(run, chosen):
+    """Predicted MACs reduction of a selection (hidden-channel MACs are linear in the width)."""
+    return sum(len(v) * run.per_channel[b] for b, v in chosen.items()) / run.total
+
+
+def with_intervals(steps):
+    """{step: {top1, ci95, correct}} from recover's {step: accuracy}."""
+    return {step: {"top1": acc["top1"], "ci95": list(bootstrap_interval(acc["correct"])), "correct": acc["correct"]}
+            for step, acc in steps.items()}
+
+
+def score_baseline(run):
+    """The unpruned baseline's accuracy on the eval split."""
+    return score(run.model, run.loaders, run.class_names, run.device, "baseline")
+
+
+def prune_and_score(run, chosen, cfg, compensate_fn=None, model=None):
+    """Prune a copy of the baseline (or of ``model``, already pruned), recover it; the measured record."""
+    if model is None:
+        model, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensate_fn)
+    macs, params = count_macs_params(model, cfg["IMAGE_SIZE"])
+    steps = recover(model, run.loaders, run.class_names, run.device, cfg, log=lambda *_: None)
+    return {"macs_reduction": round(1 - macs / run.total, 6), "params_reduction": round(1 - params / run.params, 6),
+            "kept": {b: run.blocks[b]["hidden_channels"] - len(v) for b, v in chosen.items()},
+            **with_intervals(steps)}
