@@ -54,7 +54,7 @@ MAX_ROUNDS = 30  # iterative: most rounds
 COMPENSATE = True  # fold the removed channels' mean contribution into the project BN and SE fc1 (project_input stats)
 CORRECT_VARIANCE = False  # with COMPENSATE: also lower the project BN's running_var by the removed variance
 FALLBACK_TARGET = 0.0  # threshold mode: when the plan removes < 10% of MACs, prune to this MACs target instead (0 = no)
-SCORE = ""  # target_macs ranking: deadness, mean_abs or contribution ("" = the plan's score)
+SCORE = ""  # target_macs ranking: deadness, mean_abs, contribution or fluctuation ("" = the plan's score)
 CLASS_AWARE = False  # target_macs with deadness: rank a channel by its deadness in the class where it is most alive
 SKIP_BLOCKS = []  # blocks never to touch, e.g. ["features.15"]
 MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)

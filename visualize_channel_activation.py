@@ -37,7 +37,7 @@ SAMPLE_FRACTION = 0.0  # if > 0: a stratified fraction of the train split instea
 CAPTURE_POINT = "project_input"  # project_input (what the project conv consumes), activation or conv_output
 THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (other values: read from the histograms)
 DEADNESS_THRESHOLD = 0.9  # a channel inactive more often than this is proposed for pruning
-SCORE = "deadness"  # deadness, mean_abs (mean |a| < THRESHOLD) or contribution (mean |a| x consumer weight norm)
+SCORE = "deadness"  # deadness, mean_abs, contribution or fluctuation (std(a) x consumer norm): mbv3prune/plan.py
 CLASS_AWARE = False  # spare a channel that is alive for any class with >= MIN_CLASS_SAMPLES images
 MIN_CLASS_SAMPLES = 5  # classes with fewer sampled images do not count for CLASS_AWARE
 MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)

@@ -38,7 +38,7 @@ MODEL_ARCH = "mobilenet_v3_large"  # must match the checkpoint
 IMAGE_SIZE = 128  # resolution the baseline was trained and the statistics captured at
 TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5]  # fractions of MACs removed
 ALLOCATIONS = ["uniform", "global"]  # uniform: same ratio in every block; global: one ranking across blocks
-CRITERIA = ["deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution",
+CRITERIA = ["deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation",
             "tp_l1", "tp_taylor", "tp_bn_scale", "tp_activation", "random"]  # criteria compared
 RANDOM_SEEDS = [0, 1, 2]  # seeds of the random criterion
 FT_POINTS = [["global", 0.3]]  # [allocation, target] pairs also fine-tuned (~2.5 min each; random: first seed only)
@@ -61,7 +61,7 @@ SEED = 0  # seeds fine-tuning and data order
 BN_RECALIBRATE = True  # (always on here: the BN-recalibrated step is one of the reported steps)
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
-OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution")
+OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation")
 RESULT_KEYS = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "IMAGE_SIZE", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES",
                "COMPENSATE", "MIN_KEEP_RATIO", "ROUND_TO", "MIN_CLASS_SAMPLES", "ITERATIVE_SAMPLES_PER_CLASS",
                "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD")

@@ -34,7 +34,8 @@ TABLE = "examples/prune_modes.md"  # the Markdown table (the README includes it)
 MODEL_ARCH = "mobilenet_v3_large"  # must match the checkpoint
 IMAGE_SIZE = 128  # resolution the baseline was trained and the statistics captured at
 SETTINGS = {"deadness": {"threshold": 2 ** -7, "deadness_threshold": 0.5},
-            "mean_abs": {"threshold": 0.1}, "contribution": {"threshold": 0.1}}  # per SCORE: its cut
+            "mean_abs": {"threshold": 0.1}, "contribution": {"threshold": 0.1},
+            "fluctuation": {"threshold": 0.15}}  # per SCORE its cut: each removes 10-20% of MACs on the flowers
 MODES = ["threshold", "iterative"]  # one-shot plan, or block-by-block with re-measurement
 COMPENSATION = ["none", "mean", "mean_var"]  # compensation variants compared
 FINETUNE_COMPENSATION = ["none", "mean"]  # variants that are also fine-tuned (~1 min per epoch and run)

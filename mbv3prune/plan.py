@@ -11,10 +11,13 @@ deadness        fraction of |a| < THRESHOLD (higher = prunable)     deadness > D
 mean_abs        mean |a| (lower = prunable)                         mean |a| < THRESHOLD
 contribution    mean |a| x L2 norm of the project conv's input      contribution < THRESHOLD
                 column for the channel (lower = prunable)
+fluctuation     std(a) x the same L2 norm (lower = prunable): the    fluctuation < THRESHOLD
+                RMS change of the project output that removing the
+                channel leaves after mean compensation
 ==============  ==================================================  =====================================
 
-THRESHOLD is thus an activation magnitude for deadness and mean_abs, and a cut on mean |a| x ||w|| for
-contribution; the deadness written to the plan file (and used by class-aware mode) is always the fraction
+THRESHOLD is thus an activation magnitude for deadness and mean_abs, and a cut on mean |a| x ||w|| (or
+std(a) x ||w||) for contribution (fluctuation); the deadness written to the plan file (and used by class-aware mode) is always the fraction
 of |a| < THRESHOLD. Class-aware mode keeps every channel that is alive (per-class deadness <=
 DEADNESS_THRESHOLD) for some class with at least MIN_CLASS_SAMPLES images. ``keep_count`` then applies the
 floors and rounding, and the most prunable candidates are pruned (ties: lower channel index first).
@@ -33,7 +36,8 @@ from .blocks import capture_layer
 from .capture import deadness_from_hist
 from .errors import PruneError
 
-SCORES = ("deadness", "mean_abs", "contribution")
+SCORES = ("deadness", "mean_abs", "contribution", "fluctuation")
+WEIGHTED = ("contribution", "fluctuation")  # scores that need the consumer (project conv) weights
 PLAN_KIND = "mbv3prune-plan"
 PLAN_SCHEMA_VERSION = 1
 FLOOR = 8  # never keep fewer hidden channels than this (or all of them, in a block narrower than this)
@@ -103,6 +107,13 @@ def mean_abs(stats, layer):
     return _stat(stats, layer, "sum_abs").double() / _elements(stats, layer)
 
 
+def std(stats, layer):
+    """Per channel standard deviation of a (population: sum_sq / n - mean**2, clamped at 0)."""
+    n = _elements(stats, layer)
+    mean = _stat(stats, layer, "sum").double() / n
+    return (_stat(stats, layer, "sum_sq").double() / n - mean ** 2).clamp_min(0).sqrt()
+
+
 def consumer_weight(weights, roles):
     """The project conv's weight of a block, from a model or a state_dict (the consumer of its hidden channels)."""
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
@@ -119,17 +130,17 @@ def _input_column_norms(weight):
 
 
 def channel_score(stats, layer, score, threshold=None, consumer=None):
-    """Per channel value of ``score`` (deadness, mean |a| or contribution), before orienting it."""
+    """Per channel value of ``score`` (deadness, mean |a|, contribution or fluctuation), before orienting it."""
     if check_score(score) == "deadness":
         threshold = _captured_threshold(stats) if threshold is None else threshold
         if threshold is None:
             raise PruneError("SCORE=deadness needs a THRESHOLD: the activation stats do not record one")
         return channel_deadness(stats, layer, threshold)
-    value = mean_abs(stats, layer)
+    value = mean_abs(stats, layer) if score != "fluctuation" else std(stats, layer)
     if score == "mean_abs":
         return value
     if consumer is None:
-        raise PruneError(f"SCORE=contribution needs the model's weights to score {layer}")
+        raise PruneError(f"SCORE={score} needs the model's weights to score {layer}")
     norms = _input_column_norms(consumer).to(value.device)
     if norms.shape != value.shape:
         raise PruneError(f"{layer} has {value.numel()} channels but its consumer conv takes {norms.numel()}")
@@ -227,7 +238,7 @@ def _skip_reason(name, roles, skip_blocks):
 def block_candidates(stats, roles, layer, score, threshold, deadness_threshold, class_aware=False,
                      min_class_samples=1, weights=None):
     """(prunability, candidate mask) of a block's hidden channels, scored on ``layer``."""
-    consumer = consumer_weight(weights, roles) if score == "contribution" and weights is not None else None
+    consumer = consumer_weight(weights, roles) if score in WEIGHTED and weights is not None else None
     value = channel_score(stats, layer, score, threshold, consumer)
     if value.numel() != roles["hidden_channels"]:
         raise PruneError(f"activation stats for {layer} have {value.numel()} channels, but the block has "

@@ -117,7 +117,7 @@ def test_keep_count_refuses_bad_arguments(args):
 # --- scores -----------------------------------------------------------------------------------------------
 
 def test_unknown_score_lists_the_valid_ones(small):
-    with pytest.raises(PruneError, match="deadness, mean_abs, contribution"):
+    with pytest.raises(PruneError, match="deadness, mean_abs, contribution, fluctuation"):
         plan.prunability(small["stats"], small["layers"]["features.4"], "magnitude")
 
 
@@ -428,3 +428,26 @@ def test_mutated_plans_raise_nothing_but_prune_error(valid_plan, small, tmp_path
     else:
         target[last] = data.draw(JSON)
     _load_or_prune_error(tmp_path / "plan.json", p, small)
+
+
+def test_fluctuation_is_the_std_times_the_consumer_column_norm(small):
+    layer, roles = small["layers"]["features.4"], small["blocks"]["features.4"]
+    acts = small["acts"][layer].double()
+    weight = plan.consumer_weight(small["model"], roles)
+    std = acts.transpose(0, 1).reshape(acts.shape[1], -1).std(dim=1, correction=0)
+    expected = std * torch.linalg.vector_norm(weight.double(), dim=(0, 2, 3))
+    torch.testing.assert_close(plan.prunability(small["stats"], layer, "fluctuation", consumer=weight), -expected)
+
+
+def test_fluctuation_prunes_a_constant_channel_before_a_varying_one(small):
+    """A channel whose activation is constant (non-zero) loses nothing after mean compensation: it goes first."""
+    layer = small["layers"]["features.4"]
+    acts = {k: v.clone() for k, v in small["acts"].items()}
+    varying = acts[layer].std(dim=(0, 2, 3)) > 0
+    c = int(varying.nonzero()[0])
+    acts[layer][:, c] = 3.0
+    stats = stats_from(acts, small["labels"])
+    prun = plan.prunability(stats, layer, "fluctuation",
+                            consumer=plan.consumer_weight(small["model"], small["blocks"]["features.4"]))
+    assert prun[c] > -1e-6 and prun[c] >= prun.max() - 1e-6  # as prunable as the channels that are always 0
+    assert int(plan.prunability(stats, layer, "mean_abs").argmin()) == c  # mean |a| = 3: "the most alive"

@@ -64,6 +64,7 @@ def test_replan_from_saved_statistics_without_capture(pipeline):
 @pytest.mark.parametrize("mode", [["--PRUNE_MODE=target_macs", "--TARGET_MACS_REDUCTION=0.3"],
                                   ["--PRUNE_MODE=target_macs", "--SCORE=contribution", "--TARGET_MACS_REDUCTION=0.15"],
                                   ["--PRUNE_MODE=target_macs", "--SCORE=mean_abs", "--COMPENSATE=False"],
+                                  ["--PRUNE_MODE=target_macs", "--SCORE=fluctuation", "--TARGET_MACS_REDUCTION=0.15"],
                                   ["--PRUNE_MODE=threshold", "--FALLBACK_TARGET=0.2"],
                                   ["--PRUNE_MODE=iterative", "--TARGET_MACS_REDUCTION=0.0", "--CORRECT_VARIANCE=True"]])
 def test_prune_then_validate_and_overlay(pipeline, mode):
