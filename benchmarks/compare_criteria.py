@@ -153,11 +153,13 @@ def reproduce(run, cfg, ranks, results, save):
 
 
 def load_partial(path, identity):
-    """Results of an earlier, interrupted run of this same configuration (else {})."""
+    """(results, seconds spent) of earlier runs of this same configuration (else {}, 0)."""
     if not os.path.exists(path):
-        return {}
+        return {}, 0.0
     saved = read_json(path, "criteria comparison")
-    return saved.get("results", {}) if saved.get("identity") == identity else {}
+    if saved.get("identity") != identity:
+        return {}, 0.0
+    return saved.get("results", {}), saved.get("seconds", 0.0)
 
 
 def main(cfg):
@@ -167,7 +169,7 @@ def main(cfg):
     out = config.path_or_default(cfg, "OUT", "criteria_comparison.json")
     run = bench.load_run(cfg)
     identity = {"checkpoint_sha256": sha256_file(run.checkpoint), **{k: cfg[k] for k in RESULT_KEYS}}
-    results = load_partial(out, identity)
+    results, earlier = load_partial(out, identity)
     if results:
         print(f"continuing {out}: {len(results)} results already measured")
     record = {"schema_version": 1, "kind": "mbv3prune-criteria-comparison", "identity": identity,
@@ -187,7 +189,7 @@ def main(cfg):
             not (name.startswith("random_s") and name != f"random_s{cfg['RANDOM_SEEDS'][0]}")
         results[f"{allocation}/{target}/{name}"] = one_config(run, cfg, ranks, name, allocation, target, finetune)
         save()
-    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["seconds"] = round(earlier + time.perf_counter() - t0, 1)  # over every run that added results
     save()
     figure = plots.criteria_comparison(results, cfg["ALLOCATIONS"], cfg["FIGURE"])
     table = write_markdown(cfg, results)

@@ -6,6 +6,7 @@ A *ranking* is {block: [(prunability, channel), ...]} over the hidden channels o
 torch-pruning's from its importance classes evaluated on each block's one dependency group.
 """
 import os
+import time
 from types import SimpleNamespace
 
 import torch
@@ -43,6 +44,8 @@ def load_run(cfg):
     stage.check_class_names(run.meta, run.class_names, cfg["DATA_DIR"])
     run.model.to(run.device)
     run.loaders = make_loaders(cfg, run.splits)
+    for name in ("eval", "val", "bn"):  # decoded once, held in memory: every configuration reads them again
+        run.loaders[name] = list(run.loaders[name])
     run.total, run.params = count_macs_params(run.model, cfg["IMAGE_SIZE"])
     run.per_channel = macs_per_channel(run.model, run.blocks, cfg["IMAGE_SIZE"])
     return run
@@ -148,7 +151,8 @@ def prune_and_score(run, chosen, cfg, compensate_fn=None, model=None):
     if model is None:
         model, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensate_fn)
     macs, params = count_macs_params(model, cfg["IMAGE_SIZE"])
+    t0 = time.perf_counter()
     steps = recover(model, run.loaders, run.class_names, run.device, cfg, log=lambda *_: None)
-    return {"macs_reduction": round(1 - macs / run.total, 6), "params_reduction": round(1 - params / run.params, 6),
+    return {"seconds_to_score": round(time.perf_counter() - t0, 1), "macs_reduction": round(1 - macs / run.total, 6), "params_reduction": round(1 - params / run.params, 6),
             "kept": {b: run.blocks[b]["hidden_channels"] - len(v) for b, v in chosen.items()},
             **with_intervals(steps)}
