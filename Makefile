@@ -1,6 +1,7 @@
 # make demo:    set up .venv and run all seven stages on the generated demo data into runs/demo/
 # make test:    set up .venv with the test packages and run the test suite (what CI runs)
 # make flowers: train the flower baseline once (runs/flowers/baseline.pt) and run the stages on the real photos
+# make compare / modes / perf / scaling: the benchmarks (see README, "Benchmarks"); compare and modes need make flowers
 PYTHON ?= python3
 PY := .venv/bin/python
 RUN := runs/demo
@@ -8,7 +9,7 @@ FLOWERS := ../shared/data/oxford-flowers12
 FRUN := runs/flowers
 FARGS := --DATA_DIR=$(FLOWERS) --RUN_DIR=$(FRUN) --IMAGE_SIZE=128
 
-.PHONY: demo test flowers clean-demo
+.PHONY: demo test flowers compare modes perf scaling clean-demo
 
 .venv/.requirements: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
@@ -24,8 +25,8 @@ demo: .venv/.requirements
 	$(PY) mobilenetv3_features.py --RUN_DIR=$(RUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(RUN)
 	$(PY) visualize_neuron_activations.py --RUN_DIR=$(RUN)
-	$(PY) visualize_channel_activation.py --RUN_DIR=$(RUN)
-	$(PY) experiment_activation_based_block_pruning.py --RUN_DIR=$(RUN) --FALLBACK_TARGET=0.2 --FINETUNE_EPOCHS=1
+	$(PY) visualize_channel_activation.py --RUN_DIR=$(RUN) --SCORE=mean_abs --THRESHOLD=0.1
+	$(PY) experiment_activation_based_block_pruning.py --RUN_DIR=$(RUN) --PRUNE_MODE=iterative --FINETUNE_EPOCHS=1
 	$(PY) validate_model_structure.py --RUN_DIR=$(RUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(RUN) --COMPARE=$(RUN)/pruned.pt --OUT=$(RUN)/architecture_pruned.json
 	$(PY) visualize_activation_overlay_image.py --RUN_DIR=$(RUN)
@@ -44,6 +45,18 @@ flowers: .venv/.requirements
 	$(PY) experiment_activation_based_block_pruning.py $(FARGS) --FALLBACK_TARGET=0.2 --FINETUNE_EPOCHS=3 --SWEEP="[0.1,0.2,0.3,0.4]" --PRUNE_MODE=target_macs
 	$(PY) validate_model_structure.py $(FARGS)
 	$(PY) visualize_activation_overlay_image.py $(FARGS)
+
+compare: .venv/.requirements
+	$(PY) -m benchmarks.compare_criteria --DATA_DIR=$(FLOWERS) --RUN_DIR=$(FRUN)
+
+modes: .venv/.requirements
+	$(PY) -m benchmarks.prune_modes --DATA_DIR=$(FLOWERS) --RUN_DIR=$(FRUN)
+
+perf: .venv/.requirements
+	$(PY) -m benchmarks.perf
+
+scaling: .venv/.requirements
+	$(PY) -m benchmarks.scaling
 
 clean-demo:
 	rm -rf $(RUN)
