@@ -58,6 +58,7 @@ def main(cfg):
               f"({results[-1]['seconds']:.1f} s capture)")
     ratio = results[-1]["peak_rss_mb"] / results[0]["peak_rss_mb"]
     print(f"peak RSS ratio {results[-1]['images']} / {results[0]['images']} images: {ratio:.3f} (target <= 1.10)")
+    return results
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def time_variants(fns, batches):
 
 
 def report_size(size, gen):
+    """Print and return {variant: (wall s, CPU s) per pass} at one image size."""
     batches = make_batches(size, N_BATCHES, gen)
     model = calibrated_model(batches)
     times = time_variants(variants(model, find_blocks(model)), batches)
@@ -107,6 +108,7 @@ def report_size(size, gen):
     for name, (wall, cpu) in times.items():
         ms = 1e3 / N_BATCHES
         print(f"  {name:24s} {ms * wall:14.1f} {wall / wall0:5.2f}x {ms * cpu:13.1f} {cpu / cpu0:5.2f}x")
+    return times
 
 
 def peak_rss_mb():

@@ -1,0 +1,157 @@
+"""Speed and memory: capture overhead, peak RSS, the demo pipeline stage by stage, pruned vs baseline latency.
+
+Reads:  runs/demo/ (after `make demo`: its baseline is re-used, every later stage runs again) and, for the
+        latency on real photos, runs/flowers/ (after `make flowers`) when it is there.
+Writes: OUT (runs/bench/perf.json: every figure, the machine, the versions) and prints one table per part.
+1. Capture overhead: capture time / plain inference time on the same preloaded images (benchmarks.
+   capture_overhead, one thread), and peak RSS of a capture of 200 vs 2,000 images (benchmarks.capture_memory).
+2. The demo pipeline, stage by stage: wall time of each stage script as `make demo` runs it (a fresh
+   process each, the capture forced with RECAPTURE=True); the training time is the one recorded when the
+   baseline was trained (timings.json), not trained again.
+3. Latency of baseline.pt and pruned.pt at batch 1 and 32 (median of LATENCY_REPEATS, after warm-up; CUDA
+   synchronised on a GPU) against their MACs: how much of the MACs saving becomes real time.
+On a GPU (DEVICE=auto finds it) part 3 runs there; parts 1 and 2 measure what the stages do on this machine.
+
+    python -m benchmarks.perf
+    python -m benchmarks.perf --PARTS='["latency"]'
+"""
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from mbv3prune import config, models, stage
+from mbv3prune.artifacts import read_json, versions, write_json
+from mbv3prune.errors import PruneError
+from mbv3prune.evaluate import latency_ms
+from mbv3prune.prune import count_macs_params
+
+# -----------------------------------------------------------------------------
+PARTS = ["capture", "pipeline", "latency"]  # which parts to measure
+DEMO_DIR = "runs/demo"  # the demo run (`make demo`)
+LATENCY_RUNS = [["runs/demo", 64], ["runs/flowers", 128]]  # [run dir, image size] pairs timed (missing: skipped)
+LATENCY_REPEATS = 30  # timed forward passes per model and batch size (the median is reported)
+OVERHEAD_SIZES = [64, 96]  # image sizes of the capture-overhead measurement
+OUT = "runs/bench/perf.json"  # where the figures are written
+DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+DEBUG = False  # show tracebacks of the project's errors
+# -----------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_STAGES = [  # what `make demo` runs after training (keep in step with the Makefile)
+    ("mobilenetv3_features.py", []),
+    ("get_model_architecture.py", []),
+    ("visualize_neuron_activations.py", ["--RECAPTURE=True"]),
+    ("visualize_channel_activation.py", ["--SCORE=mean_abs", "--THRESHOLD=0.1"]),
+    ("experiment_activation_based_block_pruning.py", ["--PRUNE_MODE=iterative", "--FINETUNE_EPOCHS=1"]),
+    ("validate_model_structure.py", []),
+    ("visualize_activation_overlay_image.py", []),
+]
+
+
+def capture_part(cfg):
+    """Capture / plain inference time ratios (one thread) and peak RSS at 200 vs 2,000 images."""
+    from benchmarks import capture_memory, capture_overhead
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    try:
+        for size in cfg["OVERHEAD_SIZES"]:
+            times = capture_overhead.report_size(size, gen)
+            wall0, cpu0 = times["plain"]
+            out[f"{size}px"] = {name: {"wall_ratio": round(w / wall0, 3), "cpu_ratio": round(c / cpu0, 3)}
+                                for name, (w, c) in times.items()}
+    finally:
+        torch.set_num_threads(threads)
+    memory = capture_memory.main({"COUNTS": [200, 2000], "IMAGE_SIZE": 64, "BATCH_SIZE": 64,
+                                  "DATA_DIR": "runs/bench_data", "CHILD": 0})
+    return {"overhead_one_thread": out, "peak_rss": memory,
+            "rss_ratio": round(memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"], 3)}
+
+
+def pipeline_part(cfg):
+    """Wall seconds of each demo stage, run as `make demo` runs it."""
+    run = cfg["DEMO_DIR"]
+    if not os.path.exists(os.path.join(run, "baseline.pt")):
+        raise PruneError(f"{run}/baseline.pt not found: run `make demo` first")
+    trained = read_json(os.path.join(run, "timings.json"), "timings").get("train_model", {}).get("seconds")
+    rows = [{"stage": "train_model.py (recorded when trained)", "seconds": trained}]
+    for script, args in DEMO_STAGES:
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--RUN_DIR={run}", *args],
+                              capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise PruneError(f"{script} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
+        rows.append({"stage": script, "seconds": round(time.perf_counter() - t, 1)})
+        print(f"  {script}: {rows[-1]['seconds']} s")
+    return rows
+
+
+def latency_part(cfg, device):
+    """Per run: MACs and latency at batch 1 and 32 of baseline.pt and pruned.pt."""
+    out = []
+    for run, size in cfg["LATENCY_RUNS"]:
+        paths = [os.path.join(run, f) for f in ("baseline.pt", "pruned.pt")]
+        if not all(os.path.exists(p) for p in paths):
+            print(f"  {run}: no baseline.pt and pruned.pt, skipped")
+            continue
+        row = {"run": run, "image_size": size}
+        for label, path in zip(("baseline", "pruned"), paths):
+            model, _ = models.load_checkpoint(path)
+            model.eval()
+            row[f"{label}_macs"], _ = count_macs_params(model, size)
+            model.to(device)
+            for batch in (1, 32):
+                row[f"{label}_ms_b{batch}"] = latency_ms(model, size, batch, device, repeats=cfg["LATENCY_REPEATS"])
+        row["macs_ratio"] = round(row["pruned_macs"] / row["baseline_macs"], 3)
+        for batch in (1, 32):
+            row[f"time_ratio_b{batch}"] = round(row[f"pruned_ms_b{batch}"] / row[f"baseline_ms_b{batch}"], 3)
+        out.append(row)
+    return out
+
+
+def machine(device):
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), **versions()}
+
+
+def main(cfg):
+    device = models.pick_device(cfg["DEVICE"])
+    result = {"schema_version": 1, "kind": "mbv3prune-perf", "machine": machine(device), "config": cfg}
+    if "capture" in cfg["PARTS"]:
+        print("capture overhead and memory:")
+        result["capture"] = capture_part(cfg)
+    if "pipeline" in cfg["PARTS"]:
+        print(f"demo pipeline ({cfg['DEMO_DIR']}), stage by stage:")
+        result["pipeline"] = pipeline_part(cfg)
+    if "latency" in cfg["PARTS"]:
+        print(f"latency on {device}:")
+        result["latency"] = latency_part(cfg, device)
+    write_json(cfg["OUT"], result)
+    summary(result)
+    stage.finish([cfg["OUT"]])
+
+
+def summary(result):
+    if "capture" in result:
+        rows = [[size, v["capture, no histograms"]["wall_ratio"], v["capture, everything"]["wall_ratio"]]
+                for size, v in result["capture"]["overhead_one_thread"].items()]
+        print("\n" + stage.table(rows, ["size", "capture/plain, no histograms", "capture/plain, everything"]))
+        rss = result["capture"]["peak_rss"]
+        print(f"peak RSS {rss[0]['images']} images {rss[0]['peak_rss_mb']} MB, {rss[-1]['images']} images "
+              f"{rss[-1]['peak_rss_mb']} MB (ratio {result['capture']['rss_ratio']})")
+    if "pipeline" in result:
+        print("\n" + stage.table([[r["stage"], r["seconds"]] for r in result["pipeline"]], ["stage", "seconds"]))
+    if result.get("latency"):
+        rows = [[r["run"], r["image_size"], r["macs_ratio"], r["baseline_ms_b1"], r["pruned_ms_b1"], r["time_ratio_b1"],
+                 r["baseline_ms_b32"], r["pruned_ms_b32"], r["time_ratio_b32"]] for r in result["latency"]]
+        print("\n" + stage.table(rows, ["run", "px", "MACs ratio", "b1 ms", "pruned", "ratio", "b32 ms", "pruned",
+                                       "ratio"]))
+
+
+if __name__ == "__main__":
+    config.run(main, globals())
