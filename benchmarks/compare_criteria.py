@@ -48,6 +48,7 @@ BN_BATCHES = 20  # training batches for BN recalibration
 COMPENSATE = True  # fold removed channels' mean into the project BN / SE fc1 before pruning (every criterion)
 MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)
 ROUND_TO = 8  # kept hidden channels are a multiple of this
+MACS_TOLERANCE = 0.01  # global allocation: MACs removed stay within target + this (a chunk that overshoots is passed)
 MIN_CLASS_SAMPLES = 5  # class-aware deadness: classes with fewer sampled images do not count
 ITERATIVE_SAMPLES_PER_CLASS = 10  # deadness_iterative: images per class re-measured after each block
 TAYLOR_BATCHES = 4  # tp_taylor: training batches whose gradients are accumulated
@@ -100,7 +101,7 @@ def select(run, cfg, ranking, allocation, target):
     if allocation == "uniform":
         return bench.uniform_to_macs(ranking, run, target, cfg["MIN_KEEP_RATIO"], cfg["ROUND_TO"])[0]
     return to_macs_target(ranking, run.blocks, run.per_channel, run.total, target, cfg["MIN_KEEP_RATIO"],
-                          cfg["ROUND_TO"])[0]
+                          cfg["ROUND_TO"], cfg["MACS_TOLERANCE"])[0]
 
 
 def compensator(run, cfg):

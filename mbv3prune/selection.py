@@ -65,11 +65,15 @@ def rank_channels(stats, blocks, layers, score, threshold, class_aware=False, mi
     return ranking
 
 
-def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8):
+def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8,
+                   max_overshoot=None):
     """{block: indices} removing at least ``target`` (a fraction) of ``total_macs``, most prunable chunks first.
 
     ``ranking``: {block: [(prunability, channel), ...]} over the block's channels that may be removed.
     Returns (selection, predicted MACs reduction). Stops early, below target, when nothing is left to take.
+    With ``max_overshoot`` (a fraction of MACs) a chunk that would overshoot the target by more is passed over,
+    with the rest of its block, for the next most prunable one (an early block's chunk of ROUND_TO channels can
+    be > 1% of the MACs): criteria compared at matched MACs then stay within that tolerance.
     """
     if not 0 < target < 1:
         raise PruneError(f"TARGET_MACS_REDUCTION={target} must lie in (0, 1)")
@@ -88,6 +92,9 @@ def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_ke
     while heap and removed < target * total_macs:
         _, order, name, i = heapq.heappop(heap)
         step = steps[name][i][1]
+        if max_overshoot is not None and removed + len(step) * per_channel_macs[name] > \
+                (target + max_overshoot) * total_macs:
+            continue
         selection.setdefault(name, []).extend(step)
         removed += len(step) * per_channel_macs[name]
         if i + 1 < len(steps[name]):
