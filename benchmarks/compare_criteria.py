@@ -217,11 +217,11 @@ def criteria_in(results, allocation, target):
     return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
 
 
-def verdict(rows, step):
-    """win / loss / tie of our best criterion against the best other one: a win only when the 95% intervals
-    do not overlap."""
+def verdict(rows, step, against=None):
+    """win / loss / tie of our best criterion against the best other one (or the best whose name starts with
+    ``against``): a win only when the 95% intervals do not overlap."""
     ours = {k: v for k, v in rows.items() if k in OURS and step in v}
-    others = {k: v for k, v in rows.items() if k not in OURS and step in v}
+    others = {k: v for k, v in rows.items() if k not in OURS and step in v and k.startswith(against or "")}
     if not ours or not others:
         return ""
     a = max(ours.items(), key=lambda kv: kv[1][step]["top1"])
@@ -256,8 +256,9 @@ def write_markdown(cfg, results):
                 r = criteria_in(results, allocation, t).get(n)
                 cells.append(f"{_pct(r, 'pruned')} / {_pct(r, 'bn_recalibrated')}" if r else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines.append("| best ours vs best other (BN) | " + " | ".join(
-            verdict(criteria_in(results, allocation, t), "bn_recalibrated") for t in targets) + " |")
+        for label, against in (("best other", None), ("tp_l1", "tp_l1"), ("best random seed", "random")):
+            lines.append(f"| best ours vs {label} (BN) | " + " | ".join(
+                verdict(criteria_in(results, allocation, t), "bn_recalibrated", against) for t in targets) + " |")
         lines.append("")
     for allocation, target in cfg["FT_POINTS"]:
         rows = criteria_in(results, allocation, target)
@@ -267,7 +268,7 @@ def write_markdown(cfg, results):
                   "(95% bootstrap intervals):", "",
                   "| criterion | MACs removed | no FT | BN recalibrated | fine-tuned |", "|---|---|---|---|---|"]
         lines += [f"| {n} | {100 * r['macs_reduction']:.1f}% | {_ci(r, 'pruned')} | {_ci(r, 'bn_recalibrated')} | "
-                  f"{_ci(r, 'finetuned')} |" for n, r in rows.items()]
+                  f"{_ci(r, 'finetuned')} |" for n, r in rows.items() if "finetuned" in r]
         lines.append(f"\nBest ours vs best other after fine-tuning: {verdict(rows, 'finetuned')}.\n")
     text = "\n".join(lines) + "\n"
 

@@ -225,10 +225,9 @@ def _criteria_curves(results, allocation):
             curves.setdefault(name, []).append((r["macs_reduction"], r))
     for runs in seeds.values():
         mean = {"macs_reduction": float(np.mean([r["macs_reduction"] for r in runs]))}
-        for step in runs[0]:
-            if isinstance(runs[0][step], dict) and "top1" in runs[0][step]:
-                tops = [r[step]["top1"] for r in runs]
-                mean[step] = {"top1": float(np.mean(tops)), "ci95": [min(r[step]["ci95"][0] for r in runs),
-                                                                    max(r[step]["ci95"][1] for r in runs)]}
+        for step in {s for r in runs for s, v in r.items() if isinstance(v, dict) and "top1" in v}:
+            have = [r[step] for r in runs if step in r]  # fine-tuned: the first seed only
+            mean[step] = {"top1": float(np.mean([h["top1"] for h in have])),
+                          "ci95": [min(h["ci95"][0] for h in have), max(h["ci95"][1] for h in have)]}
         curves.setdefault("random", []).append((mean["macs_reduction"], mean))
     return curves
