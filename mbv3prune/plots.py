@@ -180,7 +180,8 @@ def criteria_comparison(results, allocations, path, steps=(("pruned", "no fine-t
                              squeeze=False, sharey=True)
     baseline = results.get("baseline", {}).get("top1")
     names = sorted({n for a in allocations for n in _criteria_curves(results, a)})
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "#8c6d31", "#637939", "#7b4173"]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     for row, allocation in zip(axes, allocations):
         curves = _criteria_curves(results, allocation)
         for ax, (step, label) in zip(row, steps):
