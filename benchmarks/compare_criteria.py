@@ -21,7 +21,7 @@ import time
 from tqdm import tqdm
 
 from mbv3prune import bench, config, iterative, plots, stage
-from mbv3prune.artifacts import atomic_write, provenance, read_json, sha256_file, write_json
+from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import compensate
 from mbv3prune.data import Skipped, batches, stratified_sample
 from mbv3prune.errors import PruneError
@@ -153,16 +153,6 @@ def reproduce(run, cfg, ranks, results, save):
             save()
 
 
-def load_partial(path, identity):
-    """(results, seconds spent) of earlier runs of this same configuration (else {}, 0)."""
-    if not os.path.exists(path):
-        return {}, 0.0
-    saved = read_json(path, "criteria comparison")
-    if saved.get("identity") != identity:
-        return {}, 0.0
-    return saved.get("results", {}), saved.get("seconds", 0.0)
-
-
 def main(cfg):
     t0 = time.perf_counter()
     check_config(cfg)
@@ -170,7 +160,7 @@ def main(cfg):
     out = config.path_or_default(cfg, "OUT", "criteria_comparison.json")
     run = bench.load_run(cfg)
     identity = {"checkpoint_sha256": sha256_file(run.checkpoint), **{k: cfg[k] for k in RESULT_KEYS}}
-    results, earlier = load_partial(out, identity)
+    results, earlier = bench.resume(out, identity, "criteria comparison")
     if results:
         print(f"continuing {out}: {len(results)} results already measured")
     record = {"schema_version": 1, "kind": "mbv3prune-criteria-comparison", "identity": identity,
@@ -207,11 +197,6 @@ def _pct(r, step):
     return f"{100 * r[step]['top1']:.1f}" if step in r else ""
 
 
-def _ci(r, step):
-    lo, hi = r[step]["ci95"]
-    return f"{100 * r[step]['top1']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
-
-
 def criteria_in(results, allocation, target):
     prefix = f"{allocation}/{target}/"
     return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
@@ -241,8 +226,8 @@ def write_markdown(cfg, results):
     if repro:
         lines += ["25% of every block's hidden channels (DEVELOPERS.md's measurement):", "",
                   "| criterion | MACs removed | no FT | BN recalibrated (95% CI) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {100 * v['macs_reduction']:.1f}% | {_pct(v, 'pruned')} | {_ci(v, 'bn_recalibrated')} |"
-                  for k, v in repro.items()]
+        lines += [f"| {k} | {100 * v['macs_reduction']:.1f}% | {_pct(v, 'pruned')} | "
+                  f"{bench.cell(v, 'bn_recalibrated')} |" for k, v in repro.items()]
         lines.append("")
     for allocation in cfg["ALLOCATIONS"]:
         targets = [t for t in cfg["TARGETS"] if criteria_in(results, allocation, t)]
@@ -267,15 +252,11 @@ def write_markdown(cfg, results):
         lines += [f"{allocation} allocation at {100 * target:.0f}% MACs, {cfg['FINETUNE_EPOCHS']} fine-tuning epochs "
                   "(95% bootstrap intervals):", "",
                   "| criterion | MACs removed | no FT | BN recalibrated | fine-tuned |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {100 * r['macs_reduction']:.1f}% | {_ci(r, 'pruned')} | {_ci(r, 'bn_recalibrated')} | "
-                  f"{_ci(r, 'finetuned')} |" for n, r in rows.items() if "finetuned" in r]
+        lines += [f"| {n} | {100 * r['macs_reduction']:.1f}% | " + " | ".join(bench.cell(r, step) for step, _ in STEPS)
+                  + " |" for n, r in rows.items() if "finetuned" in r]
         lines.append(f"\nBest ours vs best other after fine-tuning: {verdict(rows, 'finetuned')}.\n")
     text = "\n".join(lines) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(cfg["TABLE"], write)
+    write_text(cfg["TABLE"], text)
     return text
 
 

@@ -19,7 +19,7 @@ import time
 from tqdm import tqdm
 
 from mbv3prune import bench, config, iterative, stage
-from mbv3prune.artifacts import atomic_write, provenance, read_json, sha256_file, write_json
+from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import compensate
 from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
@@ -120,8 +120,7 @@ def main(cfg):
     identity = {"checkpoint_sha256": sha256_file(run.checkpoint),
                 **{k: cfg[k] for k in ("SETTINGS", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES", "MIN_KEEP_RATIO",
                                        "ROUND_TO", "IMAGE_SIZE", "BATCH_SIZE", "SEED")}}
-    saved = read_json(out, "prune modes") if os.path.exists(out) else {}
-    results = saved.get("results", {}) if saved.get("identity") == identity else {}
+    results, earlier = bench.resume(out, identity, "prune modes")
     record = {"schema_version": 1, "kind": "mbv3prune-prune-modes", "identity": identity, "results": results,
               "provenance": provenance(cfg, {"checkpoint": run.checkpoint})}
     if "baseline" not in results:
@@ -131,18 +130,11 @@ def main(cfg):
     for score, mode, variant in tqdm(todo, desc="modes", disable=None):
         results[f"{score}/{mode}/{variant}"] = one_config(run, cfg, score, mode, variant)
         write_json(out, record)
-    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["seconds"] = round(earlier + time.perf_counter() - t0, 1)  # over every run that added results
     write_json(out, record)
     text = markdown(cfg, results)
     print(text)
     stage.finish([out, cfg["TABLE"]])
-
-
-def _cell(r, step):
-    if step not in r:
-        return "–"
-    lo, hi = r[step]["ci95"]
-    return f"{100 * r[step]['top1']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
 def markdown(cfg, results):
@@ -159,14 +151,10 @@ def markdown(cfg, results):
         what = f"deadness > {deadness_threshold} at {threshold:.3g}" if score == "deadness" else f"< {threshold:g}"
         spared = f" ({r['spared_came_alive']})" if "spared_came_alive" in r else ""
         lines.append(f"| {score} ({what}) | {mode} | {variant} | {100 * r['macs_reduction']:.1f}% | "
-                     f"{r['removed_channels']}{spared} | {_cell(r, 'pruned')} | {_cell(r, 'bn_recalibrated')} | "
-                     f"{_cell(r, 'finetuned')} |")
+                     f"{r['removed_channels']}{spared} | " +
+                     " | ".join(bench.cell(r, step) for step in ("pruned", "bn_recalibrated", "finetuned")) + " |")
     text = "\n".join(lines) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(cfg["TABLE"], write)
+    write_text(cfg["TABLE"], text)
     return text
 
 

@@ -62,8 +62,11 @@ def _clean(obj):
 
 def write_json(path, obj):
     """Write ``obj`` as indented JSON atomically; the same object always gives the same bytes."""
-    text = json.dumps(_clean(obj), indent=2) + "\n"
+    return write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
 
+
+def write_text(path, text):
+    """Write ``text`` (UTF-8) atomically; returns the path."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

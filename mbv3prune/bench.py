@@ -51,6 +51,16 @@ def load_run(cfg):
     return run
 
 
+def resume(path, identity, what):
+    """(results, seconds spent) of earlier runs of a benchmark with this same ``identity`` (else {}, 0)."""
+    if not os.path.exists(path):
+        return {}, 0.0
+    saved = read_json(path, what)
+    if saved.get("identity") != identity:
+        return {}, 0.0
+    return saved.get("results", {}), saved.get("seconds", 0.0)
+
+
 def prunable_blocks(run):
     return [name for name in run.blocks if name in run.per_channel]
 
@@ -135,6 +145,14 @@ def reduction(run, chosen):
     return sum(len(v) * run.per_channel[b] for b, v in chosen.items()) / run.total
 
 
+def cell(result, step):
+    """"top-1 [CI low, CI high]" in percent for a table ("–" when the step was not measured)."""
+    if step not in result:
+        return "–"
+    lo, hi = result[step]["ci95"]
+    return f"{100 * result[step]['top1']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
 def with_intervals(steps):
     """{step: {top1, ci95, correct}} from recover's {step: accuracy}."""
     return {step: {"top1": acc["top1"], "ci95": list(bootstrap_interval(acc["correct"])), "correct": acc["correct"]}
@@ -153,6 +171,7 @@ def prune_and_score(run, chosen, cfg, compensate_fn=None, model=None):
     macs, params = count_macs_params(model, cfg["IMAGE_SIZE"])
     t0 = time.perf_counter()
     steps = recover(model, run.loaders, run.class_names, run.device, cfg, log=lambda *_: None)
-    return {"seconds_to_score": round(time.perf_counter() - t0, 1), "macs_reduction": round(1 - macs / run.total, 6), "params_reduction": round(1 - params / run.params, 6),
+    return {"seconds_to_score": round(time.perf_counter() - t0, 1),
+            "macs_reduction": round(1 - macs / run.total, 6), "params_reduction": round(1 - params / run.params, 6),
             "kept": {b: run.blocks[b]["hidden_channels"] - len(v) for b, v in chosen.items()},
             **with_intervals(steps)}
