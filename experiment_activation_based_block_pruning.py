@@ -207,9 +207,11 @@ def prune_iteratively(ctx):
         cfg["IMAGE_SIZE"], len(ctx.class_names), compensator(ctx),
         lambda m: score(m, ctx.loaders, ctx.class_names, ctx.device, "round")["top1"])
     figures = [] if not distributed.is_main() else [
-        plots.deadness_rounds(measured["initial_values"], measured["latest_values"], opts["deadness_threshold"],
-                              os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"))]
-    how = f"iterative: consistently {opts['score']} > {opts['deadness_threshold']}, {len(rounds)} rounds"
+        plots.deadness_rounds(measured["initial_values"], measured["latest_values"],
+                              opts["deadness_threshold"] if opts["score"] == "deadness" else opts["threshold"],
+                              os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"), opts["score"])]
+    cut = f"> {opts['deadness_threshold']}" if opts["score"] == "deadness" else f"< {opts['threshold']:g}"
+    how = f"iterative: consistently {opts['score']} {cut}, {len(rounds)} rounds"
     return pruned, chosen, how, {"mode": "iterative", "rounds": rounds, "figures": figures,
                                  "target_macs_reduction": cfg["TARGET_MACS_REDUCTION"] or None}
 

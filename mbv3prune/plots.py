@@ -147,26 +147,36 @@ def sweep(xs, top1, macs_reduction, xlabel, path, baseline_top1=None):
     return save_figure(fig, path)
 
 
-def deadness_rounds(initial, latest, deadness_threshold, path):
-    """Per block, each channel's deadness in the first measurement against the last one (did deadness move?)."""
+def deadness_rounds(initial, latest, cut, path, score="deadness"):
+    """Per block, each channel's score in the first measurement against the last one (did deadness move?).
+
+    ``initial`` / ``latest``: {block: prunability} as the iterative mode keeps them (for mean_abs,
+    contribution and fluctuation the negated value); ``cut``: DEADNESS_THRESHOLD for deadness, else THRESHOLD.
+    Red: channels on the other side of the cut in the last measurement.
+    """
     names = list(initial)
+    lower = score != "deadness"  # the other scores prune values BELOW the cut
     cols = min(5, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         x, y = np.asarray(initial[name], dtype=np.float64), np.asarray(latest[name], dtype=np.float64)
-        moved = (x > deadness_threshold) != (y > deadness_threshold)
+        if lower:
+            x, y = -x, -y
+        moved = ((x < cut) != (y < cut)) if lower else ((x > cut) != (y > cut))
         ax.scatter(x[~moved], y[~moved], s=4, color="#4c72b0", alpha=0.6)
         ax.scatter(x[moved], y[moved], s=8, color="#c44e52", label=f"{int(moved.sum())} crossed")
-        ax.axvline(deadness_threshold, color="grey", lw=0.6, ls=":")
-        ax.axhline(deadness_threshold, color="grey", lw=0.6, ls=":")
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.axvline(cut, color="grey", lw=0.6, ls=":")
+        ax.axhline(cut, color="grey", lw=0.6, ls=":")
+        top = max(1.0, float(x.max(initial=0)), float(y.max(initial=0))) if not lower else \
+            max(float(x.max(initial=0)), float(y.max(initial=0)), cut) * 1.05
+        ax.plot([0, top], [0, top], color="grey", lw=0.5)
         ax.set_title(name, fontsize=8)
         ax.legend(fontsize=6, loc="upper left")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.supxlabel("deadness, first measurement")
-    fig.supylabel("deadness, last measurement before pruning")
+    fig.supxlabel(f"{score}, first measurement (cut {cut:g})")
+    fig.supylabel(f"{score}, last measurement before pruning")
     fig.tight_layout()
     return save_figure(fig, path)
 
