@@ -47,6 +47,7 @@ DEMO_STAGES = [  # what `make demo` runs after training (keep in step with the M
     ("visualize_channel_activation.py", ["--SCORE=mean_abs", "--THRESHOLD=0.1"]),
     ("experiment_activation_based_block_pruning.py", ["--PRUNE_MODE=iterative", "--FINETUNE_EPOCHS=1"]),
     ("validate_model_structure.py", []),
+    ("get_model_architecture.py", ["--COMPARE={run}/pruned.pt", "--OUT={run}/architecture_pruned.json"]),
     ("visualize_activation_overlay_image.py", []),
 ]
 
@@ -81,7 +82,8 @@ def pipeline_part(cfg):
     rows = [{"stage": "train_model.py (recorded when trained)", "seconds": trained}]
     for script, args in DEMO_STAGES:
         t = time.perf_counter()
-        done = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--RUN_DIR={run}", *args],
+        done = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--RUN_DIR={run}",
+                               *(a.format(run=run) for a in args)],
                               capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             raise PruneError(f"{script} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
