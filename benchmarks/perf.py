@@ -87,8 +87,9 @@ def pipeline_part(cfg):
                               capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             raise PruneError(f"{script} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
-        rows.append({"stage": script, "seconds": round(time.perf_counter() - t, 1)})
-        print(f"  {script}: {rows[-1]['seconds']} s")
+        rows.append({"stage": " ".join([script, *(a.split("=")[0] for a in args)]),
+                     "seconds": round(time.perf_counter() - t, 1)})
+        print(f"  {rows[-1]['stage']}: {rows[-1]['seconds']} s")
     return rows
 
 
