@@ -65,7 +65,7 @@ DEBUG = False  # show tracebacks of the project's errors
 OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation")
 RESULT_KEYS = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "IMAGE_SIZE", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES",
                "COMPENSATE", "MIN_KEEP_RATIO", "ROUND_TO", "MIN_CLASS_SAMPLES", "ITERATIVE_SAMPLES_PER_CLASS",
-               "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD")
+               "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD", "MACS_TOLERANCE")
 
 
 def check_config(cfg):
@@ -129,9 +129,14 @@ def iterative_model(run, cfg, quotas):
     return pruned, removed
 
 
+def finetuned(cfg, allocation, target, name):
+    """Whether this configuration is also fine-tuned: at FT_POINTS, and for random its first seed only."""
+    return [allocation, target] in [list(p) for p in cfg["FT_POINTS"]] and \
+        not (name.startswith("random_s") and name != f"random_s{cfg['RANDOM_SEEDS'][0]}")
+
+
 def one_config(run, cfg, ranks, criterion, allocation, target, finetune):
-    base = "deadness" if criterion == "deadness_iterative" else criterion
-    chosen = select(run, cfg, ranks[base], allocation, target)
+    chosen = select(run, cfg, ranks[criterion], allocation, target)  # deadness_iterative: the deadness ranking
     step_cfg = {**cfg, "FINETUNE_EPOCHS": cfg["FINETUNE_EPOCHS"] if finetune else 0, "BN_RECALIBRATE": True}
     model = None
     if criterion == "deadness_iterative":
@@ -172,13 +177,12 @@ def main(cfg):
     ranks = rankings(run, cfg)
     if cfg["REPRODUCE"]:
         reproduce(run, cfg, ranks, results, save)
-    names = [n for n in ranks if n != "deadness_iterative" or "deadness_iterative" in cfg["CRITERIA"]]
-    todo = [(a, t, n) for a in cfg["ALLOCATIONS"] for t in cfg["TARGETS"] for n in names
-            if f"{a}/{t}/{n}" not in results]
+    todo = [(a, t, n) for a in cfg["ALLOCATIONS"] for t in cfg["TARGETS"] for n in ranks
+            if "finetuned" not in results.get(f"{a}/{t}/{n}", {}) and
+            (f"{a}/{t}/{n}" not in results or finetuned(cfg, a, t, n))]
     for allocation, target, name in tqdm(todo, desc="criteria", disable=None):
-        finetune = [allocation, target] in [list(p) for p in cfg["FT_POINTS"]] and \
-            not (name.startswith("random_s") and name != f"random_s{cfg['RANDOM_SEEDS'][0]}")
-        results[f"{allocation}/{target}/{name}"] = one_config(run, cfg, ranks, name, allocation, target, finetune)
+        results[f"{allocation}/{target}/{name}"] = one_config(run, cfg, ranks, name, allocation, target,
+                                                              finetuned(cfg, allocation, target, name))
         save()
     record["seconds"] = round(earlier + time.perf_counter() - t0, 1)  # over every run that added results
     save()

@@ -118,8 +118,9 @@ def main(cfg):
     out = config.path_or_default(cfg, "OUT", "prune_modes.json")
     run = bench.load_run(cfg)
     identity = {"checkpoint_sha256": sha256_file(run.checkpoint),
-                **{k: cfg[k] for k in ("SETTINGS", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES", "MIN_KEEP_RATIO",
-                                       "ROUND_TO", "IMAGE_SIZE", "BATCH_SIZE", "SEED")}}
+                **{k: cfg[k] for k in ("DATA_DIR", "SETTINGS", "FINETUNE_EPOCHS", "FINETUNE_COMPENSATION",
+                                       "FINETUNE_LR", "BN_BATCHES", "MIN_KEEP_RATIO", "ROUND_TO", "IMAGE_SIZE",
+                                       "BATCH_SIZE", "SEED")}}
     results, earlier = bench.resume(out, identity, "prune modes")
     record = {"schema_version": 1, "kind": "mbv3prune-prune-modes", "identity": identity, "results": results,
               "provenance": provenance(cfg, {"checkpoint": run.checkpoint})}

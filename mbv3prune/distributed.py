@@ -56,6 +56,9 @@ def setup(device_request="auto"):
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            if device.index >= torch.cuda.device_count():
+                raise PruneError(f"torchrun process with LOCAL_RANK={device.index} has no GPU of its own: this machine "
+                                 f"has {torch.cuda.device_count()}; lower --nproc_per_node")
         elif int(os.environ["WORLD_SIZE"]) > 1:
             raise PruneError(f"DEVICE={device_request} under torchrun: every process takes cuda:LOCAL_RANK, "
                              "use DEVICE=auto or cuda")
@@ -163,7 +166,12 @@ def wrap(model, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+_BASE_SEED = []  # the seed before the first seed_ranks: repeated calls (one per fit) do not add up the offset
+
+
 def seed_ranks():
-    """With several ranks, reseed torch with ``initial seed + rank``: each rank its own dropout and augmentation."""
+    """With several ranks, reseed torch with ``first seed + rank``: each rank its own dropout and augmentation."""
     if world_size() > 1:
-        torch.manual_seed(torch.initial_seed() + rank())
+        if not _BASE_SEED:
+            _BASE_SEED.append(torch.initial_seed())
+        torch.manual_seed(_BASE_SEED[0] + rank())

@@ -152,7 +152,7 @@ def deadness_rounds(initial, latest, cut, path, score="deadness"):
 
     ``initial`` / ``latest``: {block: prunability} as the iterative mode keeps them (for mean_abs,
     contribution and fluctuation the negated value); ``cut``: DEADNESS_THRESHOLD for deadness, else THRESHOLD.
-    Red: channels on the other side of the cut in the last measurement.
+    Red: channels that crossed the cut between the first and the last measurement.
     """
     names = list(initial)
     lower = score != "deadness"  # the other scores prune values BELOW the cut
@@ -211,7 +211,7 @@ def criteria_comparison(results, allocations, path, steps=(("pruned", "no fine-t
             if baseline is not None:
                 ax.axhline(100 * baseline, color="grey", ls=":", lw=1, label="baseline")
             ax.set_title(f"{allocation} allocation, {label}", fontsize=9)
-            ax.set_xlim(0, 55)
+            ax.set_xlim(0, max([55.0] + [100 * x + 5 for pts in curves.values() for x, _ in pts]))
             ax.set_xlabel("MACs removed (%)")
             ax.grid(alpha=0.3)
         row[0].set_ylabel("top-1 on test (%)")
