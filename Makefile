@@ -1,7 +1,8 @@
 # make demo:    set up .venv and run all seven stages on the generated demo data into runs/demo/
 # make test:    set up .venv with the test packages and run the test suite (what CI runs)
 # make flowers: train the flower baseline once (runs/flowers/baseline.pt) and run the stages on the real photos
-# make compare / modes / perf / scaling: the benchmarks (see README, "Benchmarks"); compare and modes need make flowers
+# make compare / modes / perf / scaling: the benchmarks (README: "Results on the flower photos", "Performance",
+#   "Several GPUs"); compare and modes need make flowers, perf needs make demo
 PYTHON ?= python3
 PY := .venv/bin/python
 RUN := runs/demo
