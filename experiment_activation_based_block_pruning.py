@@ -26,8 +26,8 @@ import time
 import warnings
 from types import SimpleNamespace
 
-from mbv3prune import config, distributed, iterative, models, plots, selection, stage
-from mbv3prune.artifacts import load_tensors, provenance, read_json, record_timings, sha256_file, write_json
+from mbv3prune import config, distributed, iterative, measure, models, plots, selection, stage
+from mbv3prune.artifacts import provenance, read_json, record_timings, sha256_file, write_json
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import describe_layers
 from mbv3prune.compensate import check_capture_point, compensate
@@ -136,14 +136,7 @@ def load_context(cfg):
 
 def load_stats(cfg, checkpoint):
     """The saved activation statistics, refused when they were measured on another checkpoint."""
-    path = config.path_or_default(cfg, "STATS", "activation_stats.pt")
-    stats = load_tensors(path, "activation statistics")
-    meta = read_json(os.path.splitext(path)[0] + ".json", "activation statistics")
-    measured_on = meta.get("identity", {}).get("checkpoint_sha256")
-    if measured_on != sha256_file(checkpoint):
-        raise PruneError(f"activation statistics {path} were measured on another checkpoint than {checkpoint}: "
-                         "re-run visualize_neuron_activations.py")
-    return stats, meta
+    return measure.load_checked(config.path_or_default(cfg, "STATS", "activation_stats.pt"), checkpoint)
 
 
 def compensator(ctx):
@@ -193,9 +186,7 @@ def prune_one_shot(ctx):
 def prune_iteratively(ctx):
     """Iterative mode: (pruned model, selection, how, extra report with the per-round log)."""
     cfg, plan = ctx.cfg, ctx.plan
-    files = ctx.stats_meta["sample"]["files"]
-    root = cfg["DATA_DIR"] if os.path.isdir(cfg["DATA_DIR"]) else os.path.dirname(cfg["DATA_DIR"])
-    sample_loader = stage.loader(cfg, [(os.path.join(root, p), y) for p, y in files])
+    sample_loader = stage.loader(cfg, measure.sample_items(ctx.stats_meta, cfg["DATA_DIR"]))
     opts = {"score": cfg["SCORE"] or plan["score"], "threshold": plan["threshold"],
             "deadness_threshold": plan["deadness_threshold"], "class_aware": plan["class_aware"],
             "min_class_samples": plan["min_class_samples"], "min_keep_ratio": cfg["MIN_KEEP_RATIO"],

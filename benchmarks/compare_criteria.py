@@ -15,12 +15,11 @@ Results are saved after every configuration; an interrupted run continues where 
     python -m benchmarks.compare_criteria
     python -m benchmarks.compare_criteria --TARGETS=[0.2] --FT_POINTS=[] --RANDOM_SEEDS=[0]
 """
-import os
 import time
 
 from tqdm import tqdm
 
-from mbv3prune import bench, config, iterative, plots, stage
+from mbv3prune import bench, config, iterative, measure, plots, stage
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import compensate
 from mbv3prune.data import Skipped, batches, stratified_sample
@@ -112,10 +111,8 @@ def compensator(run, cfg):
 
 def iterative_model(run, cfg, quotas):
     """The baseline pruned block by block to ``quotas``, re-measuring downstream deadness after each block."""
-    files = run.stats_meta["sample"]["files"]
-    root = cfg["DATA_DIR"]
-    items = stratified_sample([(os.path.join(root, p), y) for p, y in files], cfg["ITERATIVE_SAMPLES_PER_CLASS"],
-                              seed=cfg["SEED"])
+    items = stratified_sample(measure.sample_items(run.stats_meta, cfg["DATA_DIR"]),
+                              cfg["ITERATIVE_SAMPLES_PER_CLASS"], seed=cfg["SEED"])
     loader = stage.loader(cfg, items)
     opts = {"score": "deadness", "threshold": float(run.stats["threshold"]), "deadness_threshold": 0.0,
             "class_aware": False, "min_class_samples": cfg["MIN_CLASS_SAMPLES"],

@@ -13,12 +13,11 @@ Results are saved after every configuration; an interrupted run continues where 
 
     python -m benchmarks.prune_modes
 """
-import os
 import time
 
 from tqdm import tqdm
 
-from mbv3prune import bench, config, iterative, stage
+from mbv3prune import bench, config, iterative, measure, stage
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import compensate
 from mbv3prune.data import Skipped, batches
@@ -86,7 +85,7 @@ def threshold_selection(run, cfg, score):
 def iterative_model(run, cfg, score, variant):
     """(pruned model, selection, per-round log) of PRUNE_MODE=iterative on the capture's own sample."""
     threshold, deadness_threshold = cut(cfg, score)
-    loader = stage.loader(cfg, [(os.path.join(cfg["DATA_DIR"], p), y) for p, y in run.stats_meta["sample"]["files"]])
+    loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
     opts = {"score": score, "threshold": threshold, "deadness_threshold": deadness_threshold, "class_aware": False,
             "min_class_samples": 1, "min_keep_ratio": cfg["MIN_KEEP_RATIO"], "round_to": cfg["ROUND_TO"],
             "skip_blocks": [], "weights": run.model, "blocks_per_round": 1, "max_rounds": len(run.blocks),

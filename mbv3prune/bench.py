@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import torch
 import torch_pruning as tp
 
-from . import models, selection, stage
-from .artifacts import load_tensors, read_json, sha256_file
+from . import measure, models, selection, stage
+from .artifacts import read_json
 from .blocks import find_blocks
 from .capture import describe_layers
 from .data import Skipped, batches
@@ -30,11 +30,7 @@ def load_run(cfg):
     run.model, run.meta = models.load_checkpoint(run.checkpoint, cfg["MODEL_ARCH"])
     run.blocks = find_blocks(run.model)
     stats_path = os.path.join(cfg["RUN_DIR"], "activation_stats.pt")
-    run.stats = load_tensors(stats_path, "activation statistics")
-    run.stats_meta = read_json(os.path.splitext(stats_path)[0] + ".json", "activation statistics")
-    if run.stats_meta.get("identity", {}).get("checkpoint_sha256") != sha256_file(run.checkpoint):
-        raise PruneError(f"{stats_path} was measured on another checkpoint than {run.checkpoint}: "
-                         "re-run visualize_neuron_activations.py")
+    run.stats, run.stats_meta = measure.load_checked(stats_path, run.checkpoint)
     if run.stats_meta["identity"].get("image_size") != cfg["IMAGE_SIZE"]:
         raise PruneError(f"{stats_path} was measured at {run.stats_meta['identity'].get('image_size')} px, "
                          f"not IMAGE_SIZE={cfg['IMAGE_SIZE']}")

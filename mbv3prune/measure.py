@@ -40,6 +40,22 @@ def sample_record(items, data_dir):
     return record, hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
 
+def sample_items(meta, data_dir):
+    """[(path, label)] of the sample a saved capture measured (``sample_record`` read back)."""
+    root = data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir)
+    return [(os.path.join(root, p), y) for p, y in meta["sample"]["files"]]
+
+
+def load_checked(path, checkpoint):
+    """(stats, stats JSON) saved at ``path``, refused when they were measured on another checkpoint."""
+    stats = load_tensors(path, "activation statistics")
+    meta = read_json(os.path.splitext(path)[0] + ".json", "activation statistics")
+    if meta.get("identity", {}).get("checkpoint_sha256") != sha256_file(checkpoint):
+        raise PruneError(f"activation statistics {path} were measured on another checkpoint than {checkpoint}: "
+                         "re-run visualize_neuron_activations.py")
+    return stats, meta
+
+
 def identity(cfg, checkpoint, items):
     """What makes two captures interchangeable."""
     _, digest = sample_record(items, cfg["DATA_DIR"])

@@ -71,3 +71,18 @@ def test_prune_modes_compares_threshold_and_iterative_with_and_without_compensat
         assert results[f"{score}/iterative/none"]["removed_channels"] <= results[f"{score}/threshold/none"][
             "removed_channels"]
     assert "| mean_abs (< 0.5) | iterative | mean |" in open(tmp_path / "modes.md").read()
+
+
+def test_statistics_of_another_checkpoint_are_refused_naming_the_file(run, tmp_path):
+    from mbv3prune import measure, models
+    from mbv3prune.errors import PruneError
+    from tests.conftest import randomized_model
+    run_dir, _ = run
+    other = str(tmp_path / "other.pt")
+    models.save_checkpoint(other, randomized_model(ARCH), ARCH, ["ant", "bee", "moth"])
+    stats_path = os.path.join(run_dir, "activation_stats.pt")
+    stats, meta = measure.load_checked(stats_path, os.path.join(run_dir, "baseline.pt"))
+    assert meta["sample"]["images"] == len(measure.sample_items(meta, meta["sample"]["data_dir"])) == 18
+    assert all(os.path.exists(p) for p, _ in measure.sample_items(meta, meta["sample"]["data_dir"]))
+    with pytest.raises(PruneError, match=f"{stats_path} were measured on another checkpoint than {other}"):
+        measure.load_checked(stats_path, other)
