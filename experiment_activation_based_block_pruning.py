@@ -30,7 +30,7 @@ from mbv3prune import config, distributed, iterative, measure, models, plots, se
 from mbv3prune.artifacts import provenance, read_json, record_timings, sha256_file, write_json
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import describe_layers
-from mbv3prune.compensate import check_capture_point, compensate
+from mbv3prune.compensate import check_capture_point, folder
 from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import file_size_mb, flag_class_drops
@@ -143,8 +143,7 @@ def compensator(ctx):
     """The compensation applied before every prune (None with COMPENSATE=False)."""
     if not ctx.cfg["COMPENSATE"]:
         return None
-    return lambda model, blocks, chosen, stats: compensate(model, blocks, chosen, stats, ctx.plan["capture_point"],
-                                                           ctx.cfg["CORRECT_VARIANCE"])
+    return folder(ctx.plan["capture_point"], ctx.cfg["CORRECT_VARIANCE"])
 
 
 def choose(ctx, mode, target):

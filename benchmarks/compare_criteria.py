@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mbv3prune import bench, config, iterative, measure, plots, stage
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
-from mbv3prune.compensate import compensate
+from mbv3prune.compensate import folder
 from mbv3prune.data import Skipped, batches, stratified_sample
 from mbv3prune.errors import PruneError
 from mbv3prune.selection import to_macs_target, uniform_ratio
@@ -106,7 +106,7 @@ def select(run, cfg, ranking, allocation, target):
 def compensator(run, cfg):
     if not cfg["COMPENSATE"]:
         return None
-    return lambda model, blocks, chosen, stats: compensate(model, blocks, chosen, stats, run.capture_point)
+    return folder(run.capture_point)
 
 
 def iterative_model(run, cfg, quotas):

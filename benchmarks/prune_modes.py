@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mbv3prune import bench, config, iterative, measure, stage
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
-from mbv3prune.compensate import compensate
+from mbv3prune.compensate import folder
 from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
 from mbv3prune.plan import check_score, propose
@@ -70,8 +70,7 @@ def cut(cfg, score):
 def compensator(run, variant):
     if VARIANTS[variant] is None:
         return None
-    return lambda model, blocks, chosen, stats: compensate(model, blocks, chosen, stats, run.capture_point,
-                                                           VARIANTS[variant])
+    return folder(run.capture_point, VARIANTS[variant])
 
 
 def threshold_selection(run, cfg, score):

@@ -215,3 +215,9 @@ def compensate(model, blocks, selection, stats, capture_point="project_input", c
             raise PruneError(f"block {name}: its roles belong to block {t.name} of this model: "
                              "blocks of another model?")
     return {name: _apply(t, correct_variance) for name, t in terms.items()}
+
+
+def folder(capture_point="project_input", correct_variance=False):
+    """``compensate`` as the ``compensate_fn(model, blocks, selection, stats)`` that pruning and iterative take."""
+    return lambda model, blocks, selection, stats: compensate(model, blocks, selection, stats, capture_point,
+                                                              correct_variance)
