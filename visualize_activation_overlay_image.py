@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mbv3prune import config, models, plots, stage
-from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import attached_hooks, describe_layers, valid_capture_point
+from mbv3prune.blocks import check_capture_point, find_blocks
+from mbv3prune.capture import attached_hooks, describe_layers
 from mbv3prune.data import eval_split, eval_transform, open_rgb
 from mbv3prune.errors import PruneError
 
@@ -82,7 +82,7 @@ def load_models(cfg):
 
 
 def main(cfg):
-    valid_capture_point(cfg["CAPTURE_POINT"])
+    check_capture_point(cfg["CAPTURE_POINT"])
     device = models.pick_device(cfg["DEVICE"])
     loaded = load_models(cfg)
     arch = loaded[0][2]["arch"]

@@ -21,8 +21,10 @@ import torch
 
 from mbv3prune import config, distributed, measure, models, plan, plots, stage
 from mbv3prune.artifacts import provenance, record_timings, sha256_file
-from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import DEFAULT_THRESHOLD, snap_threshold, valid_capture_point
+from mbv3prune.activation_stats import ActivationStats, snap_threshold
+from mbv3prune.blocks import check_capture_point, find_blocks
+from mbv3prune.capture import DEFAULT_THRESHOLD
+from mbv3prune.criterion import Criterion
 from mbv3prune.errors import PruneError
 from mbv3prune.prune import count_macs_params, macs_per_channel
 
@@ -58,24 +60,19 @@ DEBUG = False  # show tracebacks of the project's errors
 
 
 def check_config(cfg):
-    valid_capture_point(cfg["CAPTURE_POINT"])
-    plan.check_score(cfg["SCORE"])
-    measure.check_threshold_in_range(cfg["THRESHOLD"])
-    for name in ("DEADNESS_THRESHOLD", "MIN_KEEP_RATIO"):
-        if not 0 <= cfg[name] <= 1:
-            raise PruneError(f"{name}={cfg[name]} must lie in [0, 1]")
-    if cfg["ROUND_TO"] < 1 or cfg["MIN_CLASS_SAMPLES"] < 1:
-        raise PruneError("ROUND_TO and MIN_CLASS_SAMPLES must be at least 1")
+    check_capture_point(cfg["CAPTURE_POINT"])
+    criterion = Criterion.from_config(cfg)  # checks the score, thresholds, floors and rounding
     if not all(isinstance(c, str) and c.replace("-", "").replace("_", "").isalnum() for c in [cfg["PLAN_TAG"]]):
         raise PruneError(f"PLAN_TAG={cfg['PLAN_TAG']!r} must be a plain name (letters, digits, - and _)")
+    return criterion
 
 
 def figures(cfg, stats, layers, plan_dict):
     """Deadness grids per proposal layer and the deadness histogram; returns the paths."""
-    wrote, captured = [], float(stats["threshold"])
+    wrote, captured = [], stats.threshold
     if cfg["GRIDS"]:
         for layer in plan_dict["layers"]:
-            grid = stats[f"{layer}/neuron_below"].double() / stats[f"{layer}/n_images"].double()
+            grid = stats.neuron_deadness(layer)
             title = f"{layer} ({layers[layer]['block']}): deadness per neuron at |a| < {captured:.3g}"
             path = os.path.join(cfg["RUN_DIR"], "deadness", f"{layer.replace('.', '_')}_deadness_grid.png")
             wrote.append(plots.deadness_grid(grid.numpy(), title, path))
@@ -84,6 +81,13 @@ def figures(cfg, stats, layers, plan_dict):
     wrote.append(plots.deadness_histogram(per_layer, cfg["DEADNESS_THRESHOLD"],
                                           os.path.join(cfg["RUN_DIR"], "deadness_histogram.png")))
     return wrote
+
+
+def warn_snapped(threshold, stats):
+    """Say so when THRESHOLD is neither a histogram edge nor the captured threshold (deadness is read lower)."""
+    snapped = snap_threshold(threshold, stats.edges)
+    if abs(snapped - threshold) > 1e-12 * threshold and abs(threshold - stats.threshold) > 1e-12 * threshold:
+        print(f"THRESHOLD={threshold} is not a histogram edge: deadness is read at {snapped:.4g}")
 
 
 def block_rows(plan_dict, per_channel, total):
@@ -100,7 +104,7 @@ def block_rows(plan_dict, per_channel, total):
 
 def main(cfg):
     t0 = time.perf_counter()
-    check_config(cfg)
+    criterion = check_config(cfg)
     device = distributed.setup(cfg["DEVICE"])
     checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
@@ -111,21 +115,11 @@ def main(cfg):
                                                    checkpoint, widths, device, force=cfg["RECAPTURE"])
     if not distributed.is_main():
         return  # the other processes only helped capture
-    threshold = cfg["THRESHOLD"]
-    if abs(snap_threshold(threshold, stats["hist_edges"]) - threshold) > 1e-12 * threshold and \
-            abs(threshold - float(stats["threshold"])) > 1e-12 * threshold:
-        print(f"THRESHOLD={threshold} is not a histogram edge: deadness is read at "
-              f"{snap_threshold(threshold, stats['hist_edges']):.4g}")
-    layers = stats_meta["layers"]
-    proposals = plan.propose(stats, blocks, layers, cfg["SCORE"], threshold=threshold,
-                             deadness_threshold=cfg["DEADNESS_THRESHOLD"], min_keep_ratio=cfg["MIN_KEEP_RATIO"],
-                             round_to=cfg["ROUND_TO"], class_aware=cfg["CLASS_AWARE"],
-                             min_class_samples=cfg["MIN_CLASS_SAMPLES"], skip_blocks=cfg["SKIP_BLOCKS"], weights=model)
-    plan_dict = plan.make_plan(proposals, stats, arch=meta["arch"], widths=widths,
+    stats, layers = ActivationStats(stats), stats_meta["layers"]
+    warn_snapped(cfg["THRESHOLD"], stats)
+    proposals = criterion.propose(stats, blocks, layers, model)
+    plan_dict = plan.make_plan(proposals, stats, criterion, arch=meta["arch"], widths=widths,
                                checkpoint_sha256=sha256_file(checkpoint), capture_point=cfg["CAPTURE_POINT"],
-                               score=cfg["SCORE"], threshold=threshold, deadness_threshold=cfg["DEADNESS_THRESHOLD"],
-                               class_aware=cfg["CLASS_AWARE"], min_class_samples=cfg["MIN_CLASS_SAMPLES"],
-                               min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"],
                                provenance=provenance(cfg, {"checkpoint": checkpoint}))
     plan_path = plan.write_plan(os.path.join(cfg["RUN_DIR"], f"pruning_plan_{cfg['PLAN_TAG']}.json"), plan_dict)
     wrote = [plan_path] + wrote + figures(cfg, stats, layers, plan_dict)
@@ -136,7 +130,7 @@ def main(cfg):
     print(stage.table(rows, ["block", "hidden", "dead p5", "p50", "p95", "candidates", "kept", "prune", "MACs", "skipped"]))
     removed = sum(len(b["prune"]) * per_channel.get(n, 0) for n, b in plan_dict["blocks"].items())
     print(f"\nplan: {sum(r[7] for r in rows)} channels, {100 * removed / total:.1f}% of MACs "
-          f"({cfg['SCORE']}, THRESHOLD={threshold:.4g}, DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']}"
+          f"({cfg['SCORE']}, THRESHOLD={cfg['THRESHOLD']:.4g}, DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']}"
           f"{', class-aware' if cfg['CLASS_AWARE'] else ''})")
     grids = [p for p in wrote if p.endswith("_grid.png")]
     stage.finish([p for p in wrote if not p.endswith("_grid.png")] +

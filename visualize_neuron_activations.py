@@ -23,8 +23,9 @@ import time
 
 from mbv3prune import config, distributed, measure, models, plots, stage
 from mbv3prune.artifacts import provenance, record_timings, write_json
-from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import DEFAULT_THRESHOLD, valid_capture_point
+from mbv3prune.activation_stats import ActivationStats, check_threshold
+from mbv3prune.blocks import check_capture_point, find_blocks
+from mbv3prune.capture import DEFAULT_THRESHOLD
 from mbv3prune.errors import PruneError
 from mbv3prune.histograms import layer_counts, percentiles, sensitivity, suggest, thresholds_axis
 
@@ -52,8 +53,8 @@ DEBUG = False  # show tracebacks of the project's errors
 
 
 def check_config(cfg):
-    valid_capture_point(cfg["CAPTURE_POINT"])
-    measure.check_threshold_in_range(cfg["THRESHOLD"])
+    check_capture_point(cfg["CAPTURE_POINT"])
+    check_threshold(cfg["THRESHOLD"])
     if not 0 <= cfg["DEADNESS_THRESHOLD"] < 1:
         raise PruneError(f"DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']} must lie in [0, 1)")
     if cfg["SAMPLES_PER_CLASS"] < 1 and not cfg["SAMPLE_FRACTION"]:
@@ -88,7 +89,7 @@ def main(cfg):
     if not distributed.is_main():
         return  # the other processes only helped capture
     t_capture = time.perf_counter() - t0
-    layers, edges = stats_meta["layers"], stats["hist_edges"]
+    layers, edges = stats_meta["layers"], ActivationStats(stats).edges
     suggestions, global_suggestion = suggest(stats, layers, edges)
     table = {layer: {f"p{p}": v for p, v in percentiles(layer_counts(stats, layer), edges).items()} for layer in layers}
     summary = {"schema_version": 1, "kind": "mbv3prune-activation-summary", "capture_point": cfg["CAPTURE_POINT"],

@@ -20,9 +20,11 @@ import time
 from tqdm import tqdm
 
 from mbv3prune import bench, config, iterative, measure, plots, stage
+from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
 from mbv3prune.data import Skipped, batches, stratified_sample
+from mbv3prune.criterion import Criterion
 from mbv3prune.errors import PruneError
 from mbv3prune.selection import to_macs_target, uniform_ratio
 from mbv3prune.train import seed_everything
@@ -114,15 +116,15 @@ def iterative_model(run, cfg, quotas):
     items = stratified_sample(measure.sample_items(run.stats_meta, cfg["DATA_DIR"]),
                               cfg["ITERATIVE_SAMPLES_PER_CLASS"], seed=cfg["SEED"])
     loader = stage.loader(cfg, items)
-    opts = {"score": "deadness", "threshold": float(run.stats["threshold"]), "deadness_threshold": 0.0,
-            "class_aware": False, "min_class_samples": cfg["MIN_CLASS_SAMPLES"],
-            "min_keep_ratio": cfg["MIN_KEEP_RATIO"],
-            "round_to": cfg["ROUND_TO"], "skip_blocks": [], "weights": run.model, "blocks_per_round": 1,
-            "max_rounds": len(run.blocks), "target_macs_reduction": 0, "capture_point": run.capture_point,
-            "quotas": {b: len(v) for b, v in quotas.items()}}
+    criterion = Criterion("deadness", ActivationStats.of(run.stats).threshold, deadness_threshold=0.0,
+                          min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"],
+                          min_class_samples=cfg["MIN_CLASS_SAMPLES"])
+    schedule = iterative.Schedule(max_rounds=len(run.blocks), quotas={b: len(v) for b, v in quotas.items()})
     pruned, _, removed, _ = iterative.run(run.model, lambda: batches(loader, Skipped(), run.device), run.stats,
-                                          run.layers, opts, cfg["IMAGE_SIZE"], len(run.class_names),
-                                          compensator(run, cfg), log=lambda *_: None)
+                                          run.layers, criterion, schedule, capture_point=run.capture_point,
+                                          image_size=cfg["IMAGE_SIZE"], num_classes=len(run.class_names),
+                                          weights=run.model, compensate_fn=compensator(run, cfg),
+                                          log=lambda *_: None)
     return pruned, removed
 
 

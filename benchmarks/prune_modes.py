@@ -22,7 +22,8 @@ from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
 from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
-from mbv3prune.plan import check_score, propose
+from mbv3prune.criterion import Criterion
+from mbv3prune.scores import check_score
 from mbv3prune.train import seed_everything
 
 # -----------------------------------------------------------------------------
@@ -73,25 +74,26 @@ def compensator(run, variant):
     return folder(run.capture_point, VARIANTS[variant])
 
 
-def threshold_selection(run, cfg, score):
+def criterion(cfg, score):
+    """The criterion of ``score`` at the benchmark's cut, floors and rounding."""
     threshold, deadness_threshold = cut(cfg, score)
-    proposals = propose(run.stats, run.blocks, run.layers, score, threshold=threshold,
-                        deadness_threshold=deadness_threshold, min_keep_ratio=cfg["MIN_KEEP_RATIO"],
-                        round_to=cfg["ROUND_TO"], weights=run.model)
+    return Criterion(score, threshold, deadness_threshold, cfg["MIN_KEEP_RATIO"], cfg["ROUND_TO"])
+
+
+def threshold_selection(run, cfg, score):
+    proposals = criterion(cfg, score).propose(run.stats, run.blocks, run.layers, run.model)
     return {b: e["prune"] for b, e in proposals.items() if e["prune"]}
 
 
 def iterative_model(run, cfg, score, variant):
     """(pruned model, selection, per-round log) of PRUNE_MODE=iterative on the capture's own sample."""
-    threshold, deadness_threshold = cut(cfg, score)
     loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
-    opts = {"score": score, "threshold": threshold, "deadness_threshold": deadness_threshold, "class_aware": False,
-            "min_class_samples": 1, "min_keep_ratio": cfg["MIN_KEEP_RATIO"], "round_to": cfg["ROUND_TO"],
-            "skip_blocks": [], "weights": run.model, "blocks_per_round": 1, "max_rounds": len(run.blocks),
-            "target_macs_reduction": 0, "capture_point": run.capture_point}
     pruned, rounds, chosen, _ = iterative.run(run.model, lambda: batches(loader, Skipped(), run.device), run.stats,
-                                              run.layers, opts, cfg["IMAGE_SIZE"], len(run.class_names),
-                                              compensator(run, variant), log=lambda *_: None)
+                                              run.layers, criterion(cfg, score),
+                                              iterative.Schedule(max_rounds=len(run.blocks)),
+                                              capture_point=run.capture_point, image_size=cfg["IMAGE_SIZE"],
+                                              num_classes=len(run.class_names), weights=run.model,
+                                              compensate_fn=compensator(run, variant), log=lambda *_: None)
     return pruned, chosen, rounds
 
 

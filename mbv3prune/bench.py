@@ -7,44 +7,24 @@ torch-pruning's from its importance classes evaluated on each block's one depend
 """
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 import torch_pruning as tp
 
-from . import measure, models, selection, stage
+from . import loading, selection
+from .activation_stats import ActivationStats
 from .artifacts import read_json
-from .blocks import find_blocks
-from .capture import describe_layers
+from .criterion import Criterion
 from .data import Skipped, batches
 from .errors import PruneError
 from .evaluate import bootstrap_interval
-from .experiment import make_loaders, prune_copy, recover, score
-from .prune import build_graph, count_macs_params, macs_per_channel
+from .experiment import eval_accuracy, prune_copy, recover
+from .prune import build_graph, count_macs_params
 
 
 def load_run(cfg):
-    """The baseline of RUN_DIR, its activation statistics (checked to belong to it), data and MACs."""
-    run = SimpleNamespace(cfg=cfg, device=models.pick_device(cfg["DEVICE"]))
-    run.checkpoint = os.path.join(cfg["RUN_DIR"], "baseline.pt")
-    run.model, run.meta = models.load_checkpoint(run.checkpoint, cfg["MODEL_ARCH"])
-    run.blocks = find_blocks(run.model)
-    stats_path = os.path.join(cfg["RUN_DIR"], "activation_stats.pt")
-    run.stats, run.stats_meta = measure.load_checked(stats_path, run.checkpoint)
-    if run.stats_meta["identity"].get("image_size") != cfg["IMAGE_SIZE"]:
-        raise PruneError(f"{stats_path} was measured at {run.stats_meta['identity'].get('image_size')} px, "
-                         f"not IMAGE_SIZE={cfg['IMAGE_SIZE']}")
-    run.capture_point = run.stats_meta["identity"]["capture_point"]
-    run.layers = describe_layers(run.blocks, run.capture_point)
-    run.splits, run.class_names = stage.prepare_data(cfg)
-    stage.check_class_names(run.meta, run.class_names, cfg["DATA_DIR"])
-    run.model.to(run.device)
-    run.loaders = make_loaders(cfg, run.splits)
-    for name in ("eval", "val", "bn"):  # decoded once, held in memory: every configuration reads them again
-        run.loaders[name] = list(run.loaders[name])
-    run.total, run.params = count_macs_params(run.model, cfg["IMAGE_SIZE"])
-    run.per_channel = macs_per_channel(run.model, run.blocks, cfg["IMAGE_SIZE"])
-    return run
+    """The baseline of RUN_DIR, its activation statistics (checked to belong to it), data held in memory, MACs."""
+    return loading.load_run(cfg, stats=True, in_memory=True)
 
 
 def resume(path, identity, what):
@@ -63,9 +43,9 @@ def prunable_blocks(run):
 
 def ours(run, score, threshold=None, class_aware=False, min_class_samples=5):
     """Ranking by one of the project's activation scores (threshold: the captured one by default)."""
-    threshold = float(run.stats["threshold"]) if threshold is None else threshold
-    return selection.rank_channels(run.stats, run.blocks, run.layers, score, threshold, class_aware,
-                                   min_class_samples, run.model)
+    threshold = ActivationStats.of(run.stats).threshold if threshold is None else threshold
+    criterion = Criterion(score, threshold, class_aware=class_aware, min_class_samples=min_class_samples)
+    return criterion.rank(run.stats, run.blocks, run.layers, run.model)
 
 
 def random_ranking(run, seed):
@@ -157,7 +137,7 @@ def with_intervals(steps):
 
 def score_baseline(run):
     """The unpruned baseline's accuracy on the eval split."""
-    return score(run.model, run.loaders, run.class_names, run.device, "baseline")
+    return eval_accuracy(run.model, run.loaders, run.class_names, run.device, "baseline")
 
 
 def prune_and_score(run, chosen, cfg, compensate_fn=None, model=None):

@@ -66,12 +66,35 @@ def find_blocks(model):
     return blocks
 
 
+CAPTURE_POINTS = ("project_input", "activation", "conv_output")
+
+
+def check_capture_point(capture_point):
+    """``capture_point``, or a PruneError listing the valid ones."""
+    if capture_point not in CAPTURE_POINTS:
+        raise PruneError(f"unknown CAPTURE_POINT {capture_point!r}: use one of {', '.join(CAPTURE_POINTS)}")
+    return capture_point
+
+
 def capture_layer(roles, capture_point):
-    """The module whose tensor a block is scored on (see capture.CAPTURE_POINTS)."""
-    if capture_point == "project_input":
+    """The module whose tensor a block is scored on (see CAPTURE_POINTS)."""
+    if check_capture_point(capture_point) == "project_input":
         return roles["project"]
     if capture_point == "activation":
         return roles.get("depthwise_act", roles["depthwise_bn"])
-    if capture_point == "conv_output":
-        return roles["depthwise"]
-    raise PruneError(f"unknown CAPTURE_POINT {capture_point!r}: use project_input, activation or conv_output")
+    return roles["depthwise"]
+
+
+def prunable(roles):
+    """Whether a block's hidden channels can be pruned: only with an expand conv (else they are the block's
+    input channels, tied to the stem and the residual path)."""
+    return "expand" in roles
+
+
+def skip_reason(name, roles, skip_blocks=()):
+    """Why block ``name`` is not pruned (None when it may be)."""
+    if name in skip_blocks:
+        return "listed in SKIP_BLOCKS"
+    if not prunable(roles):
+        return "no expand conv: its hidden channels are the block's input"
+    return None

@@ -23,7 +23,7 @@ channel in float32 (over the batch, then over H x W) and then added into the flo
 contributes a float32 rounding error (a few 1e-7 of its sum of |a|), and nothing drifts over batches.
 The threshold is compared in float32. Per block, whatever the capture point, ``{block}/pregate_sum``
 (float64 [C]) and ``{block}/pregate_n`` (int64 []) hold the per-channel sum and count of the depthwise
-activation's output before the SE gate (``pregate_mean``). A NaN or inf in a captured tensor stops the
+activation's output before the SE gate (``activation_stats.ActivationStats.pregate_mean``). A NaN or inf in a captured tensor stops the
 capture with a PruneError naming the first such layer in forward order; the check is free: NaN and inf
 propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
 
@@ -44,10 +44,9 @@ import math
 import torch
 from tqdm import tqdm
 
-from .blocks import capture_layer
+from .blocks import capture_layer, check_capture_point
 from .errors import PruneError
-
-CAPTURE_POINTS = ("project_input", "activation", "conv_output")
+from .activation_stats import check_threshold
 DEFAULT_THRESHOLD = 2.0 ** -7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` exactly
 SUB_BITS = 2  # mantissa bits kept: 2**SUB_BITS histogram bins per octave
 LOW_EXP, HIGH_EXP = -20, 10  # regular bins span [2**LOW_EXP, 2**HIGH_EXP), about 1e-6 .. 1e3
@@ -95,46 +94,6 @@ def _count_over_batch(mask):
     return mask.view(torch.uint8).sum(0, dtype=torch.uint8 if mask.shape[0] < 256 else torch.int32)
 
 
-def valid_capture_point(capture_point):
-    """``capture_point``, or a PruneError listing the valid ones."""
-    if capture_point not in CAPTURE_POINTS:
-        raise PruneError(f"unknown CAPTURE_POINT {capture_point!r}: use one of {', '.join(CAPTURE_POINTS)}")
-    return capture_point
-
-
-def check_threshold(threshold):
-    """``threshold`` as a float; a PruneError unless it is a finite number > 0."""
-    if not (isinstance(threshold, (int, float)) and 0 < threshold < math.inf):
-        raise PruneError(f"threshold {threshold!r} must be a number > 0")
-    return float(threshold)
-
-
-def _edges_below(edges, threshold):
-    """How many leading bins have an upper edge <= threshold."""
-    return int((edges[1:] <= check_threshold(threshold)).sum())
-
-
-def snap_threshold(threshold, edges):
-    """The largest bin edge <= ``threshold``: the threshold that ``deadness_from_hist`` actually applies."""
-    return float(edges[_edges_below(edges, threshold)])
-
-
-def deadness_from_hist(hist, edges, threshold):
-    """Fraction of |a| < threshold per row of ``hist`` [..., NB] (NaN where a row is empty).
-
-    Exact when ``threshold`` is a bin edge. Otherwise the count covers the whole bins whose upper edge is
-    <= threshold, i.e. the deadness at ``snap_threshold(threshold, edges)``: never more than the true one.
-    """
-    k = _edges_below(edges, threshold)
-    total = hist.sum(-1).double()
-    return hist[..., :k].sum(-1).double() / total
-
-
-def pregate_mean(stats, block):
-    """Per-channel mean of a block's depthwise activation before the SE gate (for SE compensation)."""
-    return stats[f"{block}/pregate_sum"] / stats[f"{block}/pregate_n"].double()
-
-
 def _block_layers(block, roles, capture_point):
     """[(module, hook kind, role)] of the tensors captured in one block."""
     if capture_point == "project_input":
@@ -144,7 +103,7 @@ def _block_layers(block, roles, capture_point):
         return [(roles[r], "post", r) for r in ("expand_act", dw) if r in roles]
     if capture_point == "conv_output":
         return [(roles[r], "post", r) for r in ("expand", "depthwise") if r in roles]
-    valid_capture_point(capture_point)
+    check_capture_point(capture_point)
 
 
 def describe_layers(blocks, capture_point="project_input"):

@@ -30,9 +30,9 @@ from collections import namedtuple
 import torch
 from torchvision.models.mobilenetv3 import InvertedResidual
 
-from .capture import pregate_mean
 from .errors import PruneError
 from .prune import validate_indices
+from .activation_stats import ActivationStats
 
 VAR_FLOOR = 0.1  # running_var never drops below this fraction of its value before the correction
 
@@ -40,7 +40,7 @@ VAR_FLOOR = 0.1  # running_var never drops below this fraction of its value befo
 _Terms = namedtuple("_Terms", "name idx project project_bn fc1 mean var pregate")
 
 
-def check_capture_point(capture_point):
+def require_project_input(capture_point):
     """PruneError unless the statistics were captured at the project conv's input."""
     if capture_point != "project_input":
         raise PruneError(f"compensation needs CAPTURE_POINT=project_input statistics (the project conv's input, "
@@ -58,35 +58,9 @@ def _block_name(model, roles):
     return max(names, key=len)
 
 
-def _stat(stats, key, shape):
-    """``stats[key]`` as a CPU float64 tensor of ``shape``, or PruneError naming the key."""
-    if key not in stats:
-        raise PruneError(f"statistics have no {key}: compensation needs a CAPTURE_POINT=project_input "
-                         "capture of this model (before pruning)")
-    value = torch.as_tensor(stats[key]).detach().to("cpu", torch.float64)
-    if tuple(value.shape) != shape:
-        raise PruneError(f"statistics {key} have shape {tuple(value.shape)}, expected {shape}: "
-                         "captured on another (or differently pruned) model?")
-    return value
-
-
 def project_input_moments(stats, roles):
     """(mean, variance) per hidden channel (CPU float64) of a block's project conv input, from a capture."""
-    layer, c = roles["project"], (roles["hidden_channels"],)
-    n = _stat(stats, f"{layer}/n", ())
-    if n <= 0:
-        raise PruneError(f"statistics {layer}/n is {int(n)}: the capture saw no activations of {layer}")
-    mean = _stat(stats, f"{layer}/sum", c) / n
-    var = (_stat(stats, f"{layer}/sum_sq", c) / n - mean ** 2).clamp_(min=0.0)
-    return mean, var
-
-
-def _pregate(stats, name, roles):
-    """Per-channel mean (CPU float64) of the depthwise activation before the SE gate."""
-    _stat(stats, f"{name}/pregate_sum", (roles["hidden_channels"],))
-    if _stat(stats, f"{name}/pregate_n", ()) <= 0:
-        raise PruneError(f"statistics {name}/pregate_n is 0: the capture saw no activations of block {name}")
-    return pregate_mean(stats, name).to("cpu", torch.float64)
+    return ActivationStats.of(stats).project_input_moments(roles)
 
 
 def _module(model, name):
@@ -119,7 +93,8 @@ def _terms(model, roles, removed, stats):
     mean, var = project_input_moments(stats, roles)
     fc1, pregate = None, None
     if roles.get("se_fc1") is not None:
-        fc1, pregate = _pointwise(model, roles["se_fc1"], c), _pregate(stats, name, roles)
+        fc1 = _pointwise(model, roles["se_fc1"], c)
+        pregate = ActivationStats.of(stats).pregate_mean(name, c)
         if fc1.bias is None:
             raise PruneError(f"layer {roles['se_fc1']} has no bias: nothing to compensate into")
     return _Terms(name, idx, project, bn, fc1, mean, var, pregate)
@@ -197,7 +172,7 @@ def correct_project_variance(model, roles, removed, stats):
 
 def compensate_block(model, roles, removed, stats, capture_point="project_input", correct_variance=False):
     """Fold the mean (and, if asked, variance) of one block's channels ``removed`` into kept layers; before pruning."""
-    check_capture_point(capture_point)
+    require_project_input(capture_point)
     return _apply(_terms(model, roles, removed, stats), correct_variance)
 
 
@@ -207,7 +182,7 @@ def compensate(model, blocks, selection, stats, capture_point="project_input", c
     Returns {block: {"removed", "mean_shift", "gate_shift", "var_drop"}}: the count and the largest folded
     running_mean shift, fc1 bias shift (None without SE) and relative running_var drop (None unless corrected).
     """
-    check_capture_point(capture_point)
+    require_project_input(capture_point)
     selection = validate_indices(blocks, selection)
     terms = {name: _terms(model, blocks[name], idxs, stats) for name, idxs in selection.items()}
     for name, t in terms.items():

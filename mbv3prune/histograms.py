@@ -5,12 +5,14 @@ pass over the images (to the histogram's resolution: 4 bins per octave).
 """
 import torch
 
+from .activation_stats import ActivationStats
+
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
 def layer_counts(stats, layer):
     """The layer's histogram summed over channels: counts per bin (float64)."""
-    return stats[f"{layer}/hist"].sum(0).double()
+    return ActivationStats.of(stats).layer_counts(layer)
 
 
 def percentiles(counts, edges, ps=PERCENTILES):
@@ -25,7 +27,7 @@ def percentiles(counts, edges, ps=PERCENTILES):
 
 def sensitivity(stats, layer, edges, deadness_threshold):
     """(fraction of activations below each regular edge, fraction of channels with deadness > D at each edge)."""
-    hist = stats[f"{layer}/hist"].double()
+    hist = ActivationStats.of(stats).hist(layer).double()
     cum = hist.cumsum(1) / hist.sum(1, keepdim=True).clamp(min=1)  # [C, NB]: fraction below edges[k + 1]
     below = cum.mean(0)  # every channel counts elements equally (n per channel is the same)
     channels = (cum > deadness_threshold).double().mean(0)

@@ -189,10 +189,3 @@ def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, de
         print(skipped.summary())
     wrote = save(cfg, stats, layers, items, ident, checkpoint, widths, skipped)
     return stats, read_json(wrote[1]), list(wrote)
-
-
-def check_threshold_in_range(threshold, name="THRESHOLD"):
-    if not isinstance(threshold, (int, float)) or not 0 < threshold < 1e3:
-        raise PruneError(f"{name}={threshold} must be a number in (0, 1000)")
-    return float(threshold)
-

@@ -20,6 +20,7 @@ from numbers import Integral
 import torch
 import torch_pruning as tp
 
+from .blocks import prunable
 from .errors import PruneError
 
 # role -> whether torch-pruning prunes its output ("out") or input ("in") channels in a block's group
@@ -75,7 +76,7 @@ def _check_index(name, i, n, seen):
 def _check_block_indices(name, roles, idxs):
     """``idxs`` as a sorted list of ints, or PruneError naming the block and the bad value."""
     idxs = _as_list(name, idxs)
-    if idxs and "expand" not in roles:
+    if idxs and not prunable(roles):
         raise PruneError(f"block {name} has no expand conv: its depthwise channels are the stem's output "
                          "channels, tied to the stem and the residual path, so it cannot be pruned")
     n, seen = roles["hidden_channels"], set()
@@ -185,7 +186,7 @@ def macs_per_channel(model, blocks, image_size):
     channel left, cannot lose a channel and are left out.
     """
     plan = {name: [roles["hidden_channels"] - 1] for name, roles in blocks.items()
-            if "expand" in roles and roles["hidden_channels"] > 1}
+            if prunable(roles) and roles["hidden_channels"] > 1}
     probe = copy.deepcopy(model)
     prune_blocks(probe, blocks, plan, image_size)
     before, after = block_macs(model, plan, image_size), block_macs(probe, plan, image_size)

@@ -1,7 +1,8 @@
-"""Which hidden channels to remove: exactly a plan's indices, or the most prunable until a MACs target is met.
+"""Which hidden channels to remove: floors and rounding, proposals, one global ranking, the MACs target.
 
-Both keep the per-block floors (``MIN_KEEP_RATIO``, 8 channels) and round every block's kept count to a
-multiple of ``ROUND_TO``. In ``target_macs`` mode the channels of all blocks are ranked by one score and
+Every selection keeps the per-block floors (``MIN_KEEP_RATIO``, ``FLOOR`` channels) and rounds every
+block's kept count to a multiple of ``ROUND_TO``. A *proposal* (threshold mode) prunes a block's candidates,
+most prunable first, down to the floors; ``from_plan`` takes exactly a plan's indices. In ``target_macs`` mode the channels of all blocks are ranked by one score and
 taken most prunable first; a block gives up channels in whole ``ROUND_TO`` chunks (its next chunk's score
 is the score of its least prunable channel), so the rounding never undoes the ranking.
 """
@@ -12,7 +13,40 @@ import warnings
 import torch
 
 from .errors import PruneError
-from .plan import block_candidates, class_deadness, min_kept, proposal_map
+
+FLOOR = 8  # never keep fewer hidden channels than this (or all of them, in a block narrower than this)
+
+
+def min_kept(hidden, min_keep_ratio=0.25, floor=FLOOR):
+    """The fewest channels a block of ``hidden`` may keep: ceil(ratio x hidden), and ``floor`` (or all, if fewer)."""
+    if not 0 <= min_keep_ratio <= 1:
+        raise PruneError(f"MIN_KEEP_RATIO must lie in [0, 1], not {min_keep_ratio}")
+    return max(math.ceil(round(min_keep_ratio * hidden, 9)), min(floor, hidden))
+
+
+def keep_count(hidden, n_candidates, min_keep_ratio=0.25, floor=FLOOR, round_to=8):
+    """Channels kept when ``n_candidates`` may go: the floors, then rounded up to ``round_to`` (all if that exceeds)."""
+    if not 0 <= n_candidates <= hidden:
+        raise PruneError(f"{n_candidates} candidates for a block of {hidden} channels")
+    if round_to < 1:
+        raise PruneError(f"ROUND_TO must be at least 1, not {round_to}")
+    kept = max(hidden - n_candidates, min_kept(hidden, min_keep_ratio, floor))
+    rounded = -(-kept // round_to) * round_to
+    return rounded if rounded <= hidden else hidden
+
+
+def most_prunable(prun, candidate, count):
+    """Sorted indices of the ``count`` candidates with the highest prunability (ties: lower index first)."""
+    idx = torch.nonzero(candidate).flatten()
+    order = torch.sort(prun[idx], descending=True, stable=True).indices
+    return sorted(idx[order[:count]].tolist())
+
+
+def proposal(hidden, prun, candidate, min_keep_ratio=0.25, round_to=8):
+    """(candidates, kept, indices to prune) of one block: its most prunable candidates, floors kept."""
+    n = int(candidate.sum())
+    kept = keep_count(hidden, n, min_keep_ratio, FLOOR, round_to)
+    return n, kept, most_prunable(prun, candidate, hidden - kept)
 
 
 def from_plan(plan, blocks, skip_blocks=(), min_keep_ratio=0.25, round_to=8):
@@ -43,26 +77,6 @@ def _chunks(order, hidden, floor, round_to):
         steps.append(order[start:start + size])
         start, size = start + size, round_to
     return steps
-
-
-def rank_channels(stats, blocks, layers, score, threshold, class_aware=False, min_class_samples=5, weights=None,
-                  skip_blocks=()):
-    """{block: [(prunability, channel)]} over every hidden channel of every prunable block (higher = prune first).
-
-    Class-aware deadness ranks a channel by its deadness in the class where it is most alive.
-    """
-    layers = proposal_map(layers)
-    ranking = {}
-    for name, roles in blocks.items():
-        if "expand" not in roles or name in skip_blocks:
-            continue
-        prun, _ = block_candidates(stats, roles, layers[name], score, threshold, -math.inf, weights=weights)
-        if class_aware and score == "deadness":
-            per_class = class_deadness(stats, layers[name], threshold, min_class_samples)
-            if per_class.shape[0]:
-                prun = torch.minimum(prun, per_class.amin(0).to(prun.device))
-        ranking[name] = list(zip(prun.tolist(), range(len(prun))))
-    return ranking
 
 
 def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8,

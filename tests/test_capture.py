@@ -7,8 +7,10 @@ import torch
 import torchvision
 
 from mbv3prune import capture as cap
+from mbv3prune.activation_stats import ActivationStats, deadness_from_hist, snap_threshold
+
 from mbv3prune.artifacts import load_tensors, save_tensors
-from mbv3prune.blocks import find_blocks
+from mbv3prune.blocks import CAPTURE_POINTS, find_blocks
 from mbv3prune.errors import PruneError
 
 K = 3  # classes
@@ -130,7 +132,7 @@ def reference_bins(a, edges):
     return (torch.searchsorted(edges, a.double(), right=True) - 1).clamp(max=len(edges) - 2)
 
 
-@pytest.mark.parametrize("point", cap.CAPTURE_POINTS)
+@pytest.mark.parametrize("point", CAPTURE_POINTS)
 def test_stats_equal_direct_computation_on_stored_maps(point):
     model, batches = make_model(), make_batches()
     blocks = find_blocks(model)
@@ -159,7 +161,7 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
         assert torch.equal(stats[f"{layer}/n_class"], torch.bincount(labels, minlength=K))
     for block, x in pregate.items():
         assert int(stats[f"{block}/pregate_n"]) == x[:, 0].numel()
-        torch.testing.assert_close(cap.pregate_mean(stats, block), x.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ActivationStats(stats).pregate_mean(block, x.shape[1]), x.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
 def test_bin_index_is_exact_at_every_edge():
@@ -182,12 +184,12 @@ def test_hist_deadness_equals_below_at_an_edge_and_rounds_down_between():
     stats, layers = run(model, batches, threshold=edge)
     for layer in layers:
         direct = stats[f"{layer}/below"] / stats[f"{layer}/n"].double()
-        assert torch.equal(cap.deadness_from_hist(stats[f"{layer}/hist"], edges, edge), direct)
+        assert torch.equal(deadness_from_hist(stats[f"{layer}/hist"], edges, edge), direct)
     between = edge * 1.1
-    assert cap.snap_threshold(between, edges) == edge
+    assert snap_threshold(between, edges) == edge
     fresh, _ = run(model, batches, threshold=between)
     for layer in layers:
-        from_hist = cap.deadness_from_hist(stats[f"{layer}/hist"], edges, between)
+        from_hist = deadness_from_hist(stats[f"{layer}/hist"], edges, between)
         assert torch.equal(from_hist, stats[f"{layer}/below"] / stats[f"{layer}/n"].double())
         assert (from_hist <= fresh[f"{layer}/below"] / fresh[f"{layer}/n"].double()).all()
 
@@ -202,7 +204,7 @@ def test_class_deadness_from_hist_equals_a_fresh_capture_of_that_class():
         only_k = [(images[labels == k], labels[labels == k])]
         fresh, _ = run(model, only_k, threshold=new_threshold)
         for layer in layers:
-            per_class = cap.deadness_from_hist(stats[f"{layer}/hist_class"][k], edges, new_threshold)
+            per_class = deadness_from_hist(stats[f"{layer}/hist_class"][k], edges, new_threshold)
             assert torch.equal(per_class, fresh[f"{layer}/below"] / fresh[f"{layer}/n"].double()), (layer, k)
 
 
@@ -332,7 +334,7 @@ def test_stats_load_with_weights_only(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
-@pytest.mark.parametrize("point", cap.CAPTURE_POINTS)
+@pytest.mark.parametrize("point", CAPTURE_POINTS)
 def test_one_proposal_layer_per_block(arch, point):
     blocks = find_blocks(getattr(torchvision.models, arch)())
     layers = cap.describe_layers(blocks, point)
@@ -348,7 +350,7 @@ def test_bad_inputs_are_refused_with_a_message():
         run(model, [(batches[0][0], torch.tensor([0, 1, 2, 3]))])
     with pytest.raises(PruneError, match="CAPTURE_POINT"):
         run(model, batches, capture_point="output")
-    with pytest.raises(PruneError, match="threshold"):
+    with pytest.raises(PruneError, match="THRESHOLD"):
         run(model, batches, threshold=0)
     with pytest.raises(PruneError, match="no activations"):
         run(model, [])

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from mbv3prune import capture, iterative, plan
+from mbv3prune import capture, iterative
+from mbv3prune.criterion import Criterion
+from mbv3prune.selection import most_prunable
 from mbv3prune.blocks import find_blocks
 from mbv3prune.models import build_model
 
@@ -47,11 +49,14 @@ def sample():
     return [(torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])) for _ in range(2)]
 
 
-def opts(**kw):
-    return {"score": "deadness", "threshold": THRESHOLD, "deadness_threshold": 0.9, "class_aware": False,
-            "min_class_samples": 1, "min_keep_ratio": 0.25, "round_to": 1, "skip_blocks": (),
-            "blocks_per_round": 1, "max_rounds": 20, "target_macs_reduction": 0, "capture_point": "project_input",
-            **kw}
+CRITERION = Criterion("deadness", THRESHOLD, 0.9, min_keep_ratio=0.25, round_to=1)
+
+
+def run(model, stats, layers, compensate_fn=None, **schedule):
+    """iterative.run on the wired model's sample with CRITERION and the Schedule of ``schedule``."""
+    return iterative.run(model, sample, stats, layers, CRITERION, iterative.Schedule(**{"max_rounds": 20, **schedule}),
+                         capture_point="project_input", image_size=32, num_classes=3, compensate_fn=compensate_fn,
+                         log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +75,13 @@ def test_the_wiring_holds(setup):
 
 def test_one_shot_prunes_the_channel_that_comes_alive(setup):
     _, blocks, stats, layers = setup
-    proposals = plan.propose(stats, blocks, layers, threshold=THRESHOLD, deadness_threshold=0.9, round_to=1)
+    proposals = CRITERION.propose(stats, blocks, layers)
     assert C0 in proposals[K]["prune"] and J in proposals[NEXT]["prune"] and M not in proposals[NEXT]["prune"]
 
 
 def test_iterative_spares_it_and_never_prunes_a_channel_dead_in_one_measurement_only(setup):
     model, blocks, stats, layers = setup
-    pruned, rounds, removed, values = iterative.run(model, sample, stats, layers, opts(), 32, 3, log=lambda *_: None)
+    pruned, rounds, removed, values = run(model, stats, layers)
     assert C0 in removed[K]
     assert J not in removed.get(NEXT, []) and M not in removed.get(NEXT, [])
     first = rounds[0]
@@ -93,15 +98,14 @@ def test_compensation_keeps_the_downstream_channel_dead(setup):
     from mbv3prune.compensate import compensate
     model, blocks, stats, layers = setup
     fold = lambda m, b, chosen, s: compensate(m, b, chosen, s)
-    _, rounds, removed, values = iterative.run(model, sample, stats, layers, opts(), 32, 3, fold, log=lambda *_: None)
+    _, rounds, removed, values = run(model, stats, layers, fold)
     assert C0 in removed[K] and J in removed[NEXT]
     assert values["latest_values"][NEXT][J] == 1.0
 
 
 def test_blocks_upstream_are_not_remeasured_and_target_stops(setup):
     model, blocks, stats, layers = setup
-    _, rounds, _, _ = iterative.run(model, sample, stats, layers, opts(target_macs_reduction=1e-4), 32, 3,
-                                    log=lambda *_: None)
+    _, rounds, _, _ = run(model, stats, layers, target_macs_reduction=1e-4)
     assert len(rounds) == 1
     order = list(blocks)
     pruned_block = next(iter(rounds[0]["pruned"]))
@@ -113,11 +117,10 @@ def test_quotas_take_exactly_each_blocks_count_by_consistent_deadness(setup):
     layer = blocks[K]["project"]
     all_dead = int((stats[f"{layer}/below"] == stats[f"{layer}/n"]).sum())  # C0 among them
     quotas = {K: all_dead, NEXT: 2}
-    _, rounds, removed, values = iterative.run(model, sample, stats, layers, opts(quotas=quotas), 32, 3,
-                                               log=lambda *_: None)
+    _, rounds, removed, values = run(model, stats, layers, quotas=quotas)
     assert {b: len(v) for b, v in removed.items()} == quotas
     assert C0 in removed[K]
     consistent = torch.minimum(values["initial_values"][NEXT], values["latest_values"][NEXT])
     assert consistent[J] == 0.0  # dead at first, alive after K was pruned
-    assert removed[NEXT] == plan.most_prunable(consistent, torch.ones_like(consistent, dtype=torch.bool), 2)
+    assert removed[NEXT] == most_prunable(consistent, torch.ones_like(consistent, dtype=torch.bool), 2)
     assert [list(r["pruned"]) for r in rounds] == [[K], [NEXT]]

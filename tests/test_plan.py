@@ -1,4 +1,5 @@
-"""Tests of mbv3prune.plan: floors and rounding, class awareness, each score, and the plan file's validation.
+"""Tests of floors and rounding (selection), each score (scores), proposals and class awareness (criterion), and
+the plan file's writing and validation (plan).
 
 Statistics are computed here, in the capture format, from small synthetic activation tensors, so every
 expected value is counted directly from the activations rather than written down.
@@ -13,8 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mbv3prune import artifacts, models, plan
-from mbv3prune.blocks import find_blocks
+from mbv3prune import artifacts, models, plan, scores, selection
+from mbv3prune.activation_stats import ActivationStats
+from mbv3prune.blocks import capture_layer, find_blocks
+from mbv3prune.criterion import Criterion
 from mbv3prune.errors import PruneError
 
 ARCH, NUM_CLASSES = "mobilenet_v3_small", 4
@@ -23,6 +26,11 @@ EDGES = torch.tensor([0.0, 1e-6, *torch.logspace(-3, 1, 25, dtype=torch.float64)
                      dtype=torch.float64)
 SETTINGS = dict(threshold=CAPTURED, deadness_threshold=0.9, min_keep_ratio=0.25, round_to=8,
                 class_aware=False, min_class_samples=2)
+
+
+def propose(stats, blocks, layers, score="deadness", weights=None, **settings):
+    """The proposals of the Criterion with ``settings`` (the plan stage's call)."""
+    return Criterion(score=score, **settings).propose(stats, blocks, layers, weights)
 
 
 # --- synthetic statistics in the capture format ---------------------------------------------------------
@@ -71,7 +79,7 @@ def small():
     torch.manual_seed(0)
     model = models.build_model(ARCH, NUM_CLASSES)
     blocks = find_blocks(model)
-    layers = plan.proposal_layers(blocks, "project_input")
+    layers = {b: capture_layer(r, "project_input") for b, r in blocks.items()}
     labels = torch.arange(8) % NUM_CLASSES
     acts = {layers[b]: synthetic_acts(r["hidden_channels"], seed=i) for i, (b, r) in enumerate(blocks.items())}
     return {"model": model, "blocks": blocks, "layers": layers, "acts": acts, "labels": labels,
@@ -82,10 +90,10 @@ def build_plan(small, score="deadness", **overrides):
     """Propose and make the plan dict for ``small`` with SETTINGS (and overrides)."""
     opts = {**SETTINGS, **overrides}
     weights = small["model"].state_dict()
-    proposals = plan.propose(small["stats"], small["blocks"], small["layers"], score, weights=weights, **opts)
-    return plan.make_plan(proposals, small["stats"], arch=ARCH, widths=small["widths"], checkpoint_sha256="ab" * 32,
-                          capture_point="project_input", score=score, provenance=artifacts.provenance({"SCORE": score}),
-                          **{k: v for k, v in opts.items() if k != "skip_blocks"})
+    proposals = propose(small["stats"], small["blocks"], small["layers"], score, weights=weights, **opts)
+    return plan.make_plan(proposals, small["stats"], Criterion(score=score, **opts), arch=ARCH, widths=small["widths"],
+                          checkpoint_sha256="ab" * 32, capture_point="project_input",
+                          provenance=artifacts.provenance({"SCORE": score}))
 
 
 # --- floors and rounding ----------------------------------------------------------------------------------
@@ -95,7 +103,7 @@ def build_plan(small, score="deadness", **overrides):
        st.floats(0, 1), st.integers(1, 64))
 def test_keep_count_obeys_floors_and_rounds_up_minimally(hidden_cands, ratio, round_to):
     hidden, cands = hidden_cands
-    kept = plan.keep_count(hidden, cands, ratio, 8, round_to)
+    kept = selection.keep_count(hidden, cands, ratio, 8, round_to)
     low = max(hidden - cands, math.ceil(round(ratio * hidden, 9)), min(8, hidden))
     assert low <= kept <= hidden
     assert kept % round_to == 0 or kept == hidden
@@ -105,31 +113,31 @@ def test_keep_count_obeys_floors_and_rounds_up_minimally(hidden_cands, ratio, ro
 
 @given(st.integers(1, 7), st.floats(0, 1))
 def test_narrow_block_keeps_everything(hidden, ratio):
-    assert plan.keep_count(hidden, hidden, ratio, 8, 1) == hidden
+    assert selection.keep_count(hidden, hidden, ratio, 8, 1) == hidden
 
 
 @pytest.mark.parametrize("args", [(8, 9, 0.25, 8, 8), (8, -1, 0.25, 8, 8), (8, 0, 1.5, 8, 8), (8, 0, 0.25, 8, 0)])
 def test_keep_count_refuses_bad_arguments(args):
     with pytest.raises(PruneError):
-        plan.keep_count(*args)
+        selection.keep_count(*args)
 
 
 # --- scores -----------------------------------------------------------------------------------------------
 
 def test_unknown_score_lists_the_valid_ones(small):
     with pytest.raises(PruneError, match="deadness, mean_abs, contribution, fluctuation"):
-        plan.prunability(small["stats"], small["layers"]["features.4"], "magnitude")
+        scores.prunability(small["stats"], small["layers"]["features.4"], "magnitude")
 
 
 def test_prunability_orients_every_score_higher_is_more_prunable(small):
     layer, roles = small["layers"]["features.4"], small["blocks"]["features.4"]
     mag = small["acts"][layer].abs().double()
-    weight = plan.consumer_weight(small["model"], roles)
-    dead = plan.prunability(small["stats"], layer, "deadness", CAPTURED)
+    weight = scores.consumer_weight(small["model"], roles)
+    dead = scores.prunability(small["stats"], layer, "deadness", CAPTURED)
     torch.testing.assert_close(dead, (mag < CAPTURED).double().mean((0, 2, 3)))
-    torch.testing.assert_close(plan.prunability(small["stats"], layer, "mean_abs"), -mag.mean((0, 2, 3)))
+    torch.testing.assert_close(scores.prunability(small["stats"], layer, "mean_abs"), -mag.mean((0, 2, 3)))
     contribution = mag.mean((0, 2, 3)) * torch.linalg.vector_norm(weight.double(), dim=(0, 2, 3))
-    torch.testing.assert_close(plan.prunability(small["stats"], layer, "contribution", consumer=weight), -contribution)
+    torch.testing.assert_close(scores.prunability(small["stats"], layer, "contribution", consumer=weight), -contribution)
 
 
 def test_contribution_prunes_a_channel_whose_consumer_column_is_zero(small):
@@ -138,27 +146,27 @@ def test_contribution_prunes_a_channel_whose_consumer_column_is_zero(small):
     target = int(alive[0])
     state = {k: v.clone() for k, v in small["model"].state_dict().items()}
     state[f"{roles['project']}.weight"][:, target] = 0
-    proposals = plan.propose(small["stats"], small["blocks"], small["layers"], "contribution", weights=state,
+    proposals = propose(small["stats"], small["blocks"], small["layers"], "contribution", weights=state,
                              **{**SETTINGS, "threshold": 1e-9, "round_to": 1})
     assert target in proposals["features.4"]["prune"]
 
 
 def test_contribution_without_weights_is_refused(small):
     with pytest.raises(PruneError, match="weights"):
-        plan.propose(small["stats"], small["blocks"], small["layers"], "contribution", **SETTINGS)
+        propose(small["stats"], small["blocks"], small["layers"], "contribution", **SETTINGS)
 
 
 def test_missing_layer_is_named(small):
     stats = {k: v for k, v in small["stats"].items() if not k.startswith(small["layers"]["features.5"] + "/")}
     with pytest.raises(PruneError, match="features.5.block.3.0/"):
-        plan.propose(stats, small["blocks"], small["layers"], **SETTINGS)
+        propose(stats, small["blocks"], small["layers"], **SETTINGS)
 
 
 def test_stats_of_another_width_are_refused(small):
     layer = small["layers"]["features.4"]
     stats = {**small["stats"], **layer_stats(layer, synthetic_acts(50, seed=3), small["labels"])}
     with pytest.raises(PruneError, match="another model"):
-        plan.propose(stats, small["blocks"], small["layers"], **SETTINGS)
+        propose(stats, small["blocks"], small["layers"], **SETTINGS)
 
 
 # --- proposals --------------------------------------------------------------------------------------------
@@ -167,16 +175,15 @@ def test_stats_of_another_width_are_refused(small):
 def test_proposals_prune_only_candidates_and_respect_floors(small, score, threshold):
     weights = small["model"].state_dict()
     opts = {**SETTINGS, "threshold": threshold}
-    proposals = plan.propose(small["stats"], small["blocks"], small["layers"], score, weights=weights, **opts)
+    proposals = propose(small["stats"], small["blocks"], small["layers"], score, weights=weights, **opts)
     for name, roles in small["blocks"].items():
         entry, hidden = proposals[name], roles["hidden_channels"]
         if "expand" not in roles:
             assert entry["prune"] == [] and "expand" in entry["skipped"]
             continue
-        prun, cand = plan.block_candidates(small["stats"], roles, small["layers"][name], score, threshold, 0.9,
-                                           weights=weights)
+        prun, cand = Criterion(score, threshold, 0.9).candidates(small["stats"], roles, small["layers"][name], weights)
         assert all(cand[i] for i in entry["prune"])
-        assert entry["kept"] == hidden - len(entry["prune"]) >= plan.min_kept(hidden, 0.25)
+        assert entry["kept"] == hidden - len(entry["prune"]) >= selection.min_kept(hidden, 0.25)
         assert entry["kept"] % 8 == 0 or entry["kept"] == hidden
         spared = [i for i in range(hidden) if cand[i] and i not in entry["prune"]]
         if entry["prune"] and spared:
@@ -184,7 +191,7 @@ def test_proposals_prune_only_candidates_and_respect_floors(small, score, thresh
 
 
 def test_some_dead_channels_are_pruned_in_every_expanded_block(small):
-    proposals = plan.propose(small["stats"], small["blocks"], small["layers"], **SETTINGS)
+    proposals = propose(small["stats"], small["blocks"], small["layers"], **SETTINGS)
     assert all(proposals[b]["prune"] for b, roles in small["blocks"].items() if "expand" in roles)
 
 
@@ -192,26 +199,27 @@ def test_captures_layer_description_gives_the_same_proposals(small):
     described = {layer: {"block": b, "proposal": True, "channels": small["blocks"][b]["hidden_channels"]}
                  for b, layer in small["layers"].items()}
     described["features.4.block.0.2"] = {"block": "features.4", "proposal": False, "channels": 96}
-    assert (plan.propose(small["stats"], small["blocks"], described, **SETTINGS)
-            == plan.propose(small["stats"], small["blocks"], small["layers"], **SETTINGS))
+    assert (propose(small["stats"], small["blocks"], described, **SETTINGS)
+            == propose(small["stats"], small["blocks"], small["layers"], **SETTINGS))
 
 
 def test_skip_blocks_are_listed_with_a_reason(small):
-    proposals = plan.propose(small["stats"], small["blocks"], small["layers"], skip_blocks=["features.4"], **SETTINGS)
+    proposals = propose(small["stats"], small["blocks"], small["layers"], skip_blocks=["features.4"], **SETTINGS)
     assert proposals["features.4"]["prune"] == [] and "SKIP_BLOCKS" in proposals["features.4"]["skipped"]
     with pytest.raises(PruneError, match="features.99"):
-        plan.propose(small["stats"], small["blocks"], small["layers"], skip_blocks=["features.99"], **SETTINGS)
+        propose(small["stats"], small["blocks"], small["layers"], skip_blocks=["features.99"], **SETTINGS)
 
 
-def test_rank_global_is_sorted_and_covers_every_candidate(small):
-    ranked = plan.rank_global(small["stats"], small["blocks"], small["layers"], threshold=CAPTURED,
-                              deadness_threshold=0.9)
-    order = {b: i for i, b in enumerate(small["blocks"])}
-    keys = [(-p, order[b], c) for p, b, c in ranked]
-    assert keys == sorted(keys)
-    expected = sum(int(plan.block_candidates(small["stats"], r, small["layers"][b], "deadness", CAPTURED, 0.9)[1].sum())
-                   for b, r in small["blocks"].items() if "expand" in r)
-    assert len(ranked) == len(set((b, c) for _, b, c in ranked)) == expected
+def test_rank_covers_every_channel_of_every_prunable_block_with_its_prunability(small):
+    criterion = Criterion(threshold=CAPTURED)
+    ranking = criterion.rank(small["stats"], small["blocks"], small["layers"])
+    assert set(ranking) == {b for b, r in small["blocks"].items() if "expand" in r}
+    for b, ranked in ranking.items():
+        assert [c for _, c in ranked] == list(range(small["blocks"][b]["hidden_channels"]))
+        expected = scores.prunability(small["stats"], small["layers"][b], "deadness", CAPTURED)
+        assert [p for p, _ in ranked] == expected.tolist()
+    assert "features.4" not in criterion.replace(skip_blocks=("features.4",)).rank(small["stats"], small["blocks"],
+                                                                                   small["layers"])
 
 
 # --- class awareness --------------------------------------------------------------------------------------
@@ -229,18 +237,18 @@ def _class_case(images_of_class_2):
 @pytest.mark.parametrize("class_aware,images,expected", [(False, 3, [0, 1]), (True, 3, [1]), (True, 1, [0, 1])])
 def test_class_aware_keeps_channels_alive_for_a_well_sampled_class(class_aware, images, expected):
     stats, blocks, layers = _class_case(images)
-    proposals = plan.propose(stats, blocks, layers, threshold=CAPTURED, deadness_threshold=0.5, round_to=1,
+    proposals = propose(stats, blocks, layers, threshold=CAPTURED, deadness_threshold=0.5, round_to=1,
                              min_keep_ratio=0, class_aware=class_aware, min_class_samples=2)
     assert proposals["b"]["prune"] == expected
 
 
 def test_class_deadness_range_spans_the_classes():
     stats, _, _ = _class_case(3)
-    low, high = plan.class_deadness_range(stats, "layer", CAPTURED, 2)
+    low, high = ActivationStats(stats).class_deadness_range("layer", CAPTURED, 2)
     assert (low[0].item(), high[0].item()) == (0.0, 1.0)
     assert (low[1].item(), high[1].item()) == (1.0, 1.0)
     assert low[2:].max().item() == high[2:].max().item() == 0.0
-    low, _ = plan.class_deadness_range(stats, "layer", CAPTURED, 100)
+    low, _ = ActivationStats(stats).class_deadness_range("layer", CAPTURED, 100)
     assert torch.isnan(low).all()
 
 
@@ -251,9 +259,9 @@ def test_replanning_at_a_bin_edge_matches_the_direct_count(small):
     mag = small["acts"][layer].abs().double()
     for edge in EDGES[2:-1].tolist():
         direct = (mag < edge).double().mean((0, 2, 3))
-        torch.testing.assert_close(plan.channel_deadness(small["stats"], layer, edge), direct)
+        torch.testing.assert_close(ActivationStats(small["stats"]).deadness(layer, edge), direct)
         cut = float(direct.median())
-        proposals = plan.propose(small["stats"], small["blocks"], small["layers"], threshold=edge, round_to=1,
+        proposals = propose(small["stats"], small["blocks"], small["layers"], threshold=edge, round_to=1,
                                  deadness_threshold=cut, min_keep_ratio=0)
         pruned = set(proposals["features.9"]["prune"])
         assert pruned == set(torch.nonzero(direct > cut).flatten().tolist())
@@ -265,12 +273,12 @@ def test_captured_threshold_uses_the_exact_count_between_edges(small):
     direct = (mag < CAPTURED).double().mean((0, 2, 3))
     lower_edge = float(EDGES[EDGES <= CAPTURED].max())
     assert not torch.equal(direct, (mag < lower_edge).double().mean((0, 2, 3)))  # the edge alone would be wrong
-    torch.testing.assert_close(plan.channel_deadness(small["stats"], layer, CAPTURED), direct)
+    torch.testing.assert_close(ActivationStats(small["stats"]).deadness(layer, CAPTURED), direct)
 
 
 # --- the plan file ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("score", plan.SCORES)
+@pytest.mark.parametrize("score", scores.SCORES)
 @pytest.mark.parametrize("class_aware", [False, True])
 def test_each_score_gives_a_plan_that_loads(small, tmp_path, score, class_aware):
     made = build_plan(small, score, class_aware=class_aware)
@@ -433,10 +441,10 @@ def test_mutated_plans_raise_nothing_but_prune_error(valid_plan, small, tmp_path
 def test_fluctuation_is_the_std_times_the_consumer_column_norm(small):
     layer, roles = small["layers"]["features.4"], small["blocks"]["features.4"]
     acts = small["acts"][layer].double()
-    weight = plan.consumer_weight(small["model"], roles)
+    weight = scores.consumer_weight(small["model"], roles)
     std = acts.transpose(0, 1).reshape(acts.shape[1], -1).std(dim=1, correction=0)
     expected = std * torch.linalg.vector_norm(weight.double(), dim=(0, 2, 3))
-    torch.testing.assert_close(plan.prunability(small["stats"], layer, "fluctuation", consumer=weight), -expected)
+    torch.testing.assert_close(scores.prunability(small["stats"], layer, "fluctuation", consumer=weight), -expected)
 
 
 def test_fluctuation_prunes_a_constant_channel_before_a_varying_one(small):
@@ -447,7 +455,7 @@ def test_fluctuation_prunes_a_constant_channel_before_a_varying_one(small):
     c = int(varying.nonzero()[0])
     acts[layer][:, c] = 3.0
     stats = stats_from(acts, small["labels"])
-    prun = plan.prunability(stats, layer, "fluctuation",
-                            consumer=plan.consumer_weight(small["model"], small["blocks"]["features.4"]))
+    prun = scores.prunability(stats, layer, "fluctuation",
+                            consumer=scores.consumer_weight(small["model"], small["blocks"]["features.4"]))
     assert prun[c] > -1e-6 and prun[c] >= prun.max() - 1e-6  # as prunable as the channels that are always 0
-    assert int(plan.prunability(stats, layer, "mean_abs").argmin()) == c  # mean |a| = 3: "the most alive"
+    assert int(scores.prunability(stats, layer, "mean_abs").argmin()) == c  # mean |a| = 3: "the most alive"

@@ -1,0 +1,151 @@
+"""How channels are chosen: one frozen settings object that scores, proposes and ranks.
+
+A ``Criterion`` holds what every stage and benchmark used to pass as a dozen loose arguments: the score,
+its thresholds, the floors and rounding, class awareness and the blocks to skip. It is built from a
+script's constants (``from_config``) or from a plan file (``from_plan``), and, like torch-pruning's
+importance objects, it is called on the statistics: ``propose`` gives the threshold-mode proposal of every
+block, ``rank`` the prunability of every channel of every prunable block for the global MACs ranking
+(``selection.to_macs_target``) or the same ratio per block (``selection.uniform_ratio``).
+"""
+import dataclasses
+
+import torch
+
+from . import scores
+from .blocks import prunable, skip_reason
+from .errors import PruneError
+from .selection import keep_count, min_kept, proposal
+from .activation_stats import ActivationStats, check_threshold
+
+_CONFIG = {"score": "SCORE", "threshold": "THRESHOLD", "deadness_threshold": "DEADNESS_THRESHOLD",
+           "min_keep_ratio": "MIN_KEEP_RATIO", "round_to": "ROUND_TO", "class_aware": "CLASS_AWARE",
+           "min_class_samples": "MIN_CLASS_SAMPLES", "skip_blocks": "SKIP_BLOCKS"}
+_PLAN = ("score", "threshold", "deadness_threshold", "class_aware", "min_class_samples", "min_keep_ratio",
+         "round_to")
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    score: str = "deadness"  # deadness, mean_abs, contribution or fluctuation (see scores.py)
+    threshold: float = 2.0 ** -7  # |a| below this is inactive (deadness); the cut for the other scores
+    deadness_threshold: float = 0.9  # deadness: a channel inactive more often than this is a candidate
+    min_keep_ratio: float = 0.25  # every block keeps at least this fraction of its hidden channels
+    round_to: int = 8  # kept hidden channels are a multiple of this
+    class_aware: bool = False  # spare channels alive for some class (propose); rank deadness by that class
+    min_class_samples: int = 5  # classes with fewer sampled images do not count for class awareness
+    skip_blocks: tuple = ()  # blocks never pruned
+
+    def __post_init__(self):
+        scores.check_score(self.score)
+        check_threshold(self.threshold)
+        if not 0 <= self.deadness_threshold <= 1:
+            raise PruneError(f"DEADNESS_THRESHOLD={self.deadness_threshold} must lie in [0, 1]")
+        min_kept(1, self.min_keep_ratio)  # range check
+        if self.round_to < 1 or self.min_class_samples < 1:
+            raise PruneError(f"ROUND_TO={self.round_to} and MIN_CLASS_SAMPLES={self.min_class_samples} "
+                             "must be at least 1")
+        object.__setattr__(self, "skip_blocks", tuple(self.skip_blocks))
+
+    @classmethod
+    def from_config(cls, cfg, **overrides):
+        """From a script's constants (those it has; the rest keep their defaults), then ``overrides``."""
+        given = {field: cfg[name] for field, name in _CONFIG.items() if name in cfg}
+        return cls(**{**given, **overrides})
+
+    @classmethod
+    def from_plan(cls, plan, **overrides):
+        """The criterion a plan file was made with, then ``overrides`` (e.g. the pruning stage's floors)."""
+        return cls(**{**{k: plan[k] for k in _PLAN}, **overrides})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def plan_fields(self):
+        """The plan file's record of this criterion."""
+        return {k: getattr(self, k) for k in _PLAN}
+
+    def min_kept(self, hidden):
+        return min_kept(hidden, self.min_keep_ratio)
+
+    def keep_count(self, hidden, n_candidates):
+        return keep_count(hidden, n_candidates, self.min_keep_ratio, round_to=self.round_to)
+
+    def check_skips(self, blocks):
+        unknown = [b for b in self.skip_blocks if b not in blocks]
+        if unknown:
+            raise PruneError(f"SKIP_BLOCKS names unknown block {unknown[0]!r}: blocks are {', '.join(blocks)}")
+
+    def values(self, stats, roles, layer, weights=None):
+        """Per hidden channel value of the score (not yet oriented), checked against the block's width."""
+        consumer = scores.consumer_weight(weights, roles) if self.score in scores.WEIGHTED and weights is not None \
+            else None
+        value = scores.channel_score(stats, layer, self.score, self.threshold, consumer)
+        if value.numel() != roles["hidden_channels"]:
+            raise PruneError(f"activation stats for {layer} have {value.numel()} channels, but the block has "
+                             f"{roles['hidden_channels']}: the stats belong to another model")
+        return value
+
+    def alive_for_some_class(self, stats, layer):
+        """Mask of channels alive (deadness <= DEADNESS_THRESHOLD) for some class with enough images."""
+        dead = ActivationStats.of(stats).class_deadness(layer, self.threshold, self.min_class_samples)
+        return (dead <= self.deadness_threshold).any(0)
+
+    def candidates(self, stats, roles, layer, weights=None):
+        """(prunability, candidate mask) of a block's hidden channels, scored on ``layer``."""
+        value = self.values(stats, roles, layer, weights)
+        candidate = scores.is_candidate(value, self.score, self.threshold, self.deadness_threshold)
+        if self.class_aware:
+            candidate &= ~self.alive_for_some_class(stats, layer)
+        return scores.oriented(value, self.score), candidate
+
+    def propose_block(self, stats, name, roles, layer, weights=None):
+        """One block's proposal: {layer, hidden_channels, candidates, kept, prune[, skipped]}."""
+        hidden = roles["hidden_channels"]
+        entry = {"hidden_channels": hidden, **({"layer": layer} if layer else {}), "candidates": 0, "kept": hidden,
+                 "prune": []}
+        reason = skip_reason(name, roles, self.skip_blocks)
+        if reason:
+            return {**entry, "skipped": reason}
+        if layer is None:
+            raise PruneError(f"no captured layer is given for block {name}")
+        prun, candidate = self.candidates(stats, roles, layer, weights)
+        n, kept, prune = proposal(hidden, prun, candidate, self.min_keep_ratio, self.round_to)
+        return {**entry, "candidates": n, "kept": kept, "prune": prune}
+
+    def propose(self, stats, blocks, layers, weights=None):
+        """{block: proposal} for every block; blocks without an expand conv, or skipped, prune nothing and say why."""
+        self.check_skips(blocks)
+        layers = proposal_map(layers)
+        return {name: self.propose_block(stats, name, roles, layers.get(name), weights)
+                for name, roles in blocks.items()}
+
+    def rank(self, stats, blocks, layers, weights=None):
+        """{block: [(prunability, channel)]} over every hidden channel of every prunable block (higher = prune
+        first). Class-aware deadness ranks a channel by its deadness in the class where it is most alive."""
+        layers, ranking = proposal_map(layers), {}
+        for name, roles in blocks.items():
+            if not prunable(roles) or name in self.skip_blocks:
+                continue
+            prun = scores.oriented(self.values(stats, roles, layers[name], weights), self.score)
+            if self.class_aware and self.score == "deadness":
+                per_class = ActivationStats.of(stats).class_deadness(layers[name], self.threshold,
+                                                                     self.min_class_samples)
+                if per_class.shape[0]:
+                    prun = torch.minimum(prun, per_class.amin(0).to(prun.device))
+            ranking[name] = list(zip(prun.tolist(), range(len(prun))))
+        return ranking
+
+    def cut(self):
+        """The candidate rule in words, for reports: e.g. "deadness > 0.9" or "fluctuation < 0.05"."""
+        if self.score == "deadness":
+            return f"deadness > {self.deadness_threshold}"
+        return f"{self.score} < {self.threshold:g}"
+
+
+def proposal_map(layers):
+    """{block: proposal layer} from either that map or capture's {layer: {"block", "proposal", ...}} description."""
+    if all(isinstance(v, str) for v in layers.values()):
+        return dict(layers)
+    return {info["block"]: layer for layer, info in layers.items()
+            if isinstance(info, dict) and info.get("proposal") and "block" in info}
+

@@ -1,0 +1,132 @@
+"""The pruning stage's modes: which channels go (threshold, target_macs, iterative), the fallback, the sweep.
+
+``threshold`` prunes exactly the plan's indices; when they remove less than ``MIN_USEFUL_REDUCTION`` of the
+MACs and ``FALLBACK_TARGET`` is set, the most prunable channels go to that MACs target instead.
+``target_macs`` ranks every prunable block's channels by the criterion and takes the most prunable ROUND_TO
+chunks until the MACs fall by ``TARGET_MACS_REDUCTION``. ``iterative`` prunes block by block in forward
+order, re-measuring downstream blocks after each round (``iterative.run``). Each returns
+(pruned model, {block: removed indices}, how it was chosen, extra report fields).
+"""
+import os
+
+from . import distributed, iterative, measure, plots, selection, stage
+from .compensate import folder, require_project_input
+from .criterion import Criterion
+from .data import Skipped, batches
+from .errors import PruneError
+from .experiment import eval_accuracy, prune_copy, recover
+from .prune import count_macs_params
+
+PRUNE_MODES = ("threshold", "target_macs", "iterative")
+MIN_USEFUL_REDUCTION = 0.10  # below this a plan is reported as not worth pruning
+
+
+def check_mode(cfg):
+    """PruneError for an unknown PRUNE_MODE or an out-of-range target, naming the constant."""
+    if cfg["PRUNE_MODE"] not in PRUNE_MODES:
+        raise PruneError(f"unknown PRUNE_MODE {cfg['PRUNE_MODE']!r}: use one of {', '.join(PRUNE_MODES)}")
+    for name in ("TARGET_MACS_REDUCTION", "FALLBACK_TARGET"):
+        if not 0 <= cfg[name] < 1:
+            raise PruneError(f"{name}={cfg[name]} must lie in [0, 1)")
+
+
+def needs_stats(cfg):
+    """Whether the stage needs the activation statistics (every mode but a plain threshold prune does)."""
+    return cfg["PRUNE_MODE"] != "threshold" or cfg["COMPENSATE"] or bool(cfg["SWEEP"]) or bool(cfg["FALLBACK_TARGET"])
+
+
+def criterion(run, cfg):
+    """The plan's criterion with the stage's score (when SCORE is set), floors, rounding and skipped blocks."""
+    return Criterion.from_plan(run.plan, score=cfg["SCORE"] or run.plan["score"], min_keep_ratio=cfg["MIN_KEEP_RATIO"],
+                               round_to=cfg["ROUND_TO"], skip_blocks=cfg["SKIP_BLOCKS"])
+
+
+def compensator(run, cfg):
+    """The compensation applied before every prune (None with COMPENSATE=False)."""
+    if not cfg["COMPENSATE"]:
+        return None
+    require_project_input(run.capture_point)
+    return folder(run.capture_point, cfg["CORRECT_VARIANCE"])
+
+
+def choose(run, crit, mode, target, class_aware=False):
+    """(selection, how it was chosen) for the one-shot modes."""
+    if mode == "threshold":
+        chosen = selection.from_plan(run.plan, run.blocks, crit.skip_blocks, crit.min_keep_ratio, crit.round_to)
+        return chosen, f"the plan's indices ({run.plan['score']} > {run.plan['deadness_threshold']})"
+    ranking = crit.replace(class_aware=class_aware).rank(run.stats, run.blocks, run.layers, run.model)
+    chosen, _ = selection.to_macs_target(ranking, run.blocks, run.per_channel, run.total, target,
+                                         crit.min_keep_ratio, crit.round_to)
+    aware = " (class-aware)" if class_aware else ""
+    return chosen, f"most prunable by {crit.score}{aware} to {target:.0%} of MACs"
+
+
+def predicted_reduction(run, chosen):
+    """MACs reduction of a selection (hidden-channel MACs are linear in the width)."""
+    return sum(len(v) * run.per_channel[b] for b, v in chosen.items()) / run.total
+
+
+def prune_one_shot(run, cfg, crit):
+    """Threshold or target_macs: (pruned model, selection, how, extra report)."""
+    mode, target = cfg["PRUNE_MODE"], cfg["TARGET_MACS_REDUCTION"]
+    chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
+    extra = {"target_macs_reduction": target if mode == "target_macs" else None}
+    if mode == "threshold" and predicted_reduction(run, chosen) < MIN_USEFUL_REDUCTION:
+        print(f"the plan removes only {100 * predicted_reduction(run, chosen):.1f}% of MACs "
+              f"(< {100 * MIN_USEFUL_REDUCTION:.0f}%): few channels are dead at its thresholds")
+        if cfg["FALLBACK_TARGET"]:
+            mode, target = "target_macs", cfg["FALLBACK_TARGET"]
+            print(f"FALLBACK_TARGET={target}: pruning the most prunable channels to {100 * target:.0f}% of MACs "
+                  "instead")
+            chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
+            extra = {"target_macs_reduction": target, "fallback": "plan removed < 10% of MACs"}
+    pruned, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensator(run, cfg))
+    return pruned, chosen, how, {"mode": mode, **extra}
+
+
+def prune_iteratively(run, cfg, crit):
+    """Iterative mode: (pruned model, selection, how, extra report with the per-round log)."""
+    sample_loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
+    schedule = iterative.Schedule(cfg["BLOCKS_PER_ROUND"], cfg["MAX_ROUNDS"], cfg["TARGET_MACS_REDUCTION"])
+    pruned, rounds, chosen, measured = iterative.run(
+        run.model, lambda: batches(sample_loader, Skipped(), run.device), run.stats, run.layers, crit, schedule,
+        capture_point=run.capture_point, image_size=cfg["IMAGE_SIZE"], num_classes=len(run.class_names),
+        weights=run.model, compensate_fn=compensator(run, cfg),
+        score_fn=lambda m: eval_accuracy(m, run.loaders, run.class_names, run.device, "round")["top1"])
+    figures = [] if not distributed.is_main() else [
+        plots.deadness_rounds(measured["initial_values"], measured["latest_values"],
+                              crit.deadness_threshold if crit.score == "deadness" else crit.threshold,
+                              os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"), crit.score)]
+    how = f"iterative: consistently {crit.cut()}, {len(rounds)} rounds"
+    return pruned, chosen, how, {"mode": "iterative", "rounds": rounds, "figures": figures,
+                                 "target_macs_reduction": cfg["TARGET_MACS_REDUCTION"] or None}
+
+
+def prune(run, cfg, crit):
+    """The stage's mode: (pruned model, selection, how, extra report)."""
+    return (prune_iteratively if cfg["PRUNE_MODE"] == "iterative" else prune_one_shot)(run, cfg, crit)
+
+
+def sweep(run, cfg, crit):
+    """Prune, recalibrate and score at every SWEEP value; returns (points, figure path)."""
+    points, sweep_cfg = [], {**cfg, "FINETUNE_EPOCHS": 0, "BN_RECALIBRATE": True}
+    for value in cfg["SWEEP"]:
+        if cfg["PRUNE_MODE"] == "target_macs":
+            chosen, _ = choose(run, crit, "target_macs", value, cfg["CLASS_AWARE"])
+        else:
+            swept = crit.replace(score=run.plan["score"], deadness_threshold=value)  # SCORE ranks target_macs only
+            proposals = swept.propose(run.stats, run.blocks, run.layers, run.model)
+            chosen = {b: p["prune"] for b, p in proposals.items() if p["prune"]}
+        pruned, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensator(run, cfg))
+        steps = recover(pruned, run.loaders, run.class_names, run.device, sweep_cfg)
+        macs, _ = count_macs_params(pruned, cfg["IMAGE_SIZE"])
+        points.append({"value": value, "macs_reduction": round(1 - macs / run.total, 6),
+                       "top1_pruned": steps["pruned"]["top1"],
+                       "top1_bn_recalibrated": steps["bn_recalibrated"]["top1"]})
+        print(f"sweep {value}: MACs -{100 * points[-1]['macs_reduction']:.1f}%, top-1 "
+              f"{points[-1]['top1_bn_recalibrated']:.4f} after BN recalibration")
+    xlabel = "TARGET_MACS_REDUCTION" if cfg["PRUNE_MODE"] == "target_macs" else "DEADNESS_THRESHOLD"
+    figure = plots.sweep([p["value"] for p in points], [p["top1_bn_recalibrated"] for p in points],
+                         [p["macs_reduction"] for p in points], xlabel,
+                         os.path.join(cfg["RUN_DIR"], "pruning_sweep.png"))
+    return points, figure
