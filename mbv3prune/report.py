@@ -3,7 +3,7 @@ from . import models, stage
 from .artifacts import provenance
 from .blocks import find_blocks, prunable
 from .evaluate import file_size_mb, flag_class_drops
-from .experiment import latencies
+from .experiment import delivered_step, latencies
 from .prune import block_macs, count_macs_params
 
 
@@ -16,7 +16,7 @@ def _blocks(run, chosen):
 def pruning_report(run, cfg, pruned, chosen, how, extra, accuracy, out):
     """The pruning report dict; ``accuracy`` {step: accuracy} loses its per-image ``correct`` lists."""
     after_macs, after_params = count_macs_params(pruned, cfg["IMAGE_SIZE"])
-    last = list(accuracy)[-1]
+    last = delivered_step(accuracy)
     flagged = flag_class_drops(accuracy["baseline"], accuracy[last])
     for acc in accuracy.values():
         acc.pop("correct", None)

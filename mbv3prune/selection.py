@@ -79,29 +79,51 @@ def _chunks(order, hidden, floor, round_to):
     return steps
 
 
-def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8,
-                   max_overshoot=None):
-    """{block: indices} removing at least ``target`` (a fraction) of ``total_macs``, most prunable chunks first.
+def ranked_steps(ranking, blocks, min_keep_ratio=0.25, round_to=8):
+    """{block: [(priority, chunk)]}: each block's ROUND_TO chunks, most prunable first, with the prunability of
+    the chunk's least prunable channel as its priority (higher = taken first).
 
     ``ranking``: {block: [(prunability, channel), ...]} over the block's channels that may be removed.
-    Returns (selection, predicted MACs reduction). Stops early, below target, when nothing is left to take.
-    With ``max_overshoot`` (a fraction of MACs) a chunk that would overshoot the target by more is passed over,
-    with the rest of its block, for the next most prunable one (an early block's chunk of ROUND_TO channels can
-    be > 1% of the MACs): criteria compared at matched MACs then stay within that tolerance.
     """
-    if not 0 < target < 1:
-        raise PruneError(f"TARGET_MACS_REDUCTION={target} must lie in (0, 1)")
-    heap, steps = [], {}
-    for order, (name, ranked) in enumerate(ranking.items()):
-        if name not in per_channel_macs:
-            continue
+    steps = {}
+    for name, ranked in ranking.items():
         hidden = blocks[name]["hidden_channels"]
         channels = [c for _, c in sorted(ranked, key=lambda r: (-r[0], r[1]))]
         score = {c: p for p, c in ranked}
         steps[name] = [(min(score[c] for c in step), step) for step in
                        _chunks(channels, hidden, min_kept(hidden, min_keep_ratio), round_to)]
-        if steps[name]:
-            heapq.heappush(heap, (-steps[name][0][0], order, name, 0))
+    return steps
+
+
+def costed_steps(removals, blocks, per_channel_macs, min_keep_ratio=0.25, round_to=8):
+    """{block: [(priority, chunk)]} from {block: [(channel, cost of removing it next), ...]} in removal order
+    (e.g. greedy OBS): a chunk's priority is minus its summed cost per MAC it saves (higher = taken first)."""
+    steps = {}
+    for name, removal in removals.items():
+        hidden, cost = blocks[name]["hidden_channels"], dict(removal)
+        chunks = _chunks([c for c, _ in removal], hidden, min_kept(hidden, min_keep_ratio), round_to)
+        steps[name] = [(-sum(cost[c] for c in step) / (len(step) * per_channel_macs[name]), step) for step in chunks]
+    return steps
+
+
+def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8,
+                   max_overshoot=None, steps=None):
+    """{block: indices} removing at least ``target`` (a fraction) of ``total_macs``, most prunable chunks first.
+
+    ``ranking``: {block: [(prunability, channel), ...]} over the block's channels that may be removed (or
+    ``steps`` from ``costed_steps``, ranking ``None``). Returns (selection, predicted MACs reduction). Stops
+    early, below target, when nothing is left to take. With ``max_overshoot`` (a fraction of MACs) a chunk
+    that would overshoot the target by more is passed over, with the rest of its block, for the next most
+    prunable one (an early block's chunk of ROUND_TO channels can be > 1% of the MACs): criteria compared at
+    matched MACs then stay within that tolerance.
+    """
+    if not 0 < target < 1:
+        raise PruneError(f"TARGET_MACS_REDUCTION={target} must lie in (0, 1)")
+    if steps is None:
+        steps = ranked_steps({b: r for b, r in ranking.items() if b in per_channel_macs}, blocks, min_keep_ratio,
+                             round_to)
+    heap = [(-chunks[0][0], order, name, 0) for order, (name, chunks) in enumerate(steps.items()) if chunks]
+    heapq.heapify(heap)
     selection, removed = {}, 0
     while heap and removed < target * total_macs:
         _, order, name, i = heapq.heappop(heap)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT, run_stage
+from tests.helpers import ROOT, run_stage
 
 ARCH = "mobilenet_v3_small"
 
@@ -76,7 +76,7 @@ def test_prune_modes_compares_threshold_and_iterative_with_and_without_compensat
 def test_statistics_of_another_checkpoint_are_refused_naming_the_file(run, tmp_path):
     from mbv3prune import measure, models
     from mbv3prune.errors import PruneError
-    from tests.conftest import randomized_model
+    from tests.helpers import randomized_model
     run_dir, _ = run
     other = str(tmp_path / "other.pt")
     models.save_checkpoint(other, randomized_model(ARCH), ARCH, ["ant", "bee", "moth"])

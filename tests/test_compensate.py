@@ -18,7 +18,7 @@ from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.compensate import VAR_FLOOR, compensate, compensate_block, compensate_project
 from mbv3prune.errors import PruneError
-from tests.conftest import randomized_model
+from tests.helpers import randomized_model
 from mbv3prune.prune import prune_blocks
 
 SIZE = 32

@@ -3,7 +3,7 @@ from hypothesis import given, settings, strategies as st
 
 from mbv3prune.config import apply_overrides, constant_comments, help_text, parse_value
 from mbv3prune.errors import PruneError
-from tests.conftest import run_script
+from tests.helpers import run_script
 
 
 def namespace():

@@ -5,7 +5,7 @@ from PIL import Image
 
 from mbv3prune import data as D
 from mbv3prune.errors import PruneError
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 def test_split_folders(image_folder):

@@ -15,7 +15,7 @@ from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.errors import PruneError
 from mbv3prune.train import seed_everything
-from tests.conftest import ROOT, randomized_model, write_images
+from tests.helpers import ROOT, randomized_model, write_images
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")

@@ -6,7 +6,7 @@ import pytest
 from mbv3prune import capture, data as D
 from mbv3prune.blocks import find_blocks
 from mbv3prune.models import build_model
-from tests.conftest import FLOWERS
+from tests.helpers import FLOWERS
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FLOWERS), reason="../shared/data/oxford-flowers12 is absent")
 

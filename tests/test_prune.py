@@ -11,7 +11,7 @@ import torch
 from mbv3prune import models
 from mbv3prune.blocks import find_blocks
 from mbv3prune.errors import PruneError
-from tests.conftest import randomized_model
+from tests.helpers import randomized_model
 from mbv3prune.prune import (block_group, block_macs, build_graph, count_macs_params,
                              macs_per_channel, prune_blocks, validate_indices)
 

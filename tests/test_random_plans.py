@@ -12,7 +12,7 @@ from mbv3prune import models
 from mbv3prune.blocks import find_blocks
 from mbv3prune.plan import min_kept
 from mbv3prune.prune import prune_blocks
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @functools.lru_cache(maxsize=None)

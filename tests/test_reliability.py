@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mbv3prune import models
-from tests.conftest import ROOT, run_stage
+from tests.helpers import ROOT, run_stage
 
 ARCH = "mobilenet_v3_small"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mbv3prune import models
-from tests.conftest import run_stage
+from tests.helpers import run_stage
 
 ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
 
