@@ -179,3 +179,92 @@ def block_moments(stats, block, which="project"):
     if which not in ("project", "se"):
         raise PruneError(f"unknown moment {which!r}: use project or se")
     return read(stats, f"{block}/{'cov' if which == 'project' else 'se_cov'}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# capture integration: the hooks and state keys of ``capture(..., second_moments=True)``
+
+
+def _state_moments(state, prefix, dim, cols=None, diagonal=False, device="cpu"):
+    """The live (n, mean, m2) state tensors of ``prefix``, made (outside inference mode) at first use."""
+    if f"{prefix}_m2" not in state:
+        with torch.inference_mode(False):
+            fresh = zeros(dim, cols, diagonal, device)
+        state.update({f"{prefix}{s}": t for s, t in zip(MOMENT_SUFFIXES, fresh)})
+    return tuple(state[f"{prefix}{s}"] for s in MOMENT_SUFFIXES)
+
+
+def _merge_state(state, prefix, batch, diagonal=False):
+    n, mean, m2 = _state_moments(state, prefix, batch[1].numel(), diagonal=diagonal, device=batch[1].device)
+    merge_(n, mean, m2, *batch)
+
+
+def sampled_rows(x, max_rows, generator):
+    """(exact batch mean, rows for the scatter, n): all rows of x [rows, C], or ``max_rows`` drawn uniformly
+    with replacement (seeded ``generator``). With the batch mean and n = all rows, ``batch_moments``
+    scales the drawn rows' scatter by n / max_rows: the Hansen-Hurwitz estimator, unbiased for the batch's
+    scatter sum (the mean stays exact)."""
+    n = x.shape[0]
+    if not max_rows or n <= max_rows:
+        return None, x, n
+    idx = torch.randint(n, (max_rows,), generator=generator).to(x.device)
+    return x.mean(0), x[idx], n
+
+
+class CaptureMoments:
+    """Streams second moments into a capture's ``state`` (see ``capture_keys`` for what and where).
+
+    ``max_positions``: rows per batch used for a project-input covariance (None: every position); the
+    means and the per-channel moments always use every position.
+    """
+
+    def __init__(self, state, blocks, layers, max_positions=None, seed=0):
+        self.state, self.blocks, self.layers, self.max_positions = state, blocks, layers, max_positions
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def channel(self, layer, x):
+        """Per-channel (n, mean, M2) of a captured layer's tensor, over every position."""
+        _merge_state(self.state, f"{layer}/chan", batch_moments(rows_of(x.float()), diagonal=True), diagonal=True)
+
+    def project(self, block, x):
+        """Covariance of the project conv input over (sampled) positions."""
+        mean, rows, n = sampled_rows(rows_of(x.float()), self.max_positions, self.generator)
+        _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n))
+
+    def pooled(self, block, x):
+        """Covariance of the pooled pre-gate SE input, one row per image."""
+        _merge_state(self.state, f"{block}/se_cov", batch_moments(x.float().mean((2, 3))))
+
+    def hooks(self, pregate_module):
+        """(module, kind, fn) hooks for ``capture.attached_hooks``."""
+        out = [(name, info["hook"], lambda x, name=name: self.channel(name, x)) for name, info in self.layers.items()]
+        for block, roles in self.blocks.items():
+            if "expand" not in roles:
+                continue
+            out.append((roles["project"], "pre", lambda x, block=block: self.project(block, x)))
+            if roles.get("se_fc1"):
+                out.append((pregate_module(roles), "post", lambda x, block=block: self.pooled(block, x)))
+        return out
+
+
+def capture_keys(blocks, layers):
+    """The state keys a ``second_moments=True`` capture adds (moment triples ``p_n``, ``p_mean``, ``p_m2``):
+
+    * ``{layer}/chan_*`` for every captured layer: per-channel n, mean [C], M2 [C] over every position;
+    * ``{block}/cov_*`` for every block with an expand conv: its project conv input over positions,
+      mean [C] and M2 [C, C] (``block_moments(stats, block, "project")``);
+    * ``{block}/se_cov_*`` for such blocks with SE: the pooled pre-gate depthwise activation, one row per
+      image, mean [C] and M2 [C, C] (``block_moments(stats, block, "se")``).
+    """
+    prefixes = [f"{layer}/chan" for layer in layers]
+    for block, roles in blocks.items():
+        if "expand" in roles:
+            prefixes.append(f"{block}/cov")
+            if roles.get("se_fc1"):
+                prefixes.append(f"{block}/se_cov")
+    return {p + s for p in prefixes for s in MOMENT_SUFFIXES}
+
+
+def channel_moments(stats, layer):
+    """(n, mean [C], variance [C]) of a captured layer from its Chan-merged ``{layer}/chan_*`` keys."""
+    return read(stats, f"{layer}/chan")
