@@ -63,14 +63,17 @@ def _outer(delta, m2):
 
 def merge_(n, mean, m2, bn, bmean, bm2):
     """Merge the moments (bn, bmean, bm2) into the running (n, mean, m2) in place (Chan et al.); returns them."""
-    total = n + bn
-    if int(total) == 0:
+    na, nb = int(n), int(bn)
+    if na + nb == 0:
         return n, mean, m2
     delta = bmean.to(mean) - mean
-    weight = (n.double() * bn.double() / total.double()).to(mean)
-    m2.add_(bm2.to(m2)).add_(_outer(delta, m2) * weight)
-    mean.add_(delta * (bn.double() / total.double()).to(mean))
-    n.copy_(total)
+    m2.add_(bm2.to(m2))
+    if m2.dim() == 1:
+        m2.add_(delta * delta, alpha=na * nb / (na + nb))
+    else:
+        m2.addr_(delta, delta[delta.numel() - m2.shape[1]:], alpha=na * nb / (na + nb))
+    mean.add_(delta, alpha=nb / (na + nb))
+    n.add_(nb)
     return n, mean, m2
 
 
