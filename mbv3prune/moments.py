@@ -30,18 +30,19 @@ def _accumulate_device(device):
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def batch_moments(z, cols=None, diagonal=False, mean=None, n=None):
+def batch_moments(z, cols=None, diagonal=False, mean=None, n=None, inplace=False):
     """(n, mean, M2) of the rows of ``z`` [rows, dim] as float64 tensors (n int64 0-dim).
 
     ``cols``: number of trailing columns the scatter is taken against (None: all). ``diagonal``: per-column
     sum of squares only (M2 [dim]). Subsampling: pass the exact batch ``mean`` (over all ``n`` rows) with a
     random subset ``z`` of the rows; M2 is then the subset's scatter around that mean times n / rows, an
-    unbiased estimate of the whole batch's scatter under simple random sampling of rows.
+    unbiased estimate of the whole batch's scatter under simple random sampling of rows. ``inplace``: z is
+    a scratch copy that may be centred in place (saves one copy of the batch).
     """
     rows = z.shape[0]
     if mean is None:
         mean, n = z.mean(0), rows
-    zc = z - mean.to(z.dtype)
+    zc = z.sub_(mean.to(z.dtype)) if inplace else z - mean.to(z.dtype)
     if diagonal:
         m2 = (zc * zc).sum(0)
     else:
@@ -114,6 +115,16 @@ def rows_of(x):
     if x.dim() == 2:
         return x
     return x.transpose(0, 1).reshape(x.shape[1], -1).T
+
+
+def channel_moments_4d(x):
+    """(n, mean [C], M2 [C]) of a [B, C, H, W] tensor per channel, without reshaping it (float64 results)."""
+    n = x.numel() // x.shape[1]
+    mean = x.sum(0).sum((1, 2)) / n
+    centred = x - mean[:, None, None]
+    m2 = centred.mul_(centred).sum(0).sum((1, 2))
+    acc = _accumulate_device(x.device)
+    return torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc, torch.float64), m2.to(acc, torch.float64)
 
 
 def _comm_device(tensor):
@@ -227,12 +238,15 @@ class CaptureMoments:
 
     def channel(self, layer, x):
         """Per-channel (n, mean, M2) of a captured layer's tensor, over every position."""
-        _merge_state(self.state, f"{layer}/chan", batch_moments(rows_of(x.float()), diagonal=True), diagonal=True)
+        batch = channel_moments_4d(x.float()) if x.dim() == 4 else batch_moments(x.float(), diagonal=True)
+        _merge_state(self.state, f"{layer}/chan", batch, diagonal=True)
 
     def project(self, block, x):
         """Covariance of the project conv input over (sampled) positions."""
-        mean, rows, n = sampled_rows(rows_of(x.float()), self.max_positions, self.generator)
-        _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n))
+        rows = rows_of(x.float())
+        mean, rows, n = sampled_rows(rows, self.max_positions, self.generator)
+        scratch = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, not x's memory
+        _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n, inplace=scratch))
 
     def pooled(self, block, x):
         """Covariance of the pooled pre-gate SE input, one row per image."""
