@@ -38,6 +38,7 @@ NUM_CLASSES = 12  # classes of the random labels (size of the per-class histogra
 ROUNDS = 5  # interleaved timing rounds; the fastest is reported
 THREADS = 1  # torch threads (0: torch's default); 1 keeps CPU time meaningful on a shared machine
 CAPTURE_POINT = "project_input"  # tensors captured
+MAX_POSITIONS = 4096  # positions per batch in the subsampled second-moments variant's covariances
 MEMORY_BATCHES = [2, 16]  # short and long capture for the peak-RSS check
 SEED = 0  # seeds the weights, images and labels
 # ---
@@ -80,6 +81,9 @@ def variants(model, blocks):
         "plain": lambda b: plain(model, b),
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
         "capture, everything": lambda b: capture(model, b, blocks, **kw),
+        "everything + 2nd moments": lambda b: capture(model, b, blocks, second_moments=True, **kw),
+        f"... subsampled {MAX_POSITIONS}": lambda b: capture(model, b, blocks, second_moments=True,
+                                                             max_positions=MAX_POSITIONS, **kw),
         "plain + isfinite check": lambda b: isfinite_checked(model, b, blocks),
     }
 
@@ -104,10 +108,10 @@ def report_size(size, gen):
     times = time_variants(variants(model, find_blocks(model)), batches)
     print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {torch.get_num_threads()} threads")
     (wall0, cpu0) = times["plain"]
-    print(f"  {'':24s} {'wall ms/batch':>14s} {'ratio':>6s} {'CPU ms/batch':>13s} {'ratio':>6s}")
+    print(f"  {'':28s} {'wall ms/batch':>14s} {'ratio':>6s} {'CPU ms/batch':>13s} {'ratio':>6s}")
     for name, (wall, cpu) in times.items():
         ms = 1e3 / N_BATCHES
-        print(f"  {name:24s} {ms * wall:14.1f} {wall / wall0:5.2f}x {ms * cpu:13.1f} {cpu / cpu0:5.2f}x")
+        print(f"  {name:28s} {ms * wall:14.1f} {wall / wall0:5.2f}x {ms * cpu:13.1f} {cpu / cpu0:5.2f}x")
     return times
 
 

@@ -27,6 +27,14 @@ activation's output before the SE gate (``activation_stats.ActivationStats.prega
 capture with a PruneError naming the first such layer in forward order; the check is free: NaN and inf
 propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
 
+With ``second_moments=True`` the state also holds Chan-merged moment triples ``{prefix}_n`` (int64 []),
+``{prefix}_mean`` (float64 [C]) and ``{prefix}_m2`` (float64, centred scatter sum), see
+``moments.capture_keys``: ``{layer}/chan_*`` (M2 [C], per-channel, every position: the variance without the
+cancellation of ``sum_sq / n - mean**2``), ``{block}/cov_*`` (M2 [C, C], the project conv input of every
+block with an expand conv, over positions) and ``{block}/se_cov_*`` (M2 [C, C], the pooled pre-gate SE
+input, one row per image). Read them with ``moments.block_moments`` / ``moments.channel_moments``; they
+are not sums, so torchrun ranks merge them with ``moments.all_reduce_moments``.
+
 Histogram bins are fixed (``hist_edges()``), identical for every layer and run: bin 0 holds exact zeros
 (strictly, |a| < 2**-128, i.e. zeros and the tiniest float32 subnormals), bin 1 the underflow
 (0 < |a| < 2**-20), then 2**SUB_BITS bins per octave from 2**-20 (~9.5e-7) to 2**10 (1024), then an
@@ -44,6 +52,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from . import moments
 from .blocks import capture_layer, check_capture_point
 from .errors import PruneError
 from .activation_stats import check_threshold
@@ -281,10 +290,12 @@ def _hooks(acc, blocks, capture_point):
     return hooks
 
 
-def expected_keys(blocks, capture_point, histograms=True):
+def expected_keys(blocks, capture_point, histograms=True, second_moments=False):
     """Every key of a capture's state (``hist`` excluded: ``finalize`` adds it)."""
     stats = LAYER_STATS + (("hist_class",) if histograms else ())
-    keys = {f"{layer}/{s}" for layer in describe_layers(blocks, capture_point) for s in stats}
+    layers = describe_layers(blocks, capture_point)
+    keys = {f"{layer}/{s}" for layer in layers for s in stats}
+    keys |= moments.capture_keys(blocks, layers) if second_moments else set()
     return keys | {f"{block}/{s}" for block in blocks for s in BLOCK_STATS} | set(GLOBAL_STATS)
 
 
@@ -348,22 +359,31 @@ def _one_batch(model, acc, images, labels, device):
 
 
 def capture(model, batches, blocks, capture_point="project_input", threshold=DEFAULT_THRESHOLD, num_classes=1,
-            device=None, progress=True, state=None, histograms=True, on_batch=None):
+            device=None, progress=True, state=None, histograms=True, on_batch=None, second_moments=False,
+            max_positions=None):
     """Run ``model`` over ``(images, labels)`` batches and return ``(stats, layers)``: running totals, no maps.
 
     ``stats`` is a dict of CPU tensors (see the module docstring; loads with ``torch.load(weights_only=True)``),
     ``layers`` the JSON-able ``describe_layers``. ``state``: a previous (partial) result to keep
     accumulating into; not modified. ``on_batch(i, state)`` runs after each batch (``i`` counts all
     batches, resumed ones included); ``state`` is live: save ``finalize(state)``, never modify it.
-    ``histograms=False`` skips ``hist_class`` (and ``hist``).
+    ``histograms=False`` skips ``hist_class`` (and ``hist``). ``second_moments=True`` adds the moment
+    triples of ``moments.capture_keys`` (per-channel, project-input and pooled SE covariances;
+    ``max_positions`` subsamples the project-input covariance, see ``moments.CaptureMoments``). Under
+    torchrun merge them with ``moments.all_reduce_moments``, never by summing.
     """
     device = _model_device(model, device)
-    keys = expected_keys(blocks, capture_point, histograms)
+    keys = expected_keys(blocks, capture_point, histograms, second_moments)
     threshold = check_threshold(threshold)
     state = (_resumed_state(state, keys, threshold, num_classes, device) if state is not None
              else _new_state(device, threshold))
     acc = _Accumulator(state, threshold, num_classes, histograms)
-    with attached_hooks(model, _hooks(acc, blocks, capture_point)), torch.inference_mode():
+    hooks = _hooks(acc, blocks, capture_point)
+    if second_moments:
+        seed = int(state["n_batches"])  # a resumed capture draws other positions than its first part
+        hooks += moments.CaptureMoments(state, blocks, describe_layers(blocks, capture_point), max_positions,
+                                        seed).hooks(_pregate_module)
+    with attached_hooks(model, hooks), torch.inference_mode():
         for images, labels in tqdm(batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True):
             _one_batch(model, acc, images, _labels(labels, num_classes, device), device)
             if on_batch is not None:

@@ -1,0 +1,287 @@
+"""Streamed second moments: (n, mean, M2) merged Chan-style, so near-constant channels keep their variance.
+
+Each batch of vectors z [rows, dim] is centred at its own mean and reduced to a Gram in the batch's dtype
+(float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update:
+
+    n = na + nb,  delta = mean_b - mean_a,  mean = mean_a + delta * nb / n,
+    M2 = M2a + M2b + outer(delta, delta[cols]) * na * nb / n.
+
+``M2`` is the centred scatter sum (z - mean)(z[cols] - mean[cols])^T: [dim, dim] for plain second moments,
+[dim, len(cols)] for cross moments (``cols`` = the trailing columns of z, e.g. z = [x, y] gives Cov(x, y)
+and Cov(y, y) at once), or [dim] for per-channel variances only (``diagonal=True``). Since a batch is
+centred before squaring, a channel whose mean is 1e4 times its std keeps its variance to float32 rounding
+of the centred values (sum_sq / n - mean**2 would cancel it away). ``n`` is an int64 0-dim tensor.
+
+A capture keeps a moment as three state tensors ``{prefix}_n``, ``{prefix}_mean`` and ``{prefix}_m2``
+(``MOMENT_SUFFIXES``). They must NOT be summed across torchrun ranks: ``all_reduce_moments`` merges them
+exactly (two all_reduce passes), and ``distributed.all_reduce_totals`` must leave them alone.
+"""
+import torch
+import torch.distributed as dist
+
+from .errors import PruneError
+
+MOMENT_SUFFIXES = ("_n", "_mean", "_m2")
+
+
+def _accumulate_device(device):
+    """Where the float64 totals live: the data's device, except MPS (no float64) -> CPU."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def batch_moments(z, cols=None, diagonal=False, mean=None, n=None, inplace=False):
+    """(n, mean, M2) of the rows of ``z`` [rows, dim] as float64 tensors (n int64 0-dim).
+
+    ``cols``: number of trailing columns the scatter is taken against (None: all). ``diagonal``: per-column
+    sum of squares only (M2 [dim]). Subsampling: pass the exact batch ``mean`` (over all ``n`` rows) with a
+    random subset ``z`` of the rows; M2 is then the subset's scatter around that mean times n / rows, an
+    unbiased estimate of the whole batch's scatter under simple random sampling of rows. ``inplace``: z is
+    a scratch copy that may be centred in place (saves one copy of the batch).
+    """
+    rows = z.shape[0]
+    if mean is None:
+        mean, n = z.mean(0), rows
+    zc = z.sub_(mean.to(z.dtype)) if inplace else z - mean.to(z.dtype)
+    if diagonal:
+        m2 = (zc * zc).sum(0)
+    else:
+        right = zc if cols is None else zc[:, zc.shape[1] - cols:]
+        m2 = zc.T @ right
+    acc = _accumulate_device(z.device)
+    m2 = m2.to(acc, torch.float64)
+    if n != rows:
+        m2 *= n / rows
+    return torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc, torch.float64), m2
+
+
+def _outer(delta, m2):
+    """outer(delta, delta[cols]) in the layout of ``m2`` ([dim], [dim, dim] or [dim, cols])."""
+    if m2.dim() == 1:
+        return delta * delta
+    return delta[:, None] * delta[None, delta.numel() - m2.shape[1]:]
+
+
+def merge_(n, mean, m2, bn, bmean, bm2):
+    """Merge the moments (bn, bmean, bm2) into the running (n, mean, m2) in place (Chan et al.); returns them."""
+    na, nb = int(n), int(bn)
+    if na + nb == 0:
+        return n, mean, m2
+    delta = bmean.to(mean) - mean
+    m2.add_(bm2.to(m2))
+    if m2.dim() == 1:
+        m2.add_(delta * delta, alpha=na * nb / (na + nb))
+    else:
+        m2.addr_(delta, delta[delta.numel() - m2.shape[1]:], alpha=na * nb / (na + nb))
+    mean.add_(delta, alpha=nb / (na + nb))
+    n.add_(nb)
+    return n, mean, m2
+
+
+def zeros(dim, cols=None, diagonal=False, device="cpu"):
+    """Empty running moments (n, mean, M2) for vectors of ``dim`` (see ``batch_moments`` for cols, diagonal)."""
+    device = _accumulate_device(device)
+    shape = (dim,) if diagonal else (dim, dim if cols is None else cols)
+    return (torch.zeros((), dtype=torch.int64, device=device), torch.zeros(dim, dtype=torch.float64, device=device),
+            torch.zeros(shape, dtype=torch.float64, device=device))
+
+
+class Moments:
+    """Running moments of streamed rows: ``add(z)`` per batch, then ``n``, ``mean`` and ``cov()`` (M2 / n)."""
+
+    def __init__(self, dim, cols=None, diagonal=False, device="cpu"):
+        self.cols, self.diagonal = cols, diagonal
+        self.n, self.mean, self.m2 = zeros(dim, cols, diagonal, device)
+
+    def add(self, z):
+        """Merge the rows of ``z`` [rows, dim] in; returns self."""
+        merge_(self.n, self.mean, self.m2, *batch_moments(z, self.cols, self.diagonal))
+        return self
+
+    def cov(self):
+        """M2 / n (float64): the population covariance (or cross-covariance, or per-channel variance)."""
+        if int(self.n) == 0:
+            raise PruneError("moments of no rows: no batches were seen")
+        return self.m2 / self.n.double()
+
+    def all_reduce(self):
+        """Merge every torchrun rank's moments exactly into each (no-op without a process group); returns self."""
+        all_reduce_(self.n, self.mean, self.m2)
+        return self
+
+
+def rows_of(x):
+    """A captured [B, C, H, W] (or [B, C]) tensor as [B * H * W, C] rows (one per position)."""
+    if x.dim() == 2:
+        return x
+    return x.transpose(0, 1).reshape(x.shape[1], -1).T
+
+
+def channel_moments_4d(x):
+    """(n, mean [C], M2 [C]) of a [B, C, H, W] tensor per channel, without reshaping it (float64 results)."""
+    n = x.numel() // x.shape[1]
+    mean = x.sum(0).sum((1, 2)) / n
+    centred = x - mean[:, None, None]
+    m2 = centred.mul_(centred).sum(0).sum((1, 2))
+    acc = _accumulate_device(x.device)
+    return torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc, torch.float64), m2.to(acc, torch.float64)
+
+
+def _comm_device(tensor):
+    """gloo reduces CPU tensors, NCCL CUDA ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(n, mean, m2):
+    """Exact merge of (n, mean, M2) over all torchrun ranks, in place: pass 1 sums n and n * mean, pass 2 sums
+    M2 + n_r outer(mean_r - mean, ...). No-op without an initialised process group. Returns (n, mean, m2)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n, mean, m2
+    dev = _comm_device(mean)
+    first = torch.cat([n.double().reshape(1), n.double() * mean]).to(dev)
+    dist.all_reduce(first)
+    total = first[0].to(mean)
+    global_mean = (first[1:].to(mean) / total) if float(total) > 0 else torch.zeros_like(mean)
+    delta = mean - global_mean
+    second = (m2 + _outer(delta, m2) * n.double()).to(dev)
+    dist.all_reduce(second)
+    m2.copy_(second.to(m2))
+    mean.copy_(global_mean)
+    n.copy_(total.round().to(n.dtype))
+    return n, mean, m2
+
+
+def moment_prefixes(stats):
+    """Prefixes p with ``p_n``, ``p_mean`` and ``p_m2`` all in ``stats``, sorted."""
+    return sorted(k[: -len("_m2")] for k in stats
+                  if k.endswith("_m2") and f"{k[:-3]}_n" in stats and f"{k[:-3]}_mean" in stats)
+
+
+def is_moment_key(stats, key):
+    """True for a key that ``all_reduce_moments`` merges (and a plain sum across ranks would corrupt)."""
+    return any(key == p + s for p in moment_prefixes(stats) for s in MOMENT_SUFFIXES)
+
+
+def all_reduce_moments(stats):
+    """Merge every moment triple of a finalized capture ``stats`` across torchrun ranks, in place; returns stats.
+
+    Sorted prefixes, so every rank reduces the same tensors in the same order.
+    """
+    for p in moment_prefixes(stats):
+        all_reduce_(stats[f"{p}_n"], stats[f"{p}_mean"], stats[f"{p}_m2"])
+    return stats
+
+
+def read(stats, prefix):
+    """(n, mean, cov) of the moment ``prefix`` of a capture, CPU float64 (n an int); PruneError naming the key."""
+    for s in MOMENT_SUFFIXES:
+        if f"{prefix}{s}" not in stats:
+            raise PruneError(f"statistics have no {prefix}{s}: capture with SECOND_MOMENTS=True first")
+    n = int(stats[f"{prefix}_n"])
+    if n <= 0:
+        raise PruneError(f"statistics {prefix}_n is {n}: the capture saw no activations there")
+    mean = torch.as_tensor(stats[f"{prefix}_mean"]).to("cpu", torch.float64)
+    m2 = torch.as_tensor(stats[f"{prefix}_m2"]).to("cpu", torch.float64)
+    return n, mean, m2 / n
+
+
+def block_moments(stats, block, which="project"):
+    """(n, mean, cov) of a block's project conv input (``which="project"``, over positions) or of its pooled
+    pre-gate SE input (``which="se"``, one row per image), from a ``second_moments=True`` capture."""
+    if which not in ("project", "se"):
+        raise PruneError(f"unknown moment {which!r}: use project or se")
+    return read(stats, f"{block}/{'cov' if which == 'project' else 'se_cov'}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# capture integration: the hooks and state keys of ``capture(..., second_moments=True)``
+
+
+def _state_moments(state, prefix, dim, cols=None, diagonal=False, device="cpu"):
+    """The live (n, mean, m2) state tensors of ``prefix``, made (outside inference mode) at first use."""
+    if f"{prefix}_m2" not in state:
+        with torch.inference_mode(False):
+            fresh = zeros(dim, cols, diagonal, device)
+        state.update({f"{prefix}{s}": t for s, t in zip(MOMENT_SUFFIXES, fresh)})
+    return tuple(state[f"{prefix}{s}"] for s in MOMENT_SUFFIXES)
+
+
+def _merge_state(state, prefix, batch, diagonal=False):
+    n, mean, m2 = _state_moments(state, prefix, batch[1].numel(), diagonal=diagonal, device=batch[1].device)
+    merge_(n, mean, m2, *batch)
+
+
+def sampled_rows(x, max_rows, generator):
+    """(exact batch mean, rows for the scatter, n): all rows of x [rows, C], or ``max_rows`` drawn uniformly
+    with replacement (seeded ``generator``). With the batch mean and n = all rows, ``batch_moments``
+    scales the drawn rows' scatter by n / max_rows: the Hansen-Hurwitz estimator, unbiased for the batch's
+    scatter sum (the mean stays exact)."""
+    n = x.shape[0]
+    if not max_rows or n <= max_rows:
+        return None, x, n
+    idx = torch.randint(n, (max_rows,), generator=generator).to(x.device)
+    return x.mean(0), x[idx], n
+
+
+class CaptureMoments:
+    """Streams second moments into a capture's ``state`` (see ``capture_keys`` for what and where).
+
+    ``max_positions``: rows per batch used for a project-input covariance (None: every position); the
+    means and the per-channel moments always use every position.
+    """
+
+    def __init__(self, state, blocks, layers, max_positions=None, seed=0):
+        self.state, self.blocks, self.layers, self.max_positions = state, blocks, layers, max_positions
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def channel(self, layer, x):
+        """Per-channel (n, mean, M2) of a captured layer's tensor, over every position."""
+        batch = channel_moments_4d(x.float()) if x.dim() == 4 else batch_moments(x.float(), diagonal=True)
+        _merge_state(self.state, f"{layer}/chan", batch, diagonal=True)
+
+    def project(self, block, x):
+        """Covariance of the project conv input over (sampled) positions."""
+        rows = rows_of(x.float())
+        mean, rows, n = sampled_rows(rows, self.max_positions, self.generator)
+        scratch = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, not x's memory
+        _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n, inplace=scratch))
+
+    def pooled(self, block, x):
+        """Covariance of the pooled pre-gate SE input, one row per image."""
+        _merge_state(self.state, f"{block}/se_cov", batch_moments(x.float().mean((2, 3))))
+
+    def hooks(self, pregate_module):
+        """(module, kind, fn) hooks for ``capture.attached_hooks``."""
+        out = [(name, info["hook"], lambda x, name=name: self.channel(name, x)) for name, info in self.layers.items()]
+        for block, roles in self.blocks.items():
+            if "expand" not in roles:
+                continue
+            out.append((roles["project"], "pre", lambda x, block=block: self.project(block, x)))
+            if roles.get("se_fc1"):
+                out.append((pregate_module(roles), "post", lambda x, block=block: self.pooled(block, x)))
+        return out
+
+
+def capture_keys(blocks, layers):
+    """The state keys a ``second_moments=True`` capture adds (moment triples ``p_n``, ``p_mean``, ``p_m2``):
+
+    * ``{layer}/chan_*`` for every captured layer: per-channel n, mean [C], M2 [C] over every position;
+    * ``{block}/cov_*`` for every block with an expand conv: its project conv input over positions,
+      mean [C] and M2 [C, C] (``block_moments(stats, block, "project")``);
+    * ``{block}/se_cov_*`` for such blocks with SE: the pooled pre-gate depthwise activation, one row per
+      image, mean [C] and M2 [C, C] (``block_moments(stats, block, "se")``).
+    """
+    prefixes = [f"{layer}/chan" for layer in layers]
+    for block, roles in blocks.items():
+        if "expand" in roles:
+            prefixes.append(f"{block}/cov")
+            if roles.get("se_fc1"):
+                prefixes.append(f"{block}/se_cov")
+    return {p + s for p in prefixes for s in MOMENT_SUFFIXES}
+
+
+def channel_moments(stats, layer):
+    """(n, mean [C], variance [C]) of a captured layer from its Chan-merged ``{layer}/chan_*`` keys."""
+    return read(stats, f"{layer}/chan")

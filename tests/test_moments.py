@@ -1,0 +1,122 @@
+"""Tests of mbv3prune.moments: Chan-merged streamed moments, their rank merge, and the capture's moment keys."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mbv3prune import moments as M
+from mbv3prune.blocks import find_blocks
+from mbv3prune.capture import capture
+from mbv3prune.reconstruct import block_fit_moments
+from tests.conftest import randomized_model
+
+
+def _rows(n=3000, c=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=gen, dtype=torch.float64) @ torch.randn(c, c, generator=gen,
+                                                                                dtype=torch.float64)
+
+
+def test_near_constant_channel_keeps_its_variance_in_float32_batches():
+    gen = torch.Generator().manual_seed(1)
+    exact = torch.randn(20000, 2, generator=gen, dtype=torch.float64)
+    exact[:, 0] = 1e4 + exact[:, 0]  # mean / std = 1e4
+    x = exact.float()
+    streamed, diagonal = M.Moments(2), M.Moments(2, diagonal=True)
+    for batch in x.split(256):
+        streamed.add(batch)
+        diagonal.add(batch)
+    truth = exact.var(0, correction=0)
+    assert float(streamed.cov()[0, 0]) == pytest.approx(float(truth[0]), rel=0.01)
+    assert float(diagonal.cov()[0]) == pytest.approx(float(truth[0]), rel=0.01)
+    today = sum(float((b ** 2).sum(0)[0]) for b in x.split(256)) / len(x) - float(x.double().mean(0)[0]) ** 2
+    assert abs(today - float(truth[0])) > 0.1 * float(truth[0])  # float32 batch sums of a**2 lose it
+
+
+def test_merged_parts_equal_the_whole_for_plain_cross_and_diagonal_moments():
+    z = _rows()
+    for kwargs in ({}, {"cols": 2}, {"diagonal": True}):
+        whole = M.Moments(z.shape[1], **kwargs).add(z)
+        parts = M.Moments(z.shape[1], **kwargs)
+        for chunk in (z[:7], z[7:1000], z[1000:]):
+            parts.add(chunk)
+        assert int(parts.n) == len(z)
+        assert torch.allclose(parts.mean, whole.mean, atol=1e-12)
+        assert torch.allclose(parts.cov(), whole.cov(), atol=1e-10)
+    cross = M.Moments(z.shape[1], cols=2).add(z).cov()
+    assert torch.allclose(cross, torch.cov(z.T, correction=0)[:, -2:], atol=1e-10)
+
+
+def test_subsampled_scatter_is_unbiased_and_exact_without_subsampling():
+    z = _rows(n=400, c=4, seed=2).float()
+    mean, rows, n = M.sampled_rows(z, None, torch.Generator())
+    assert rows is z and mean is None and n == 400
+    truth = M.batch_moments(z)[2]
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack([M.batch_moments(r, mean=m, n=k)[2]
+                         for m, r, k in (M.sampled_rows(z, 50, gen) for _ in range(400))])
+    spread = draws.std(0) / 400 ** 0.5
+    assert bool(((draws.mean(0) - truth).abs() <= 4 * spread + 1e-6).all())  # mean of 400 draws within 4 sigma
+    assert M.sampled_rows(z, 50, gen)[1].shape == (50, 4)
+
+
+def _rank_merge(rank, world, path, parts, out):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        mom = M.Moments(parts[rank].shape[1]).add(parts[rank]).all_reduce()
+        if rank == 0:
+            out.put((int(mom.n), mom.mean.clone(), mom.cov().clone()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
+def test_two_ranks_merge_to_one_process_moments(tmp_path):
+    z = _rows(seed=4) + 50.0
+    parts = [z[:1234], z[1234:]]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_merge, args=(r, 2, str(tmp_path / "store"), parts, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    n, mean, cov = out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    whole = M.Moments(z.shape[1]).add(z)
+    assert n == len(z)
+    assert torch.allclose(mean, whole.mean, atol=1e-10) and torch.allclose(cov, whole.cov(), atol=1e-9)
+
+
+def test_capture_moments_match_a_direct_measurement_and_resume():
+    model = randomized_model("mobilenet_v3_large", 0, 32).double()
+    blocks = find_blocks(model)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64), torch.zeros(4, dtype=torch.int64))
+               for _ in range(2)]
+    stats, layers = capture(model, batches, blocks, histograms=False, progress=False, second_moments=True)
+    block = next(b for b, r in blocks.items() if r.get("se_fc1") and "expand" in r)
+    images = [b for b, _ in batches]
+    for kind in ("project", "se"):
+        n, mean, cov = M.block_moments(stats, block, kind)
+        direct = block_fit_moments(model, model, images, block, blocks[block], kind)
+        assert torch.allclose(mean, direct.mean_x, atol=1e-5) and torch.allclose(cov, direct.cov_yy, atol=1e-5)
+    layer = blocks[block]["project"]
+    _, mean, var = M.channel_moments(stats, layer)
+    assert torch.allclose(mean, stats[f"{layer}/sum"] / stats[f"{layer}/n"])
+    assert torch.allclose(var, M.block_moments(stats, block)[2].diagonal(), atol=1e-5)
+    first, _ = capture(model, batches[:1], blocks, histograms=False, progress=False, second_moments=True)
+    resumed, _ = capture(model, batches[1:], blocks, histograms=False, progress=False, second_moments=True,
+                         state=copy.deepcopy(first))
+    assert torch.allclose(resumed[f"{block}/cov_m2"], stats[f"{block}/cov_m2"], atol=1e-6)
+    sub, _ = capture(model, batches, blocks, histograms=False, progress=False, second_moments=True, max_positions=8)
+    assert torch.equal(sub[f"{block}/cov_mean"], stats[f"{block}/cov_mean"])  # means use every position
+    assert not torch.equal(sub[f"{block}/cov_m2"], stats[f"{block}/cov_m2"])
+
+
+def test_reading_a_capture_without_second_moments_is_refused_naming_the_key():
+    from mbv3prune.errors import PruneError
+    with pytest.raises(PruneError, match="features.4/cov_n.*SECOND_MOMENTS"):
+        M.block_moments({}, "features.4")
