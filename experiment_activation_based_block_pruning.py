@@ -45,6 +45,11 @@ BLOCKS_PER_ROUND = 1  # iterative: blocks pruned per round before re-measuring d
 MAX_ROUNDS = 30  # iterative: most rounds
 COMPENSATE = True  # fold the removed channels' mean contribution into the project BN and SE fc1 (project_input stats)
 CORRECT_VARIANCE = False  # with COMPENSATE: also lower the project BN's running_var by the removed variance
+RECONSTRUCT = "none"  # sequential / oneshot: refit the kept project and SE fc1 weights by least squares; none: COMPENSATE
+RIDGE = 1e-3  # refit and obs: ridge toward the kept weights, x the mean diagonal of the covariance
+RESIDUAL_TARGET = False  # sequential: residual blocks also absorb the difference of the two models' block inputs
+REFIT_SAMPLES_PER_CLASS = 0  # sequential: images per class of the capture's sample the refit runs on (0 = all)
+OUTPUT_UNITS = False  # contribution / fluctuation: weigh the project conv column by its BN's scale
 FALLBACK_TARGET = 0.0  # threshold mode: when the plan removes < 10% of MACs, prune to this MACs target instead (0 = no)
 SCORE = ""  # target_macs ranking: deadness, mean_abs, contribution or fluctuation ("" = the plan's score)
 CLASS_AWARE = False  # target_macs with deadness: rank a channel by its deadness in the class where it is most alive

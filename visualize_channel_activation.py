@@ -48,6 +48,7 @@ SKIP_BLOCKS = []  # blocks never proposed, e.g. ["features.15"]
 PLAN_TAG = "default"  # the plan is written to RUN_DIR/pruning_plan_<PLAN_TAG>.json
 GRIDS = True  # draw the per-layer deadness grids
 RECAPTURE = False  # capture again even when saved statistics fit
+SECOND_MOMENTS = False  # also stream the project-input covariances (SCORE=obs, RECONSTRUCT need them; ~50 MB for Large)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt
 SAVE_EVERY = 50  # batches between partial saves (0 = never)
 IMAGE_SIZE = 64  # input resolution

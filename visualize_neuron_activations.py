@@ -41,6 +41,7 @@ CAPTURE_POINT = "project_input"  # project_input (what the project conv consumes
 THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (2**-7, a histogram bin edge)
 DEADNESS_THRESHOLD = 0.9  # for the sensitivity figure: a channel inactive more often than this is dead
 RECAPTURE = False  # capture again even when saved statistics fit
+SECOND_MOMENTS = False  # also stream the project-input covariances (SCORE=obs, RECONSTRUCT need them; ~50 MB for Large)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt (one process only)
 SAVE_EVERY = 50  # batches between partial saves (0 = never; off under torchrun with several processes)
 IMAGE_SIZE = 64  # input resolution

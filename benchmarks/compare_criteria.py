@@ -19,13 +19,14 @@ import time
 
 from tqdm import tqdm
 
-from mbv3prune import bench, config, iterative, measure, plots, stage
+from mbv3prune import bench, config, iterative, measure, plots, pruning, reconstruct, stage
 from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
 from mbv3prune.data import Skipped, batches, stratified_sample
 from mbv3prune.criterion import Criterion
 from mbv3prune.errors import PruneError
+from mbv3prune.experiment import prune_copy, val_top1
 from mbv3prune.selection import to_macs_target, uniform_ratio
 from mbv3prune.train import seed_everything
 
@@ -37,10 +38,15 @@ FIGURE = "examples/criteria_comparison.png"  # the figure
 TABLE = "examples/criteria_comparison.md"  # the Markdown tables (the README includes them)
 MODEL_ARCH = "mobilenet_v3_large"  # must match the checkpoint
 IMAGE_SIZE = 128  # resolution the baseline was trained and the statistics captured at
-TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5]  # fractions of MACs removed
+TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]  # fractions of MACs removed
 ALLOCATIONS = ["uniform", "global"]  # uniform: same ratio in every block; global: one ranking across blocks
 CRITERIA = ["deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation",
-            "tp_l1", "tp_taylor", "tp_bn_scale", "tp_activation", "random"]  # criteria compared
+            "obs", "tp_l1", "tp_taylor", "tp_bn_scale", "tp_activation", "random"]  # criteria compared
+RECONSTRUCT = ["sequential"]  # refits also measured (global allocation): sequential and / or oneshot
+RECONSTRUCT_CRITERIA = ["obs", "fluctuation", "tp_taylor", "tp_bn_scale"]  # the criteria measured with each refit
+RIDGES = [1e-4, 1e-3, 1e-2, 1e-1]  # refit and obs ridge candidates, chosen on the val split (never on test)
+RIDGE_TARGET = 0.5  # the MACs target, obs + the first RECONSTRUCT, at which the ridge is chosen
+REFIT_SAMPLES_PER_CLASS = 20  # images per class of the capture's sample the sequential refit runs on
 RANDOM_SEEDS = [0, 1, 2]  # seeds of the random criterion
 FT_POINTS = [["global", 0.3]]  # [allocation, target] pairs also fine-tuned (~2.5 min each; random: first seed only)
 FINETUNE_EPOCHS = 3  # fine-tuning epochs at FT_POINTS (train_model.py's recipe, same for every criterion)
@@ -63,16 +69,20 @@ SEED = 0  # seeds fine-tuning and data order
 BN_RECALIBRATE = True  # (always on here: the BN-recalibrated step is one of the reported steps)
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
-OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation")
+OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation", "obs")
 RESULT_KEYS = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "IMAGE_SIZE", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES",
                "COMPENSATE", "MIN_KEEP_RATIO", "ROUND_TO", "MIN_CLASS_SAMPLES", "ITERATIVE_SAMPLES_PER_CLASS",
-               "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD", "MACS_TOLERANCE")
+               "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD", "MACS_TOLERANCE",
+               "RIDGES", "RIDGE_TARGET", "REFIT_SAMPLES_PER_CLASS")
 
 
 def check_config(cfg):
     unknown = [c for c in cfg["CRITERIA"] if c not in OURS and not c.startswith("tp_") and c != "random"]
     if unknown:
         raise PruneError(f"unknown criterion {unknown[0]!r} in CRITERIA")
+    bad = [m for m in cfg["RECONSTRUCT"] if m not in ("sequential", "oneshot")]
+    if bad:
+        raise PruneError(f"RECONSTRUCT={cfg['RECONSTRUCT']}: use sequential and / or oneshot")
     if any(not 0 < t < 0.75 for t in cfg["TARGETS"]):
         raise PruneError(f"TARGETS={cfg['TARGETS']} must lie in (0, 0.75)")
     if any(a not in ("uniform", "global") for a in cfg["ALLOCATIONS"]):
@@ -92,23 +102,61 @@ def rankings(run, cfg):
             out[name] = bench.ours(run, "deadness")
         elif name == "deadness_class_aware":
             out[name] = bench.ours(run, "deadness", class_aware=True, min_class_samples=cfg["MIN_CLASS_SAMPLES"])
+        elif name == "obs":
+            out[name] = obs_criterion(run, cfg).rank(run.stats, run.blocks, run.layers, run.model)
         else:
             out[name] = bench.ours(run, name)
         print(f"ranked by {name} in {time.perf_counter() - t0:.1f} s")
     return out
 
 
-def select(run, cfg, ranking, allocation, target):
+def select(run, cfg, ranking, allocation, target, name=""):
+    """The selection of a ranking at ``target``; obs under global allocation ranks chunks by cost per MAC."""
     if allocation == "uniform":
         return bench.uniform_to_macs(ranking, run, target, cfg["MIN_KEEP_RATIO"], cfg["ROUND_TO"])[0]
+    if name.split("+")[0] == "obs":
+        return pruning.to_macs_target(run, obs_criterion(run, cfg), target, cfg["MACS_TOLERANCE"])[0]
     return to_macs_target(ranking, run.blocks, run.per_channel, run.total, target, cfg["MIN_KEEP_RATIO"],
                           cfg["ROUND_TO"], cfg["MACS_TOLERANCE"])[0]
 
 
-def compensator(run, cfg):
+def obs_criterion(run, cfg):
+    return Criterion("obs", 1.0, min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"], ridge=run.ridge)
+
+
+def compensator(run, cfg, refit=None):
+    """The refit (``refit``: sequential or oneshot, at the chosen ridge), else the mean compensation."""
+    if refit is not None:
+        batches_fn = run.refit_batches if refit == "sequential" else None
+        return reconstruct.folder(refit, run.model, batches_fn, run.ridge)
     if not cfg["COMPENSATE"]:
         return None
     return folder(run.capture_point)
+
+
+def hold_refit_batches(run, cfg):
+    """REFIT_SAMPLES_PER_CLASS images per class of the capture's sample, decoded once, as a batches function."""
+    items = stratified_sample(measure.sample_items(run.stats_meta, cfg["DATA_DIR"]), cfg["REFIT_SAMPLES_PER_CLASS"],
+                              seed=cfg["SEED"])
+    held = [images for images, _ in batches(stage.loader(cfg, items), Skipped(), run.device)]
+    return lambda: iter(held)
+
+
+def choose_ridge(run, cfg, ranks, results, save):
+    """The ridge of the best val top-1 with obs and the first refit at RIDGE_TARGET (results["ridge_choice"])."""
+    if "ridge_choice" not in results:
+        refit, val = cfg["RECONSTRUCT"][0], {}
+        for ridge in cfg["RIDGES"]:
+            run.ridge = ridge
+            chosen = select(run, cfg, None, "global", cfg["RIDGE_TARGET"], "obs")
+            model, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats,
+                                  compensator(run, cfg, refit))
+            val[str(ridge)] = val_top1(model, run.loaders, run.class_names, run.device)
+            print(f"ridge {ridge:g}: val top-1 {val[str(ridge)]:.4f} (obs + {refit}, {cfg['RIDGE_TARGET']:.0%} MACs)")
+        best = max(cfg["RIDGES"], key=lambda r: (val[str(r)], -r))
+        results["ridge_choice"] = {"val_top1": val, "ridge": best, "target": cfg["RIDGE_TARGET"], "refit": refit}
+        save()
+    run.ridge = results["ridge_choice"]["ridge"]
 
 
 def iterative_model(run, cfg, quotas):
@@ -135,12 +183,21 @@ def finetuned(cfg, allocation, target, name):
 
 
 def one_config(run, cfg, ranks, criterion, allocation, target, finetune):
-    chosen = select(run, cfg, ranks[criterion], allocation, target)  # deadness_iterative: the deadness ranking
+    base, _, refit = criterion.partition("+")
+    chosen = select(run, cfg, ranks[base], allocation, target, base)  # deadness_iterative: the deadness ranking
     step_cfg = {**cfg, "FINETUNE_EPOCHS": cfg["FINETUNE_EPOCHS"] if finetune else 0, "BN_RECALIBRATE": True}
     model = None
     if criterion == "deadness_iterative":
         model, chosen = iterative_model(run, cfg, chosen)
-    return bench.prune_and_score(run, chosen, step_cfg, compensator(run, cfg), model)
+    return bench.prune_and_score(run, chosen, step_cfg, compensator(run, cfg, refit or None), model)
+
+
+def configurations(cfg, ranks):
+    """(allocation, target, name) of every configuration: each ranking, and under global allocation each
+    RECONSTRUCT_CRITERIA ranking with each refit too (``name+refit``)."""
+    refits = [f"{n}+{r}" for r in cfg["RECONSTRUCT"] for n in cfg["RECONSTRUCT_CRITERIA"] if n in ranks]
+    return [(a, t, n) for a in cfg["ALLOCATIONS"] for t in cfg["TARGETS"]
+            for n in list(ranks) + (refits if a == "global" else [])]
 
 
 def reproduce(run, cfg, ranks, results, save):
@@ -173,10 +230,12 @@ def main(cfg):
     if "baseline" not in results:
         results["baseline"] = bench.with_intervals({"baseline": bench.score_baseline(run)})["baseline"]
     record["baseline"] = results["baseline"]
+    run.refit_batches = hold_refit_batches(run, cfg)
+    choose_ridge(run, cfg, None, results, save)
     ranks = rankings(run, cfg)
     if cfg["REPRODUCE"]:
         reproduce(run, cfg, ranks, results, save)
-    todo = [(a, t, n) for a in cfg["ALLOCATIONS"] for t in cfg["TARGETS"] for n in ranks
+    todo = [(a, t, n) for a, t, n in configurations(cfg, ranks)
             if "finetuned" not in results.get(f"{a}/{t}/{n}", {}) and
             (f"{a}/{t}/{n}" not in results or finetuned(cfg, a, t, n))]
     for allocation, target, name in tqdm(todo, desc="criteria", disable=None):
@@ -208,8 +267,8 @@ def criteria_in(results, allocation, target):
 def verdict(rows, step, against=None):
     """win / loss / tie of our best criterion against the best other one (or the best whose name starts with
     ``against``): a win only when the 95% intervals do not overlap."""
-    ours = {k: v for k, v in rows.items() if k in OURS and step in v}
-    others = {k: v for k, v in rows.items() if k not in OURS and step in v and k.startswith(against or "")}
+    ours = {k: v for k, v in rows.items() if k.split("+")[0] in OURS and step in v}
+    others = {k: v for k, v in rows.items() if k.split("+")[0] not in OURS and step in v and k.startswith(against or "")}
     if not ours or not others:
         return ""
     a = max(ours.items(), key=lambda kv: kv[1][step]["top1"])

@@ -99,9 +99,36 @@ class ActivationStats:
         return self._get(f"{layer}/sum_abs").double() / self.elements(layer)
 
     def var(self, layer):
-        """Per channel population variance of a (sum_sq / n - mean**2, clamped at 0)."""
+        """Per channel population variance of a: from the Chan-merged moments when captured (exact for
+        near-constant channels), else sum_sq / n - mean**2 clamped at 0."""
+        if f"{layer}/chan_m2" in self.tensors:
+            return self.moments(f"{layer}/chan")[2]
         mean = self.mean(layer)
         return (self._get(f"{layer}/sum_sq").double() / self.elements(layer) - mean ** 2).clamp_min(0)
+
+    def moments(self, prefix):
+        """(n, mean, covariance) of a Chan-merged moment triple ``{prefix}_n/_mean/_m2`` (CPU float64; the
+        covariance is M2 / n, [C] for a per-channel triple, [C, C] for a full one)."""
+        for suffix in ("_n", "_mean", "_m2"):
+            if f"{prefix}{suffix}" not in self.tensors:
+                raise PruneError(f"statistics have no {prefix}{suffix}: capture with SECOND_MOMENTS=True first")
+        n = int(self.tensors[f"{prefix}_n"])
+        if n <= 0:
+            raise PruneError(f"statistics {prefix}_n is {n}: the capture saw no activations there")
+        mean = torch.as_tensor(self.tensors[f"{prefix}_mean"]).to("cpu", torch.float64)
+        m2 = torch.as_tensor(self.tensors[f"{prefix}_m2"]).to("cpu", torch.float64)
+        return n, mean, m2 / n
+
+    def has_second_moments(self, block):
+        """Whether a block's project-input covariance was captured (SECOND_MOMENTS=True)."""
+        return f"{block}/cov_m2" in self.tensors
+
+    def block_moments(self, block, which="project"):
+        """(n, mean, cov) of a block's project conv input (``"project"``, over positions) or of its pooled
+        pre-gate SE input (``"se"``, one row per image), from a SECOND_MOMENTS=True capture."""
+        if which not in ("project", "se"):
+            raise PruneError(f"unknown moment {which!r}: use project or se")
+        return self.moments(f"{block}/{'cov' if which == 'project' else 'se_cov'}")
 
     def std(self, layer):
         return self.var(layer).sqrt()

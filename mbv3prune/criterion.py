@@ -14,12 +14,15 @@ import torch
 from . import scores
 from .blocks import prunable, skip_reason
 from .errors import PruneError
+from .reconstruct import obs_removal
 from .selection import keep_count, min_kept, proposal
 from .activation_stats import ActivationStats, check_threshold
 
 _CONFIG = {"score": "SCORE", "threshold": "THRESHOLD", "deadness_threshold": "DEADNESS_THRESHOLD",
            "min_keep_ratio": "MIN_KEEP_RATIO", "round_to": "ROUND_TO", "class_aware": "CLASS_AWARE",
-           "min_class_samples": "MIN_CLASS_SAMPLES", "skip_blocks": "SKIP_BLOCKS"}
+           "min_class_samples": "MIN_CLASS_SAMPLES", "skip_blocks": "SKIP_BLOCKS", "ridge": "RIDGE",
+           "output_units": "OUTPUT_UNITS"}
+_OPTIONAL = {"ridge": 1e-3, "output_units": False}  # plan fields newer than schema 1's first plans
 _PLAN = ("score", "threshold", "deadness_threshold", "class_aware", "min_class_samples", "min_keep_ratio",
          "round_to")
 
@@ -34,9 +37,16 @@ class Criterion:
     class_aware: bool = False  # spare channels alive for some class (propose); rank deadness by that class
     min_class_samples: int = 5  # classes with fewer sampled images do not count for class awareness
     skip_blocks: tuple = ()  # blocks never pruned
+    ridge: float = 1e-3  # obs: H = cov + ridge x mean diag(cov) (the refit's ridge too)
+    output_units: bool = False  # contribution / fluctuation: weigh the column norm by the project BN's scale
 
     def __post_init__(self):
         scores.check_score(self.score)
+        if self.score == "obs" and self.class_aware:
+            raise PruneError("CLASS_AWARE=True with SCORE=obs is refused: the stratified sample already weights "
+                             "every species equally in the covariance obs is computed from")
+        if not 0 <= self.ridge < float("inf"):
+            raise PruneError(f"RIDGE={self.ridge} must be a number >= 0")
         check_threshold(self.threshold)
         if not 0 <= self.deadness_threshold <= 1:
             raise PruneError(f"DEADNESS_THRESHOLD={self.deadness_threshold} must lie in [0, 1]")
@@ -55,14 +65,16 @@ class Criterion:
     @classmethod
     def from_plan(cls, plan, **overrides):
         """The criterion a plan file was made with, then ``overrides`` (e.g. the pruning stage's floors)."""
-        return cls(**{**{k: plan[k] for k in _PLAN}, **overrides})
+        return cls(**{**{k: plan[k] for k in _PLAN}, **{k: plan.get(k, v) for k, v in _OPTIONAL.items()},
+                      **overrides})
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
     def plan_fields(self):
-        """The plan file's record of this criterion."""
-        return {k: getattr(self, k) for k in _PLAN}
+        """The plan file's record of this criterion (ridge and output units only where the score uses them)."""
+        used = {"ridge"} if self.score == "obs" else {"output_units"} if self.score in scores.WEIGHTED else set()
+        return {k: getattr(self, k) for k in _PLAN + tuple(sorted(used))}
 
     def min_kept(self, hidden):
         return min_kept(hidden, self.min_keep_ratio)
@@ -75,11 +87,48 @@ class Criterion:
         if unknown:
             raise PruneError(f"SKIP_BLOCKS names unknown block {unknown[0]!r}: blocks are {', '.join(blocks)}")
 
-    def values(self, stats, roles, layer, weights=None):
+    def obs(self, stats, block, roles, weights):
+        """The block's greedy OBS removal (``reconstruct.ObsResult``) down to its floor, from the captured
+        covariance of the project conv input."""
+        if weights is None:
+            raise PruneError(f"SCORE=obs needs the model's weights to score {block}")
+        stats = ActivationStats.of(stats)
+        if not stats.has_second_moments(block):
+            raise PruneError(f"SCORE=obs needs the covariance of {block}'s project input: capture with "
+                             "SECOND_MOMENTS=True (visualize_neuron_activations.py --RECAPTURE=True)")
+        _, _, cov = stats.block_moments(block)
+        weight = scores.consumer_weight(weights, roles)
+        if cov.shape[0] != weight.shape[1]:
+            raise PruneError(f"the covariance of {block} is {cov.shape[0]} wide but its project conv takes "
+                             f"{weight.shape[1]} channels: the stats belong to another model")
+        hidden = roles["hidden_channels"]
+        return obs_removal(cov, weight.reshape(weight.shape[0], -1), scores.output_scale(weights, roles), self.ridge,
+                           n_remove=hidden - self.min_kept(hidden))
+
+    def removals(self, stats, blocks, weights):
+        """{block: [(channel, cost of removing it next)]} in greedy OBS order for every prunable block."""
+        out = {}
+        for name, roles in blocks.items():
+            if prunable(roles) and name not in self.skip_blocks:
+                result = self.obs(stats, name, roles, weights)
+                out[name] = list(zip(result.order, result.costs.tolist()))
+        return out
+
+    def _obs_values(self, stats, block, roles, weights):
+        """Per channel relative block-output error once the greedy removal has reached it (inf: never removed)."""
+        result = self.obs(stats, block, roles, weights)
+        value = torch.full((roles["hidden_channels"],), float("inf"), dtype=torch.float64)
+        value[result.order] = result.costs.cumsum(0) / max(float(result.variance), torch.finfo(torch.float64).tiny)
+        return value
+
+    def values(self, stats, roles, layer, weights=None, block=None):
         """Per hidden channel value of the score (not yet oriented), checked against the block's width."""
+        if self.score == "obs":
+            return self._obs_values(stats, block, roles, weights)
         consumer = scores.consumer_weight(weights, roles) if self.score in scores.WEIGHTED and weights is not None \
             else None
-        value = scores.channel_score(stats, layer, self.score, self.threshold, consumer)
+        scale = scores.output_scale(weights, roles) if self.output_units and consumer is not None else None
+        value = scores.channel_score(stats, layer, self.score, self.threshold, consumer, scale)
         if value.numel() != roles["hidden_channels"]:
             raise PruneError(f"activation stats for {layer} have {value.numel()} channels, but the block has "
                              f"{roles['hidden_channels']}: the stats belong to another model")
@@ -90,9 +139,10 @@ class Criterion:
         dead = ActivationStats.of(stats).class_deadness(layer, self.threshold, self.min_class_samples)
         return (dead <= self.deadness_threshold).any(0)
 
-    def candidates(self, stats, roles, layer, weights=None):
-        """(prunability, candidate mask) of a block's hidden channels, scored on ``layer``."""
-        value = self.values(stats, roles, layer, weights)
+    def candidates(self, stats, roles, layer, weights=None, block=None):
+        """(prunability, candidate mask) of a block's hidden channels, scored on ``layer`` (obs: ``block``'s
+        covariance; a channel is a candidate while the greedy removal's relative error stays <= THRESHOLD)."""
+        value = self.values(stats, roles, layer, weights, block)
         candidate = scores.is_candidate(value, self.score, self.threshold, self.deadness_threshold)
         if self.class_aware:
             candidate &= ~self.alive_for_some_class(stats, layer)
@@ -108,7 +158,7 @@ class Criterion:
             return {**entry, "skipped": reason}
         if layer is None:
             raise PruneError(f"no captured layer is given for block {name}")
-        prun, candidate = self.candidates(stats, roles, layer, weights)
+        prun, candidate = self.candidates(stats, roles, layer, weights, name)
         n, kept, prune = proposal(hidden, prun, candidate, self.min_keep_ratio, self.round_to)
         return {**entry, "candidates": n, "kept": kept, "prune": prune}
 
@@ -126,7 +176,7 @@ class Criterion:
         for name, roles in blocks.items():
             if not prunable(roles) or name in self.skip_blocks:
                 continue
-            prun = scores.oriented(self.values(stats, roles, layers[name], weights), self.score)
+            prun = scores.oriented(self.values(stats, roles, layers[name], weights, name), self.score)
             if self.class_aware and self.score == "deadness":
                 per_class = ActivationStats.of(stats).class_deadness(layers[name], self.threshold,
                                                                      self.min_class_samples)
@@ -139,6 +189,8 @@ class Criterion:
         """The candidate rule in words, for reports: e.g. "deadness > 0.9" or "fluctuation < 0.05"."""
         if self.score == "deadness":
             return f"deadness > {self.deadness_threshold}"
+        if self.score == "obs":
+            return f"obs relative error <= {self.threshold:g}"
         return f"{self.score} < {self.threshold:g}"
 
 

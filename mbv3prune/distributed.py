@@ -125,12 +125,14 @@ def all_reduce_totals(stats):
     """Capture totals (finalized: plain CPU tensors, int64 histograms) added across ranks, in place.
 
     SUM for counts, sums, histograms and ``n_batches``, MAX for ``max_abs``; ``hist_edges`` and ``threshold``
-    are left as they are. One collective per (operation, dtype): the tensors are flattened into one buffer.
+    are left as they are; second-moment triples are merged Chan-style (``moments.all_reduce_moments``), not
+    summed. One collective per (operation, dtype): the tensors are flattened into one buffer.
     """
     if not active():
         return stats
+    from .moments import all_reduce_moments, is_moment_key
     groups = {}
-    for key in sorted(k for k in stats if k not in _UNREDUCED):
+    for key in sorted(k for k in stats if k not in _UNREDUCED and not is_moment_key(stats, k)):
         groups.setdefault((key.endswith("/max_abs"), str(stats[key].dtype)), []).append(key)
     for (is_max, _), keys in sorted(groups.items()):
         op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
@@ -141,7 +143,7 @@ def all_reduce_totals(stats):
             n = stats[k].numel()
             stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
             offset += n
-    return stats
+    return all_reduce_moments(stats)
 
 
 def sampler(dataset, shuffle, seed, drop_last):

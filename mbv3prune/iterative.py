@@ -40,7 +40,7 @@ def candidates(stats, blocks, layers, criterion, weights=None):
         layer = layers.get(name)
         if not prunable(roles) or name in criterion.skip_blocks or f"{layer}/n" not in stats:
             continue
-        out[name] = criterion.candidates(stats, roles, layer, weights)
+        out[name] = criterion.candidates(stats, roles, layer, weights, name)
     return out
 
 
@@ -78,7 +78,7 @@ def _next_blocks(order, done, initial, latest, blocks, criterion, schedule):
 
 
 def run(model, sample_batches, stats, layers, criterion, schedule, *, capture_point, image_size, num_classes,
-        weights=None, compensate_fn=None, score_fn=None, log=print):
+        weights=None, compensate_fn=None, score_fn=None, second_moments=False, log=print):
     """Iteratively prune a copy of ``model``: (pruned model, per-round log, {block: removed indices}, values).
 
     ``values``: per block the channels' prunability (deadness for SCORE=deadness) initially and in the
@@ -89,6 +89,7 @@ def run(model, sample_batches, stats, layers, criterion, schedule, *, capture_po
     says which channels are candidates, ``schedule`` (a ``Schedule``) how the rounds go; ``weights``: the
     model whose project convs weigh the weighted scores. ``compensate_fn(model, blocks, selection, stats)``
     folds removed channels in before each prune; ``score_fn(model)`` gives a top-1 for the log.
+    ``second_moments``: the re-captures also stream the covariances (for SCORE=obs and a oneshot refit).
     """
     pruned = copy.deepcopy(model).eval()
     blocks = find_blocks(pruned)
@@ -113,7 +114,7 @@ def run(model, sample_batches, stats, layers, criterion, schedule, *, capture_po
         remeasured = [b for b in downstream if b in initial and b not in done]
         if remeasured:
             fresh, _ = capture(pruned, sample_batches(), {b: blocks[b] for b in remeasured}, capture_point,
-                               criterion.threshold, num_classes, progress=False)
+                               criterion.threshold, num_classes, progress=False, second_moments=second_moments)
             latest_stats.update(fresh)
             latest.update(candidates(fresh, {b: blocks[b] for b in remeasured}, layers, criterion, weights))
         macs, params = count_macs_params(pruned, image_size)

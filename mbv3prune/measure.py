@@ -60,7 +60,8 @@ def identity(cfg, checkpoint, items):
     """What makes two captures interchangeable."""
     _, digest = sample_record(items, cfg["DATA_DIR"])
     return {"checkpoint_sha256": sha256_file(checkpoint), "sample_sha256": digest,
-            "capture_point": cfg["CAPTURE_POINT"], "image_size": cfg["IMAGE_SIZE"]}
+            "capture_point": cfg["CAPTURE_POINT"], "image_size": cfg["IMAGE_SIZE"],
+            **({"second_moments": True} if cfg.get("SECOND_MOMENTS") else {})}
 
 
 def stale_reason(run_dir, ident):
@@ -129,7 +130,8 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident):
             os._exit(17)
 
     stats, layers = C.capture(model, batches(loader, skipped, device), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
-                              num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch)
+                              num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch,
+                              second_moments=cfg.get("SECOND_MOMENTS", False))
     return distributed.all_reduce_totals(stats), layers, _merged_skipped(skipped, items)
 
 

@@ -9,15 +9,16 @@ order, re-measuring downstream blocks after each round (``iterative.run``). Each
 """
 import os
 
-from . import distributed, iterative, measure, plots, selection, stage
+from . import distributed, iterative, measure, plots, reconstruct, selection, stage
 from .compensate import folder, require_project_input
 from .criterion import Criterion
-from .data import Skipped, batches
+from .data import Skipped, batches, stratified_sample
 from .errors import PruneError
 from .experiment import eval_accuracy, prune_copy, recover
 from .prune import count_macs_params
 
 PRUNE_MODES = ("threshold", "target_macs", "iterative")
+RECONSTRUCTIONS = ("sequential", "oneshot", "none")
 MIN_USEFUL_REDUCTION = 0.10  # below this a plan is reported as not worth pruning
 
 
@@ -28,6 +29,11 @@ def check_mode(cfg):
     for name in ("TARGET_MACS_REDUCTION", "FALLBACK_TARGET"):
         if not 0 <= cfg[name] < 1:
             raise PruneError(f"{name}={cfg[name]} must lie in [0, 1)")
+    if cfg["RECONSTRUCT"] not in RECONSTRUCTIONS:
+        raise PruneError(f"unknown RECONSTRUCT {cfg['RECONSTRUCT']!r}: use one of {', '.join(RECONSTRUCTIONS)}")
+    if cfg["RECONSTRUCT"] != "none" and (cfg["CORRECT_VARIANCE"] or not cfg["COMPENSATE"]):
+        raise PruneError(f"RECONSTRUCT={cfg['RECONSTRUCT']} refits the kept weights (mean and variance included): "
+                         "CORRECT_VARIANCE=True and COMPENSATE=False go with RECONSTRUCT=none only")
 
 
 def needs_stats(cfg):
@@ -36,13 +42,33 @@ def needs_stats(cfg):
 
 
 def criterion(run, cfg):
-    """The plan's criterion with the stage's score (when SCORE is set), floors, rounding and skipped blocks."""
-    return Criterion.from_plan(run.plan, score=cfg["SCORE"] or run.plan["score"], min_keep_ratio=cfg["MIN_KEEP_RATIO"],
-                               round_to=cfg["ROUND_TO"], skip_blocks=cfg["SKIP_BLOCKS"])
+    """The plan's criterion with the stage's score (when SCORE is set), floors, rounding, skipped blocks and ridge."""
+    score = cfg["SCORE"] or run.plan["score"]
+    overrides = {"ridge": cfg["RIDGE"]} if "RIDGE" in cfg else {}
+    if "OUTPUT_UNITS" in cfg:
+        overrides["output_units"] = cfg["OUTPUT_UNITS"]
+    return Criterion.from_plan(run.plan, score=score, min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"],
+                               skip_blocks=cfg["SKIP_BLOCKS"], **overrides)
+
+
+def refit_batches(run, cfg):
+    """() -> the refit sample's batches on the device: REFIT_SAMPLES_PER_CLASS images per class of the capture's
+    sample, decoded once and held in memory (every block's refit runs over them again)."""
+    items = measure.sample_items(run.stats_meta, cfg["DATA_DIR"])
+    if cfg["REFIT_SAMPLES_PER_CLASS"]:
+        items = stratified_sample(items, cfg["REFIT_SAMPLES_PER_CLASS"], seed=cfg["SEED"])
+    held = [images for images, _ in batches(stage.loader(cfg, items), Skipped(), run.device)]
+    return lambda: iter(held)
 
 
 def compensator(run, cfg):
-    """The compensation applied before every prune (None with COMPENSATE=False)."""
+    """What is folded in before every prune: the refit (RECONSTRUCT sequential or oneshot), else the mean
+    compensation (None with COMPENSATE=False)."""
+    if cfg["RECONSTRUCT"] == "sequential":
+        return reconstruct.folder("sequential", run.model, refit_batches(run, cfg), cfg["RIDGE"],
+                                  cfg["RESIDUAL_TARGET"])
+    if cfg["RECONSTRUCT"] == "oneshot":
+        return reconstruct.folder("oneshot", ridge=cfg["RIDGE"])
     if not cfg["COMPENSATE"]:
         return None
     require_project_input(run.capture_point)
@@ -54,11 +80,22 @@ def choose(run, crit, mode, target, class_aware=False):
     if mode == "threshold":
         chosen = selection.from_plan(run.plan, run.blocks, crit.skip_blocks, crit.min_keep_ratio, crit.round_to)
         return chosen, f"the plan's indices ({run.plan['score']} > {run.plan['deadness_threshold']})"
-    ranking = crit.replace(class_aware=class_aware).rank(run.stats, run.blocks, run.layers, run.model)
-    chosen, _ = selection.to_macs_target(ranking, run.blocks, run.per_channel, run.total, target,
-                                         crit.min_keep_ratio, crit.round_to)
+    chosen, _ = to_macs_target(run, crit.replace(class_aware=class_aware), target)
     aware = " (class-aware)" if class_aware else ""
     return chosen, f"most prunable by {crit.score}{aware} to {target:.0%} of MACs"
+
+
+def to_macs_target(run, crit, target, max_overshoot=None):
+    """(selection, predicted reduction): the global ranking by ``crit`` to ``target`` of the MACs; obs ranks
+    ROUND_TO chunks by their summed greedy cost per MAC saved, the other scores by prunability."""
+    if crit.score == "obs":
+        removals = crit.removals(run.stats, {b: r for b, r in run.blocks.items() if b in run.per_channel}, run.model)
+        steps = selection.costed_steps(removals, run.blocks, run.per_channel, crit.min_keep_ratio, crit.round_to)
+        return selection.to_macs_target(None, run.blocks, run.per_channel, run.total, target, crit.min_keep_ratio,
+                                        crit.round_to, max_overshoot, steps=steps)
+    ranking = crit.rank(run.stats, run.blocks, run.layers, run.model)
+    return selection.to_macs_target(ranking, run.blocks, run.per_channel, run.total, target, crit.min_keep_ratio,
+                                    crit.round_to, max_overshoot)
 
 
 def predicted_reduction(run, chosen):
@@ -92,6 +129,7 @@ def prune_iteratively(run, cfg, crit):
         run.model, lambda: batches(sample_loader, Skipped(), run.device), run.stats, run.layers, crit, schedule,
         capture_point=run.capture_point, image_size=cfg["IMAGE_SIZE"], num_classes=len(run.class_names),
         weights=run.model, compensate_fn=compensator(run, cfg),
+        second_moments=crit.score == "obs" or cfg["RECONSTRUCT"] == "oneshot",
         score_fn=lambda m: eval_accuracy(m, run.loaders, run.class_names, run.device, "round")["top1"])
     figures = [] if not distributed.is_main() else [
         plots.deadness_rounds(measured["initial_values"], measured["latest_values"],

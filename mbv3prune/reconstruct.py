@@ -440,3 +440,24 @@ def block_errors(original, pruned, batches, names):
     if not var:
         raise PruneError("block_errors: no batches")
     return {n: err[n] / max(float(var[n].m2.sum()), torch.finfo(torch.float64).tiny) for n in names}
+
+
+def folder(mode, original=None, batches_fn=None, ridge=0.0, residual_target=False, exact_gate=True):
+    """The refit as the ``compensate_fn(model, blocks, selection, stats)`` that pruning and iterative take.
+
+    ``"oneshot"``: every block from the captured moments of the model it is applied to (``refit_oneshot``).
+    ``"sequential"``: the blocks of ``selection`` in forward order, each measured on ``model`` (whose earlier
+    blocks are already refit, or pruned) toward ``original``'s outputs on ``batches_fn()``, as in
+    ``sequential_refit``. Either way ``model`` is changed in place, before ``prune.prune_blocks``.
+    """
+    if mode == "oneshot":
+        return lambda model, blocks, selection, stats: refit_oneshot(model, blocks, selection, stats, ridge)
+    if mode != "sequential":
+        raise PruneError(f"unknown RECONSTRUCT {mode!r}: use sequential, oneshot or none")
+
+    def fold(model, blocks, selection, stats):
+        selection = validate_indices(blocks, selection)
+        return {block: _refit_block(original, model, batches_fn, block, roles, selection[block], ridge,
+                                    residual_target, exact_gate)
+                for block, roles in blocks.items() if selection.get(block)}
+    return fold

@@ -1,0 +1,102 @@
+"""The Criterion object with SCORE=obs and output units: joint choice, its links to fluctuation, its refusals."""
+import pytest
+import torch
+
+from mbv3prune import models, scores
+from mbv3prune.blocks import find_blocks
+from mbv3prune.criterion import Criterion
+from mbv3prune.errors import PruneError
+from mbv3prune.experiment import recover
+from tests.helpers import randomized_model
+
+BLOCK = "features.4"  # Small: an expanded block with SE
+
+
+def moment_stats(roles, cov, block=BLOCK, mean=None, var_layer=True):
+    """Capture-format second moments (n, mean, M2) of a block's project input with covariance ``cov``."""
+    c, n = cov.shape[0], 1000
+    mean = torch.zeros(c, dtype=torch.float64) if mean is None else mean
+    stats = {f"{block}/cov_n": torch.tensor(n), f"{block}/cov_mean": mean, f"{block}/cov_m2": cov * n}
+    if var_layer:  # the per-channel view the magnitude scores read
+        layer = roles["project"]
+        stats.update({f"{layer}/n": torch.tensor(n), f"{layer}/sum": mean * n,
+                      f"{layer}/sum_abs": mean.abs() * n, f"{layer}/sum_sq": (cov.diagonal() + mean ** 2) * n})
+    return stats
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = randomized_model("mobilenet_v3_small")
+    return model, find_blocks(model)
+
+
+def test_obs_with_a_diagonal_covariance_ranks_as_fluctuation_squared_in_output_units(small):
+    model, blocks = small
+    roles = blocks[BLOCK]
+    var = torch.rand(roles["hidden_channels"], generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1
+    stats = moment_stats(roles, torch.diag(var))
+    obs = Criterion("obs", 1.0, ridge=0.0, min_keep_ratio=0.0, round_to=1)
+    order = obs.obs(stats, BLOCK, roles, model).order
+    fluct = scores.channel_score(stats, roles["project"], "fluctuation", consumer=scores.consumer_weight(model, roles),
+                                 scale=scores.output_scale(model, roles))
+    expected = torch.argsort(fluct ** 2, stable=True).tolist()
+    assert order == expected[: len(order)]
+    via_criterion = Criterion("fluctuation", 1.0, output_units=True).values(stats, roles, roles["project"], model)
+    torch.testing.assert_close(via_criterion, fluct)
+
+
+def test_obs_removes_one_of_two_duplicates_where_magnitude_removes_the_small_channel(small):
+    model, blocks = small
+    roles = blocks[BLOCK]
+    c = roles["hidden_channels"]
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(4000, c, generator=gen, dtype=torch.float64)
+    base[:, 1] = base[:, 0]  # channels 0 and 1 are the same feature
+    base[:, 2] *= 0.05  # channel 2 is small and independent
+    cov = torch.cov(base.T, correction=0)
+    stats = moment_stats(roles, cov, mean=torch.ones(c, dtype=torch.float64))
+    first = Criterion("obs", 1.0, ridge=1e-6).obs(stats, BLOCK, roles, model).order[0]
+    assert first in (0, 1)
+    layer = roles["project"]
+    stats[f"{layer}/sum_abs"] = base.abs().sum(0) / base.shape[0] * 1000
+    mean_abs = Criterion("mean_abs", 1.0).rank(stats, {BLOCK: roles}, {BLOCK: layer})[BLOCK]
+    assert max(mean_abs)[1] == 2
+
+
+def test_obs_threshold_proposes_the_greedy_prefix_within_the_allowed_error(small):
+    model, blocks = small
+    roles = blocks[BLOCK]
+    var = torch.linspace(1e-4, 1.0, roles["hidden_channels"], dtype=torch.float64)
+    stats = moment_stats(roles, torch.diag(var))
+    crit = Criterion("obs", 0.05, ridge=0.0, min_keep_ratio=0.0, round_to=1)
+    prun, cand = crit.candidates(stats, roles, roles["project"], model, BLOCK)
+    result = crit.obs(stats, BLOCK, roles, model)
+    rel = result.costs.cumsum(0) / result.variance
+    assert sorted(torch.nonzero(cand).flatten().tolist()) == sorted(result.order[: int((rel < 0.05).sum())])
+    entry = crit.propose_block(stats, BLOCK, roles, roles["project"], model)
+    assert set(entry["prune"]) <= set(torch.nonzero(cand).flatten().tolist())
+
+
+def test_obs_is_refused_without_second_moments_or_with_class_awareness(small):
+    model, blocks = small
+    with pytest.raises(PruneError, match="SECOND_MOMENTS=True"):
+        Criterion("obs", 0.1).obs({}, BLOCK, blocks[BLOCK], model)
+    with pytest.raises(PruneError, match="CLASS_AWARE"):
+        Criterion("obs", 0.1, class_aware=True)
+
+
+def test_bn_recalibrate_auto_keeps_the_statistics_only_when_val_improves(tiny_data):
+    from mbv3prune import data, stage
+    model = models.build_model("mobilenet_v3_small", 3).eval()
+    cfg = {"DATA_DIR": tiny_data, "IMAGE_SIZE": 32, "BATCH_SIZE": 6, "NUM_WORKERS": 0, "SEED": 0,
+           "MODEL_ARCH": "mobilenet_v3_small", "BN_RECALIBRATE": "auto", "BN_BATCHES": 2, "FINETUNE_EPOCHS": 0}
+    splits, names = data.discover(tiny_data, seed=0)
+    loaders = {k: stage.loader(cfg, splits[v]) for k, v in (("eval", "val"), ("val", "val"), ("bn", "train"))}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = recover(model, loaders, names, torch.device("cpu"), cfg)
+    step = steps["bn_recalibrated"]
+    assert step["kept"] == (step["val_top1_after"] > step["val_top1_before"])
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert unchanged != step["kept"]
+    with pytest.raises(PruneError, match="BN_RECALIBRATE"):
+        recover(model, loaders, names, torch.device("cpu"), {**cfg, "BN_RECALIBRATE": "sometimes"})
