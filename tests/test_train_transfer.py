@@ -120,3 +120,29 @@ def test_freezing_a_random_backbone_is_refused(tiny_data, tmp_path):
     code, _, err = run_stage("train_model.py", f"--RUN_DIR={tmp_path}", f"--DATA_DIR={tiny_data}",
                              "--FREEZE_BACKBONE_EPOCHS=1")
     assert code == 2 and "needs a CHECKPOINT" in err and not os.path.exists(tmp_path / "baseline.pt")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available")
+def test_head_only_phase_under_ddp_two_processes_at_batch_4_equals_one_at_batch_8(tmp_path):
+    """DDP over a model whose backbone is frozen averages the head's gradients like one process at twice the batch.
+
+    (One epoch: at e1b9a97 two processes already diverge from one in a second epoch, with or without the recipe.)"""
+    from tests.conftest import write_images
+    from tests.test_distributed import COMMON, torchrun
+    data = tmp_path / "data"
+    for c, name in enumerate(["ant", "bee", "moth"]):
+        write_images(data / "train" / name, 11, seed=c, size=32)
+        write_images(data / "val" / name, 2, seed=100 + c, size=32)
+    start = str(tmp_path / "start.pt")
+    models.save_checkpoint(start, randomized_model(ARCH), ARCH, ["x", "y"])
+    args = [f"--DATA_DIR={data}", *COMMON, "--EPOCHS=1", "--BN_BATCHES=1", "--FREEZE_BN=True", "--AUGMENT=False",
+            "--DROPOUT=0.0", f"--CHECKPOINT={start}", "--FREEZE_BACKBONE_EPOCHS=1"]
+    torchrun(1, "train_model.py", f"--RUN_DIR={tmp_path / 'one'}", "--BATCH_SIZE=8", *args)
+    torchrun(2, "train_model.py", f"--RUN_DIR={tmp_path / 'two'}", "--BATCH_SIZE=4", *args)
+    one, two = (models.load_checkpoint(str(tmp_path / d / "baseline.pt"))[0].state_dict() for d in ("one", "two"))
+    initial = models.load_checkpoint(start)[0].state_dict()
+    assert all(torch.equal(two[k], initial[k]) for k in initial if not k.startswith("classifier."))
+    assert not torch.equal(two["classifier.0.weight"], initial["classifier.0.weight"])
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
