@@ -162,7 +162,8 @@ def comparison_config(cfg, name, data_dir):
     return script_config(compare_criteria, **shared(cfg), DATA_DIR=data_dir, RUN_DIR=run_dir, OUT="",
                          FIGURE=os.path.join(run_dir, "criteria_comparison.png"),
                          TABLE=os.path.join(run_dir, "criteria_comparison.md"), TARGETS=list(cfg["TARGETS"]),
-                         ALLOCATIONS=["global"], CRITERIA=list(cfg["CRITERIA"]), FT_POINTS=[["global", cfg["FT_TARGET"]]],
+                         ALLOCATIONS=["global"], CRITERIA=list(cfg["CRITERIA"]),
+                         FT_POINTS=[["global", cfg["FT_TARGET"]]],
                          FINETUNE_EPOCHS=cfg["FINETUNE_EPOCHS"], FINETUNE_LR=cfg["FINETUNE_LR"],
                          BN_BATCHES=cfg["BN_BATCHES"], MIN_KEEP_RATIO=cfg["MIN_KEEP_RATIO"], ROUND_TO=cfg["ROUND_TO"],
                          ITERATIVE_SAMPLES_PER_CLASS=cfg["ITERATIVE_SAMPLES_PER_CLASS"],
@@ -290,10 +291,10 @@ def species_figure(served, broad_species, path):
         t = served[kind]
         share = [100 * t["top_species"][n] / max(1, t["channels"]) for n in names]
         ax.bar(x + offset, share, 0.4, color=color, label=f"{kind} in the fine-tuned narrow model ({t['channels']} ch)")
-    ax.set_xticks(x, [f"{n}\n(broad)" if n in broad_species else n for n in names], rotation=45, ha="right",
-                  fontsize=8)
+    labels = [f"{n}\n(broad)" if n in broad_species else "none\n(dead in broad)" if n == "none" else n for n in names]
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("channels whose most active species it is (%)")
-    ax.set_title("Which species the narrow model's dead channels served in the broad model", fontsize=10)
+    ax.set_title("Species the fine-tuned model's channels served in the broad model", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -372,7 +373,8 @@ def markdown(cfg, record):
     res, split = record["results"], record["split"]
     lines = [f"Broad species ({len(split['broad'])}): {', '.join(split['broad'])}. Narrow species "
              f"({len(split['narrow'])}): {', '.join(split['narrow'])}. {cfg['MODEL_ARCH']} at {cfg['IMAGE_SIZE']} px; "
-             f"fine-tuned {cfg['EPOCHS_NARROW']} epochs from the broad model ({cfg['FREEZE_BACKBONE_EPOCHS']} head-only, "
+             f"fine-tuned {cfg['EPOCHS_NARROW']} epochs from the broad model "
+             f"({cfg['FREEZE_BACKBONE_EPOCHS']} head-only, "
              f"backbone LR x {cfg['BACKBONE_LR_SCALE']}), scratch {cfg['EPOCHS_SCRATCH']} epochs. Dead: more than "
              f"{cfg['DEADNESS_THRESHOLD']} of |a| < {cfg['THRESHOLD']:.4g}. Top-1 % on the "
              f"{len(record['baselines']['narrow_transfer']['correct'])} narrow test photos with 95% bootstrap "
@@ -380,7 +382,8 @@ def markdown(cfg, record):
              f"Transfer minus scratch baseline top-1: {_diff(record['transfer_minus_scratch'])}. The broad model has "
              f"{record['broad_dead']['on_broad_species']} dead hidden channels on its own species and "
              f"{record['broad_dead']['on_narrow_species']} on the narrow species (before fine-tuning).", "",
-             "| model | baseline | dead channels (of prunable) | removed (floors) | MACs saved | no FT | BN recalibrated |",
+             "| model | baseline | dead channels (of prunable) | removed (floors) | MACs saved | no FT | "
+             "BN recalibrated |",
              "|---|---|---|---|---|---|---|"]
     for name in MODELS:
         d = res[f"{name}/dead_removed"]
@@ -390,7 +393,8 @@ def markdown(cfg, record):
     for name in MODELS:
         rows, contest = record["criteria"][name], record["contests"][name]
         lines += ["", f"{name}: top-1 % no FT / BN recalibrated (fine-tuned at {100 * cfg['FT_TARGET']:.0f}%), global "
-                  "allocation:", "", "| criterion | " + " | ".join(f"{100 * t:.0f}% MACs" for t in cfg["TARGETS"]) + " |",
+                  "allocation:", "",
+                  "| criterion | " + " | ".join(f"{100 * t:.0f}% MACs" for t in cfg["TARGETS"]) + " |",
                   "|---" * (len(cfg["TARGETS"]) + 1) + "|"]
         for crit in dict.fromkeys(n for t in cfg["TARGETS"] for n in criteria_at(rows, t)):
             cells = []
@@ -407,7 +411,8 @@ def markdown(cfg, record):
     lines += ["", f"Species served in the broad model (highest fraction of |a| >= {cfg['THRESHOLD']:.4g}) by the "
               "fine-tuned narrow model's channels; chance share of broad species "
               f"{_pct(s['broad_share_by_chance'])}%:", "",
-              "| channels | count | served a broad species | dead in broad too | mean activity on broad / narrow species |",
+              "| channels | count | served a broad species | dead in broad too | "
+              "mean activity on broad / narrow species |",
               "|---|---|---|---|---|"]
     for kind in ("dead", "alive"):
         t = s[kind]

@@ -55,7 +55,8 @@ def test_transfer_end_to_end_reports_dead_channels_criteria_and_species_and_resu
     _, meta = models.load_checkpoint(str(run_dir / "narrow_transfer" / "baseline.pt"))
     assert meta["extra"]["init_checkpoint"]["sha256"] == sha256_file(run_dir / "broad" / "baseline.pt")
     assert meta["config"]["FREEZE_BACKBONE_EPOCHS"] == 1 and meta["class_names"] == NARROW
-    assert models.load_checkpoint(str(run_dir / "narrow_scratch" / "baseline.pt"))[1]["extra"]["init_checkpoint"] is None
+    _, scratch = models.load_checkpoint(str(run_dir / "narrow_scratch" / "baseline.pt"))
+    assert scratch["extra"]["init_checkpoint"] is None
     for name in ("narrow_transfer", "narrow_scratch"):
         dead = record["results"][f"{name}/dead_removed"]
         assert 0 <= dead["removed_channels"] <= dead["dead_channels"] <= dead["prunable_channels"]
