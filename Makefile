@@ -3,6 +3,7 @@
 # make flowers: train the flower baseline once (runs/flowers/baseline.pt) and run the stages on the real photos
 # make compare / modes / perf / scaling: the benchmarks (README: "Results on the flower photos", "Performance",
 #   "Several GPUs"); compare and modes need make flowers, perf needs make demo
+# make transfer: broad (8 species) to narrow (4 held-out species) transfer: dead channels and criteria (~30 CPU min)
 PYTHON ?= python3
 PY := .venv/bin/python
 RUN := runs/demo
@@ -10,7 +11,7 @@ FLOWERS := ../shared/data/oxford-flowers12
 FRUN := runs/flowers
 FARGS := --DATA_DIR=$(FLOWERS) --RUN_DIR=$(FRUN) --IMAGE_SIZE=128
 
-.PHONY: demo test flowers compare modes perf scaling clean-demo
+.PHONY: demo test flowers compare modes perf scaling transfer clean-demo
 
 .venv/.requirements: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
@@ -58,6 +59,10 @@ perf: .venv/.requirements
 
 scaling: .venv/.requirements
 	$(PY) -m benchmarks.scaling
+
+transfer: .venv/.requirements
+	test -d $(FLOWERS) || { echo "$(FLOWERS) not found: the flower photos live in ../shared"; exit 1; }
+	$(PY) -m benchmarks.transfer --DATA_DIR=$(FLOWERS) --RUN_DIR=runs/transfer
 
 clean-demo:
 	rm -rf $(RUN)

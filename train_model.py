@@ -3,6 +3,9 @@
 Reads:  DATA_DIR (ImageFolder with train/ and val/ or test/, a flat ImageFolder, or a path,label CSV);
         CHECKPOINT to start from ("" = random init; "imagenet" = torchvision weights from the local cache;
         or any checkpoint the project loads — its classifier is replaced when the class count differs).
+        The transfer recipe: FREEZE_BACKBONE_EPOCHS train the classifier head alone first (backbone frozen, its
+        BN in eval mode), and the backbone learns at BACKBONE_LR_SCALE x LR; the starting checkpoint's path and
+        sha256 are recorded in baseline.pt ("extra": "init_checkpoint") and train_metrics.json's provenance.
 Writes: RUN_DIR/baseline.pt (the best eval-mode val checkpoint, loads with weights_only=True),
         RUN_DIR/train_metrics.json (per-epoch loss and val top-1, final val/test scores, provenance).
 A baseline whose recorded config and data fingerprint match is reused instead of trained again.
@@ -19,7 +22,7 @@ import time
 from torch import nn
 
 from mbv3prune import config, distributed, models, stage
-from mbv3prune.artifacts import provenance, read_json, record_timings, write_json
+from mbv3prune.artifacts import provenance, read_json, record_timings, sha256_file, write_json
 from mbv3prune.data import Skipped, eval_split
 from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import accuracy
@@ -30,6 +33,8 @@ DATA_DIR = "data/synthetic-species"  # data set: ImageFolder (train/ + val/ or t
 RUN_DIR = "runs/demo"  # where every stage reads and writes its artifacts
 MODEL_ARCH = "mobilenet_v3_large"  # mobilenet_v3_large or mobilenet_v3_small
 CHECKPOINT = ""  # start from this checkpoint ("" = random init, "imagenet" = torchvision weights from the cache)
+FREEZE_BACKBONE_EPOCHS = 0  # transfer: the first N epochs train only the classifier head (backbone and its BN frozen)
+BACKBONE_LR_SCALE = 1.0  # transfer: the backbone's learning rate is LR x this (the head's is LR)
 ALLOW_PICKLE = False  # allow CHECKPOINT to be a whole-model pickle (runs code from the file: only if you trust it)
 IMAGE_SIZE = 64  # training and evaluation resolution in pixels
 BATCH_SIZE = 64  # images per batch and process (torchrun with N processes trains at N x BATCH_SIZE)
@@ -50,12 +55,21 @@ REUSE = True  # reuse RUN_DIR/baseline.pt when its config and data fingerprint a
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
 RUN_ONLY = ("NUM_WORKERS", "DEVICE", "AMP", "REUSE", "DEBUG")  # constants that do not change the result
-ADDED_LATER = {"FREEZE_BN": False, "AUGMENT": True, "DROPOUT": 0.2}  # how baselines older than these were trained
+ADDED_LATER = {"FREEZE_BN": False, "AUGMENT": True, "DROPOUT": 0.2, "FREEZE_BACKBONE_EPOCHS": 0,
+               "BACKBONE_LR_SCALE": 1.0}  # how baselines older than these were trained
 
 
 def check_config(cfg):
     if not 0 <= cfg["DROPOUT"] < 1:
         raise PruneError(f"DROPOUT={cfg['DROPOUT']} must lie in [0, 1)")
+    if not 0 <= cfg["FREEZE_BACKBONE_EPOCHS"] <= cfg["EPOCHS"]:
+        raise PruneError(f"FREEZE_BACKBONE_EPOCHS={cfg['FREEZE_BACKBONE_EPOCHS']} must lie in "
+                         f"[0, EPOCHS={cfg['EPOCHS']}]")
+    if cfg["FREEZE_BACKBONE_EPOCHS"] and not cfg["CHECKPOINT"]:
+        raise PruneError(f"FREEZE_BACKBONE_EPOCHS={cfg['FREEZE_BACKBONE_EPOCHS']} needs a CHECKPOINT to start from: "
+                         "a randomly initialised backbone would stay random")
+    if cfg["BACKBONE_LR_SCALE"] < 0:
+        raise PruneError(f"BACKBONE_LR_SCALE={cfg['BACKBONE_LR_SCALE']} must be >= 0")
 
 
 def data_fingerprint(splits):
@@ -67,14 +81,26 @@ def data_fingerprint(splits):
     return h.hexdigest()
 
 
-def reusable(path, cfg, fingerprint):
-    """True when ``path`` is a baseline trained with this config, on this data, by as many processes."""
+def init_checkpoint(cfg):
+    """{"path", "sha256"} of the file CHECKPOINT names (ImageNet: the cached weights), or None for random init."""
+    if not cfg["CHECKPOINT"]:
+        return None
+    path = models.imagenet_weights_path(cfg["MODEL_ARCH"])[0] if cfg["CHECKPOINT"] == "imagenet" else cfg["CHECKPOINT"]
+    if not os.path.isfile(path):
+        return None  # initial_model names the missing file
+    return {"path": path, "sha256": sha256_file(path)}
+
+
+def reusable(path, cfg, fingerprint, start):
+    """True when ``path`` is a baseline trained with this config, on this data, from this starting checkpoint
+    (``start``: init_checkpoint's record), by as many processes."""
     if not (cfg["REUSE"] and os.path.exists(path)):
         return False
     _, meta = models.load_checkpoint(path)
     same_config = {k: v for k, v in {**ADDED_LATER, **meta["config"]}.items() if k not in RUN_ONLY} == \
                   {k: v for k, v in cfg.items() if k not in RUN_ONLY}
-    return same_config and meta["extra"].get("data_fingerprint") == fingerprint and \
+    same_start = (meta["extra"].get("init_checkpoint") or {}).get("sha256") == (start or {}).get("sha256")
+    return same_config and same_start and meta["extra"].get("data_fingerprint") == fingerprint and \
         meta["extra"].get("processes", 1) == distributed.world_size()
 
 
@@ -103,8 +129,8 @@ def main(cfg):
     device = distributed.setup(cfg["DEVICE"])
     splits, class_names = stage.prepare_data(cfg)
     out = os.path.join(cfg["RUN_DIR"], "baseline.pt")
-    fingerprint = data_fingerprint(splits)
-    if distributed.from_main(lambda: reusable(out, cfg, fingerprint)):
+    fingerprint, start = data_fingerprint(splits), init_checkpoint(cfg)
+    if distributed.from_main(lambda: reusable(out, cfg, fingerprint, start)):
         if distributed.is_main():
             metrics = read_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"), "training metrics")
             print(f"reusing {out}: same config and data (val top-1 {metrics['val']['top1']:.4f}); --REUSE=False retrains")
@@ -121,7 +147,8 @@ def main(cfg):
                "val": stage.loader(cfg, splits["val"])}
     model, history = fit(model, loaders, class_names, device, cfg["EPOCHS"], cfg["LR"], cfg["WEIGHT_DECAY"],
                          cfg["LABEL_SMOOTHING"], cfg["WARMUP_EPOCHS"], cfg["BN_BATCHES"], freeze_bn=cfg["FREEZE_BN"],
-                         amp=cfg["AMP"])
+                         amp=cfg["AMP"], freeze_backbone_epochs=cfg["FREEZE_BACKBONE_EPOCHS"],
+                         backbone_lr_scale=cfg["BACKBONE_LR_SCALE"])
     if not distributed.is_main():
         return  # identical weights on every process: rank 0 scores and saves them
     skipped = Skipped()
@@ -133,10 +160,10 @@ def main(cfg):
         s.pop("correct")
     models.save_checkpoint(out, model, cfg["MODEL_ARCH"], class_names, cfg,
                            extra={"data_fingerprint": fingerprint, "val_top1": scores["val"]["top1"],
-                                  "processes": world})
+                                  "processes": world, "init_checkpoint": start})
     metrics_path = write_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"),
                               {"history": history, **scores, "class_names": class_names,
-                               "provenance": provenance(cfg)})
+                               "provenance": provenance(cfg, {"init_checkpoint": start["path"]} if start else None)})
     record_timings(cfg["RUN_DIR"], "train_model", {"seconds": time.perf_counter() - t0, "processes": world})
     print("\n" + stage.table([[name, s["top1"], s["n"], min(v for v in s["per_class"].values() if v is not None)]
                               for name, s in scores.items()], ["split", "top-1", "images", "worst class"]))

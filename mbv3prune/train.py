@@ -49,6 +49,34 @@ def freeze_bn_layers(model):
             m.eval()
 
 
+def is_head(name):
+    """Whether parameter ``name`` belongs to the classifier head (what a transfer replaces and trains first)."""
+    return name.startswith("classifier.")
+
+
+def set_backbone_frozen(model, frozen):
+    """Backbone parameters (all but the classifier head) stop (``frozen``) or resume receiving gradients.
+
+    With ``frozen``, also train with the BN layers in eval mode: MobileNetV3 has BN in the backbone only."""
+    for name, p in model.named_parameters():
+        if not is_head(name):
+            p.requires_grad_(not frozen)
+    return model
+
+
+def param_groups(model, weight_decay, backbone_lr_scale=1.0):
+    """AdamW parameter groups: weight decay on weights, not on biases and BN; each group's ``lr_scale`` (the
+    schedule's learning rate is multiplied by it) is ``backbone_lr_scale`` for the backbone, 1 for the head.
+
+    With ``backbone_lr_scale=1`` these are the two groups (decay, no decay) in parameter order."""
+    groups = {}
+    for name, p in model.named_parameters():
+        scale = 1.0 if is_head(name) else float(backbone_lr_scale)
+        decay = weight_decay if p.ndim > 1 else 0.0
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (scale, decay), ps in groups.items()]
+
+
 def mixed_precision(device, amp):
     """(autocast context, GradScaler or None): autocast on CUDA only, bf16 where supported, else fp16 + scaler."""
     if not (amp and device.type == "cuda"):
@@ -85,7 +113,7 @@ def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, lab
                disable=None if distributed.is_main() else True)
     for images, labels in bar:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, total_steps, warmup, lr)
+            group["lr"] = cosine_lr(step, total_steps, warmup, lr) * group.get("lr_scale", 1.0)
         with autocast:
             loss = loss_fn(model(images), labels)
         _step(loss, optimizer, scaler)
@@ -96,36 +124,46 @@ def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, lab
 
 
 def fit(model, loaders, class_names, device, epochs, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
-        warmup_epochs=1, bn_batches=20, log=print, freeze_bn=False, amp=False):
+        warmup_epochs=1, bn_batches=20, log=print, freeze_bn=False, amp=False, freeze_backbone_epochs=0,
+        backbone_lr_scale=1.0):
     """Train ``model`` and keep the weights with the best eval-mode val top-1.
 
     ``loaders``: {"train": augmented, "bn": un-augmented training batches, "val": validation}; under torchrun
     "train" is sharded (``stage.loader(..., train=True)``), "bn" and "val" are not. ``freeze_bn``: BN layers
-    stay in eval mode while training. ``amp``: autocast on CUDA. Returns (best model, history: one dict per epoch).
+    stay in eval mode while training. ``amp``: autocast on CUDA. The transfer recipe: the first
+    ``freeze_backbone_epochs`` train the classifier head alone (backbone frozen, its BN in eval mode and not
+    re-estimated), and the backbone learns at ``backbone_lr_scale`` x the schedule's rate.
+    Returns (best model, history: one dict per epoch).
     """
     model.to(device)
+    if freeze_backbone_epochs:
+        set_backbone_frozen(model, True)
     net = distributed.wrap(model, device)
     distributed.seed_ranks()
     skipped = Skipped()
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, backbone_lr_scale), lr=lr)
     precision = mixed_precision(device, amp)
     total = epochs * len(loaders["train"])
     warmup = min(warmup_epochs * len(loaders["train"]), total // 2)
     best, best_acc, history, step = copy.deepcopy(model.state_dict()), -1.0, [], 0
     for epoch in range(1, epochs + 1):
+        frozen = epoch <= freeze_backbone_epochs
+        if freeze_backbone_epochs and epoch == freeze_backbone_epochs + 1:
+            net = distributed.wrap(set_backbone_frozen(model, False), device)  # DDP registers the new grads
         distributed.set_epoch(loaders["train"], epoch)
         loss, step = train_one_epoch(net, loaders["train"], optimizer, step, total, warmup, lr, label_smoothing,
-                                     device, skipped, f"epoch {epoch}/{epochs}", freeze_bn, precision)
-        recalibrate_bn(model, loaders["bn"], device, skipped, max_batches=bn_batches)
+                                     device, skipped, f"epoch {epoch}/{epochs}", freeze_bn or frozen, precision)
+        if not frozen:
+            recalibrate_bn(model, loaders["bn"], device, skipped, max_batches=bn_batches)
         val = accuracy(model, loaders["val"], device, class_names, skipped, desc="val")
-        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_top1": val["top1"]})
-        log(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val top-1 {val['top1']:.4f}")
+        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_top1": val["top1"],
+                        **({"backbone_frozen": True} if frozen else {})})
+        log(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val top-1 {val['top1']:.4f}" + ("  head only" * frozen))
         if val["top1"] > best_acc:
             best_acc, best = val["top1"], copy.deepcopy(model.state_dict())
     model.load_state_dict(best)
+    if freeze_backbone_epochs:
+        set_backbone_frozen(model, False)
     if skipped.count:
         log(skipped.summary())
     return model.eval(), history
