@@ -142,7 +142,7 @@ def hold_refit_batches(run, cfg):
     return lambda: iter(held)
 
 
-def choose_ridge(run, cfg, ranks, results, save):
+def choose_ridge(run, cfg, results, save):
     """The ridge of the best val top-1 with obs and the first refit at RIDGE_TARGET (results["ridge_choice"])."""
     if "ridge_choice" not in results:
         refit, val = cfg["RECONSTRUCT"][0], {}
@@ -230,8 +230,9 @@ def main(cfg):
     if "baseline" not in results:
         results["baseline"] = bench.with_intervals({"baseline": bench.score_baseline(run)})["baseline"]
     record["baseline"] = results["baseline"]
-    run.refit_batches = hold_refit_batches(run, cfg)
-    choose_ridge(run, cfg, None, results, save)
+    run.refit_batches, run.ridge = hold_refit_batches(run, cfg), cfg["RIDGES"][0]
+    if cfg["RECONSTRUCT"] or "obs" in cfg["CRITERIA"]:
+        choose_ridge(run, cfg, results, save)
     ranks = rankings(run, cfg)
     if cfg["REPRODUCE"]:
         reproduce(run, cfg, ranks, results, save)

@@ -39,12 +39,13 @@ import visualize_neuron_activations
 from benchmarks import compare_criteria
 from mbv3prune import bench, config, measure, models, stage
 from mbv3prune.artifacts import provenance, read_json, save_figure, sha256_file, write_json, write_text
+from mbv3prune.activation_stats import ActivationStats, deadness_from_hist
 from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import DEFAULT_THRESHOLD, deadness_from_hist
+from mbv3prune.capture import DEFAULT_THRESHOLD
+from mbv3prune.criterion import Criterion, proposal_map
 from mbv3prune.data import discover
 from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import bootstrap_interval
-from mbv3prune.plan import block_candidates, propose, proposal_map
 from mbv3prune.train import seed_everything
 
 # -----------------------------------------------------------------------------
@@ -65,8 +66,9 @@ SAMPLES_PER_CLASS = 60  # images per species captured (60: every training image)
 THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (the capture stage's default, 2**-7)
 DEADNESS_THRESHOLD = 0.9  # a channel inactive on more than this fraction of its activations is dead (the default)
 TARGETS = [0.1, 0.3, 0.5]  # fractions of MACs removed at which the criteria are compared
-CRITERIA = ["deadness", "deadness_iterative", "mean_abs", "fluctuation", "contribution", "tp_taylor",
+CRITERIA = ["deadness", "deadness_iterative", "mean_abs", "fluctuation", "contribution", "obs", "tp_taylor",
             "tp_bn_scale"]  # ours and the best torch-pruning criteria of examples/criteria_comparison.md
+RECONSTRUCT = ["sequential"]  # the refits also measured (obs, fluctuation and the torch-pruning criteria)
 FT_TARGET = 0.3  # the one target also fine-tuned
 FINETUNE_EPOCHS = 2  # fine-tuning epochs at FT_TARGET (same for every criterion)
 FINETUNE_LR = 5e-4  # peak learning rate of that fine-tuning
@@ -149,7 +151,7 @@ def capture(cfg, run_dir, data_dir, checkpoint):
     ``run_dir`` (the capture stage's functions; re-used when they fit)."""
     ccfg = script_config(visualize_neuron_activations, **shared(cfg), DATA_DIR=data_dir, RUN_DIR=run_dir,
                          CHECKPOINT=checkpoint, SAMPLES_PER_CLASS=cfg["SAMPLES_PER_CLASS"],
-                         THRESHOLD=cfg["THRESHOLD"], DEADNESS_THRESHOLD=cfg["DEADNESS_THRESHOLD"])
+                         THRESHOLD=cfg["THRESHOLD"], DEADNESS_THRESHOLD=cfg["DEADNESS_THRESHOLD"], SECOND_MOMENTS=True)
     device = models.pick_device(cfg["DEVICE"])
     model, _ = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"])
     splits, class_names = stage.prepare_data(ccfg)
@@ -168,7 +170,7 @@ def comparison_config(cfg, name, data_dir):
                          FINETUNE_EPOCHS=cfg["FINETUNE_EPOCHS"], FINETUNE_LR=cfg["FINETUNE_LR"],
                          BN_BATCHES=cfg["BN_BATCHES"], MIN_KEEP_RATIO=cfg["MIN_KEEP_RATIO"], ROUND_TO=cfg["ROUND_TO"],
                          ITERATIVE_SAMPLES_PER_CLASS=cfg["ITERATIVE_SAMPLES_PER_CLASS"],
-                         TAYLOR_BATCHES=cfg["TAYLOR_BATCHES"], REPRODUCE=False)
+                         TAYLOR_BATCHES=cfg["TAYLOR_BATCHES"], REPRODUCE=False, RECONSTRUCT=list(cfg["RECONSTRUCT"]))
 
 
 # --- dead channels ------------------------------------------------------------------------------------------
@@ -180,17 +182,16 @@ def dead_mask(hist, edges, cfg):
 
 def dead_channels(run, cfg):
     """{block: dead hidden channel indices} of a loaded run's statistics, every prunable block (no floors)."""
-    layers = proposal_map(run.layers)
-    return {b: torch.nonzero(block_candidates(run.stats, run.blocks[b], layers[b], "deadness", cfg["THRESHOLD"],
-                                              cfg["DEADNESS_THRESHOLD"])[1]).flatten().tolist()
+    layers, dead = proposal_map(run.layers), Criterion("deadness", cfg["THRESHOLD"], cfg["DEADNESS_THRESHOLD"])
+    return {b: torch.nonzero(dead.candidates(run.stats, run.blocks[b], layers[b])[1]).flatten().tolist()
             for b in bench.prunable_blocks(run)}
 
 
 def remove_dead(run, ccfg, cfg):
     """The record of removing exactly the dead channels (block floors kept, no rounding): counts, MACs, top-1."""
     dead = dead_channels(run, cfg)
-    proposals = propose(run.stats, run.blocks, run.layers, "deadness", threshold=cfg["THRESHOLD"],
-                        deadness_threshold=cfg["DEADNESS_THRESHOLD"], min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=1)
+    exact = Criterion("deadness", cfg["THRESHOLD"], cfg["DEADNESS_THRESHOLD"], cfg["MIN_KEEP_RATIO"], round_to=1)
+    proposals = exact.propose(run.stats, run.blocks, run.layers)
     chosen = {b: e["prune"] for b, e in proposals.items() if e["prune"] and b in run.per_channel}
     record = bench.prune_and_score(run, chosen, {**ccfg, "FINETUNE_EPOCHS": 0, "BN_RECALIBRATE": True},
                                    compare_criteria.compensator(run, ccfg))
@@ -233,14 +234,14 @@ def contests(results, cfg):
 
 def activity_by_species(stats, layer, edges, cfg):
     """[K, C]: per species, each channel's fraction of |a| >= THRESHOLD."""
-    return 1 - deadness_from_hist(stats[f"{layer}/hist_class"], edges, cfg["THRESHOLD"])
+    return 1 - deadness_from_hist(ActivationStats.of(stats).class_hist(layer), edges, cfg["THRESHOLD"])
 
 
 def served_species(broad_stats, broad_meta, species, narrow_run, cfg, broad_species):
     """For the channels dead and alive in the fine-tuned narrow model: which species each served in the broad
     model (highest activity; "none" when dead for every species there too), counted, and the mean activity on
     the broad and the narrow species."""
-    edges, dead = broad_stats["hist_edges"], dead_channels(narrow_run, cfg)
+    edges, dead = ActivationStats.of(broad_stats).edges, dead_channels(narrow_run, cfg)
     layers = proposal_map(broad_meta["layers"])
     is_broad = torch.tensor([s in broad_species for s in species])
     tally = {kind: {"channels": 0, "top_species": {s: 0 for s in [*species, "none"]}, "activity_broad": [],
@@ -270,11 +271,11 @@ def served_species(broad_stats, broad_meta, species, narrow_run, cfg, broad_spec
 
 def broad_dead_counts(broad_stats, broad_meta, species, broad_species, blocks, cfg):
     """Channels of the broad model dead over its own species, and over the narrow species (before fine-tuning)."""
-    edges, layers = broad_stats["hist_edges"], proposal_map(broad_meta["layers"])
+    edges, layers = ActivationStats.of(broad_stats).edges, proposal_map(broad_meta["layers"])
     is_broad = torch.tensor([s in broad_species for s in species])
     counts = {"on_broad_species": 0, "on_narrow_species": 0}
     for block in blocks:
-        hist = broad_stats[f"{layers[block]}/hist_class"]
+        hist = ActivationStats.of(broad_stats).class_hist(layers[block])
         counts["on_broad_species"] += int(dead_mask(hist[is_broad].sum(0), edges, cfg).sum())
         counts["on_narrow_species"] += int(dead_mask(hist[~is_broad].sum(0), edges, cfg).sum())
     return counts

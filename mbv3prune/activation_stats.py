@@ -165,11 +165,15 @@ class ActivationStats:
         """Images per class [K] counted for ``layer``."""
         return self._get(f"{layer}/n_class")
 
+    def class_hist(self, layer):
+        """Histograms of |a| per class and channel [K, C, NB] (int64; PER_CLASS=histograms captures)."""
+        return self._get(f"{layer}/hist_class")
+
     def class_deadness(self, layer, threshold, min_class_samples):
         """Per-class deadness [K', C] at ``threshold`` over the classes with >= ``min_class_samples`` images."""
         if min_class_samples < 1:
             raise PruneError(f"MIN_CLASS_SAMPLES must be at least 1, not {min_class_samples}")
-        dead = self._fraction_below(self._get(f"{layer}/hist_class"), threshold)
+        dead = self._fraction_below(self.class_hist(layer), threshold)
         return dead[self.class_images(layer).to(dead.device) >= min_class_samples]
 
     def class_deadness_range(self, layer, threshold, min_class_samples):
