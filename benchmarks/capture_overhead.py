@@ -3,7 +3,9 @@
 On the same preloaded, warmed-up images, with the same thread count, it times mobilenet_v3_large (random
 weights, BN statistics re-estimated on the images so activations have realistic magnitudes) at each
 image size: plain inference, capture without histograms (``histograms=False``), capture with everything,
-and plain inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the check that
+with everything plus second moments (``second_moments=True``: per-channel, project-input and pooled-SE
+covariances), the same with the project-input covariances on MAX_POSITIONS sampled positions per batch, and
+plain inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the check that
 capture replaces by a free one: NaN and inf propagate into the per-batch max |a|). Rounds are interleaved
 and each variant's fastest round is reported, in wall time and in process CPU time (the steadier of the two
 on a shared machine, with one thread). Then it reports the process's peak RSS after a short capture and
@@ -18,6 +20,12 @@ Targets on CPU: <= 1.25x without histograms, <= 1.5x with everything. Measured (
     96 px: 1.09-1.22x without histograms, 1.33-1.47x with everything
     two threads (--THREADS=0): 1.13-1.44x and 1.50-1.68x: index_add_ runs on one thread, the convolutions on two
     peak RSS: 883 MB after 64 images and after 512.
+Second moments (2026-12-02, same machine under a load average of 8-14 from other jobs, so only rough): on one
+thread at 128 px the hooks alone cost about +0-10% of plain inference for the per-channel moments, +50% for
+the full covariances (their Gram has ~1.5x the model's multiply-accumulates at any resolution) and +25-35%
+with MAX_POSITIONS=512. Two threads (--THREADS=0), 128 px: everything 1.60x, + second moments 1.91x (wall)
+/ 1.95x (CPU), subsampled 512: 1.73x / 1.53x; at 64 px the runs were too disturbed to quote. The 1.6x target
+with second moments is not met on this CPU; a quiet-machine rerun is needed (GPU not measured).
 """
 import resource
 import time

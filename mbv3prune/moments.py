@@ -214,15 +214,21 @@ def _merge_state(state, prefix, batch, diagonal=False):
 
 
 def sampled_rows(x, max_rows, generator):
-    """(exact batch mean, rows for the scatter, n): all rows of x [rows, C], or ``max_rows`` drawn uniformly
-    with replacement (seeded ``generator``). With the batch mean and n = all rows, ``batch_moments``
-    scales the drawn rows' scatter by n / max_rows: the Hansen-Hurwitz estimator, unbiased for the batch's
-    scatter sum (the mean stays exact)."""
-    n = x.shape[0]
+    """(exact batch mean or None, rows for the scatter, n) of a [B, C, H, W] (or [rows, C]) tensor ``x``.
+
+    All n = B * H * W positions as rows, or ``max_rows`` positions drawn uniformly with replacement
+    (seeded ``generator``), gathered without copying the whole batch. With the exact batch mean and n,
+    ``batch_moments`` scales the drawn rows' scatter by n / max_rows: the Hansen-Hurwitz estimator,
+    unbiased for the batch's scatter sum (the mean itself stays exact).
+    """
+    n = x.shape[0] if x.dim() == 2 else x.numel() // x.shape[1]
     if not max_rows or n <= max_rows:
-        return None, x, n
+        return None, rows_of(x), n
     idx = torch.randint(n, (max_rows,), generator=generator).to(x.device)
-    return x.mean(0), x[idx], n
+    if x.dim() == 2:
+        return x.mean(0), x[idx], n
+    hw = x.shape[2] * x.shape[3]
+    return x.sum(0).sum((1, 2)) / n, x.flatten(2)[idx // hw, :, idx % hw], n
 
 
 class CaptureMoments:
@@ -243,8 +249,7 @@ class CaptureMoments:
 
     def project(self, block, x):
         """Covariance of the project conv input over (sampled) positions."""
-        rows = rows_of(x.float())
-        mean, rows, n = sampled_rows(rows, self.max_positions, self.generator)
+        mean, rows, n = sampled_rows(x.float(), self.max_positions, self.generator)
         scratch = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, not x's memory
         _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n, inplace=scratch))
 

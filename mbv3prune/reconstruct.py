@@ -84,7 +84,8 @@ def obs_removal(cov, weight, d, ridge=0.0, removable=None, n_remove=None):
     step it removes the removable channel c of least cost dE_c = sum_o d_o W[o, c]**2 / [H^-1]_cc (the
     others refit), then downdates H^-1 -= H^-1[:, c] H^-1[c, :] / H^-1[c, c] and W -= W[:, c] H^-1[c, :] /
     H^-1[c, c], so later costs see the updated W and H^-1. ``removable`` (bool [C], default all) limits the
-    candidates; ``n_remove`` (default: all removable but one channel of the block kept) the steps.
+    candidates; ``n_remove`` (default: all removable but one channel of the block kept) the steps. A
+    singular cov (dead or duplicate channels) needs ridge > 0 (PruneError otherwise).
 
     Returns ``order`` (channel indices in removal order), ``costs`` (float64 [steps], each step's
     increase of the d-weighted error in the H metric: with ridge 0 exactly the increase in output error
@@ -99,8 +100,12 @@ def obs_removal(cov, weight, d, ridge=0.0, removable=None, n_remove=None):
         raise PruneError(f"obs_removal: cov {tuple(cov.shape)}, weight {tuple(w.shape)} and d {tuple(d.shape)} "
                          "do not fit (cov [C, C], weight [out, C], d [out])")
     variance = _weighted_variance(cov, w, d)
-    h_inv = torch.linalg.inv(cov + _ridge_lambda(cov, ridge) * torch.eye(c, dtype=torch.float64))
-    free = torch.ones(c, dtype=torch.bool) if removable is None else torch.as_tensor(removable, dtype=torch.bool).clone()
+    h_inv, info = torch.linalg.inv_ex(cov + _ridge_lambda(cov, ridge) * torch.eye(c, dtype=torch.float64))
+    if int(info) != 0 or not bool(torch.isfinite(h_inv).all()):
+        raise PruneError(f"obs_removal: the covariance of {c} channels is singular (dead or duplicate channels): "
+                         "use RIDGE > 0")
+    free = (torch.ones(c, dtype=torch.bool) if removable is None
+            else torch.as_tensor(removable, dtype=torch.bool).clone())
     steps = min(int(free.sum()), c - 1) if n_remove is None else int(n_remove)
     if steps > min(int(free.sum()), c - 1):
         raise PruneError(f"obs_removal: cannot remove {steps} of {c} channels ({int(free.sum())} removable, one kept)")

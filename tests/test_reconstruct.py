@@ -241,3 +241,12 @@ def test_block_fit_moments_of_one_model_are_its_own_moments():
     fit = R.block_fit_moments(base, base, batches, block, roles, "project")
     assert torch.allclose(fit.cov_yy, torch.cov(rows.T, correction=0), atol=1e-10)
     assert torch.allclose(fit.cov_xy, fit.cov_yy) and torch.allclose(fit.mean_x, rows.mean(0))
+
+
+def test_obs_on_a_singular_covariance_needs_a_ridge():
+    from mbv3prune.errors import PruneError
+    cov = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    w, d = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    with pytest.raises(PruneError, match="singular.*RIDGE"):
+        R.obs_removal(cov, w, d, ridge=0.0)
+    assert len(R.obs_removal(cov, w, d, ridge=1e-6).order) == 1
