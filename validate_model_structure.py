@@ -65,7 +65,7 @@ def structure_checks(model, num_classes):
                               f"{fc2.out_channels}, hidden {r['hidden_channels']}")
     out.append(check("depthwise_in_out_groups", not bad_dw, "; ".join(bad_dw[:5])))
     out.append(check("se_widths", not bad_se, "; ".join(bad_se[:5])))
-    head = model.classifier[-1].out_features
+    head = models.head(model).out_features
     out.append(check("output_width", head == num_classes, f"{head} outputs, {num_classes} classes"))
     return out
 
