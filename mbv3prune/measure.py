@@ -23,7 +23,6 @@ from .data import Skipped, batches, stratified_sample
 from .errors import PruneError
 
 STATS_PT, STATS_JSON, PARTIAL = "activation_stats.pt", "activation_stats.json", "activation_stats.partial.pt"
-_KILL_AFTER = int(os.environ.get("MBV3PRUNE_TEST_KILL_AFTER_BATCHES", "0"))  # test-only: os._exit after N batches
 
 
 def sample(cfg, splits):
@@ -125,8 +124,6 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident):
         if save_every and i % save_every == 0:
             write_json(partial + ".json", sidecar)
             save_tensors(partial, C.finalize(live))
-        if _KILL_AFTER and i >= _KILL_AFTER:
-            os._exit(17)
 
     stats, layers = C.capture(model, batches(loader, skipped, device), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
                               num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch)
