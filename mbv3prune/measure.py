@@ -16,6 +16,8 @@ import json
 import os
 import time
 
+import torch
+
 from . import capture as C
 from . import distributed, stage
 from .artifacts import load_tensors, provenance, read_json, record_timings, save_tensors, sha256_file, write_json
@@ -73,18 +75,43 @@ def stale_reason(run_dir, ident):
     return None
 
 
+_PROGRESS = ("resume/items_done", "resume/skipped_count", "resume/skipped_paths")  # saved with the partial totals
+
+
+def _progress_tensors(items_done, skipped):
+    """How far a partial capture got, as plain tensors saved in the same file as its totals (one atomic write):
+    items consumed (readable or not) and the unreadable images met so far (their paths as UTF-8 JSON bytes)."""
+    paths = torch.frombuffer(bytearray(json.dumps(skipped.paths).encode()), dtype=torch.uint8).clone()
+    return {"resume/items_done": torch.tensor(items_done), "resume/skipped_count": torch.tensor(skipped.count),
+            "resume/skipped_paths": paths}
+
+
 def _resume_state(cfg, ident):
-    """(state, batches done) of the partial save, refused when it was made for another capture."""
+    """(state, items done, Skipped so far) of the partial save, refused when it was made for another capture."""
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
     if not (cfg["RESUME"] and os.path.exists(partial)):
-        return None, 0
+        return None, 0, Skipped()
     saved = read_json(partial + ".json", "partial capture").get("identity")
     if saved != {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}:
         raise PruneError(f"partial capture {partial} was made with another checkpoint, sample, capture point, "
                          "batch size or threshold: run without RESUME=True to start over")
     state = load_tensors(partial, "partial capture")
-    print(f"resuming the capture after {int(state['n_batches'])} batches from {partial}")
-    return state, int(state["n_batches"])
+    if any(k not in state for k in _PROGRESS):
+        raise PruneError(f"partial capture {partial} does not record how many images it consumed (made by an older "
+                         "version): run without RESUME=True to start over")
+    skipped = Skipped()
+    skipped.count = int(state.pop("resume/skipped_count"))
+    skipped.paths = json.loads(bytes(state.pop("resume/skipped_paths").tolist()).decode())
+    done = int(state.pop("resume/items_done"))
+    print(f"resuming the capture after {int(state['n_batches'])} batches ({done} images) from {partial}")
+    return state, done, skipped
+
+
+def _counted(batches_, counter):
+    """The batches, counting in ``counter[0]`` the readable images handed on."""
+    for images, labels in batches_:
+        counter[0] += len(labels)
+        yield images, labels
 
 
 def check_processes(cfg, images):
@@ -114,18 +141,19 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident):
     Under torchrun each process measures its shard of ``items`` and every process gets the summed totals.
     """
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
-    state, done = _resume_state(cfg, ident)
+    state, done, skipped = _resume_state(cfg, ident)
     sidecar = {"identity": {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}}
     save_every = cfg["SAVE_EVERY"] if distributed.world_size() == 1 else 0
-    skipped = Skipped()
-    loader = stage.loader(cfg, distributed.shard(items)[done * cfg["BATCH_SIZE"]:])
+    loader = stage.loader(cfg, distributed.shard(items)[done:])
+    readable, skipped_before = [0], skipped.count
 
     def on_batch(i, live):
-        if save_every and i % save_every == 0:
+        if save_every and i % save_every == 0:  # every item consumed so far: readable, or unreadable and skipped
+            consumed = done + readable[0] + skipped.count - skipped_before
             write_json(partial + ".json", sidecar)
-            save_tensors(partial, C.finalize(live))
+            save_tensors(partial, {**C.finalize(live), **_progress_tensors(consumed, skipped)})
 
-    stats, layers = C.capture(model, batches(loader, skipped, device), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
+    stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
                               num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch)
     return distributed.all_reduce_totals(stats), layers, _merged_skipped(skipped, items)
 
