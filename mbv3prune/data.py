@@ -224,14 +224,18 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def batches(loader, skipped, device=None):
+def batches(loader, skipped, device=None, keep_empty=False):
     """Yield (images, labels) on ``device`` from a make_loader loader, recording unreadable images in ``skipped``.
 
-    On CUDA the copies are asynchronous and the images channels_last (the layout cuDNN convolves fastest)."""
+    A wholly unreadable batch is left out, or (``keep_empty``) yielded empty: under torchrun every rank must
+    take part in every step. On CUDA the copies are asynchronous and the images channels_last (the layout
+    cuDNN convolves fastest)."""
     fmt = torch.channels_last if device is not None and torch.device(device).type == "cuda" else torch.preserve_format
     for images, labels, bad in loader:
         skipped.add(bad)
-        if len(labels):
+        if not len(labels) and keep_empty:
+            yield images, labels
+        elif len(labels):
             if device is not None:
                 images = images.to(device, non_blocking=True, memory_format=fmt)
                 labels = labels.to(device, non_blocking=True)

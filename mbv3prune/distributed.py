@@ -10,9 +10,12 @@ but 0 its stdout goes to /dev/null (errors still reach stderr). Then:
   seeded DistributedSampler (``sampler``), one part per rank;
 - rank 0 alone writes artifacts: ``artifacts.atomic_write`` refuses any other rank.
 
+A collective waits ``MBV3PRUNE_PG_TIMEOUT_S`` seconds (default 1800, torch's) for the other ranks, then fails.
+
 Without torchrun every function here is a no-op and a stage runs in one process, as it always did.
 """
 import atexit
+import datetime
 import os
 import sys
 
@@ -21,6 +24,7 @@ import torch.distributed as dist
 
 from .errors import PruneError
 
+TIMEOUT_ENV = "MBV3PRUNE_PG_TIMEOUT_S"  # seconds a collective waits for the other ranks before failing (torch: 1800)
 _UNREDUCED = ("hist_edges", "threshold")  # capture totals that are the same on every rank, not sums
 
 
@@ -66,7 +70,8 @@ def setup(device_request="auto"):
     elif device.type != "cpu":
         raise PruneError(f"DEVICE={device_request} ({device.type}) cannot run under torchrun: use cuda or cpu")
     if not active():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         atexit.register(cleanup)
     if not is_main():
         sys.stdout = open(os.devnull, "w")
@@ -105,6 +110,20 @@ def gather(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def step_batches(images):
+    """(images in this step over all ranks, image height, width) of a step whose batch here is ``images``
+    (possibly empty): one small all-reduce, so that every rank decides alike to skip a step that no rank has
+    images for, or to take part with a zero-weight substitute where only this rank has none."""
+    n = images.shape[0]
+    h, w = (images.shape[-2], images.shape[-1]) if n else (0, 0)
+    if not active():
+        return n, h, w
+    mine = torch.tensor([n, int(n > 0), h, w], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(mine)
+    total, with_images, h_sum, w_sum = (int(v) for v in mine.cpu())
+    return total, h_sum // max(1, with_images), w_sum // max(1, with_images)
 
 
 def mean(value):

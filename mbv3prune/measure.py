@@ -153,9 +153,32 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident):
             write_json(partial + ".json", sidecar)
             save_tensors(partial, {**C.finalize(live), **_progress_tensors(consumed, skipped)})
 
-    stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
-                              num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch)
+    try:
+        stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable), blocks,
+                                  cfg["CAPTURE_POINT"], cfg["THRESHOLD"], num_classes, device,
+                                  progress=distributed.is_main(), state=state, on_batch=on_batch)
+    except PruneError:
+        if readable[0] or distributed.world_size() == 1:
+            raise
+        stats, layers = None, C.describe_layers(blocks, cfg["CAPTURE_POINT"])  # no readable image in this shard
+    stats = _zeros_where_empty(stats, cfg["THRESHOLD"], items)
     return distributed.all_reduce_totals(stats), layers, _merged_skipped(skipped, items)
+
+
+def _zeros_where_empty(stats, threshold, items):
+    """Under torchrun, the totals of a rank whose shard had no readable image: zeros shaped like another rank's
+    (so the sum is the other ranks' capture). Every rank takes part; ``stats`` is returned as it is elsewhere."""
+    if distributed.world_size() == 1:
+        return stats
+    shapes = distributed.gather(None if stats is None else {k: (tuple(v.shape), v.dtype) for k, v in stats.items()})
+    if stats is not None:
+        return stats
+    some = next((s for s in shapes if s is not None), None)
+    if some is None:
+        raise PruneError(f"no process could read any of the {len(items)} images of the sample (e.g. {items[0][0]})")
+    stats = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in some.items()}
+    stats["hist_edges"], stats["threshold"] = C.hist_edges(), torch.tensor(float(threshold), dtype=torch.float64)
+    return stats
 
 
 def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=None):
