@@ -189,14 +189,17 @@ def collate_skipping(batch):
 
 
 class Skipped:
-    """Counts unreadable images met while iterating a loader, and keeps the first few paths."""
+    """Counts the unreadable images met while iterating loaders, each file once however often it is met (every
+    epoch, BN pass and evaluation), and keeps the first few paths."""
 
     def __init__(self):
-        self.count, self.paths = 0, []
+        self.count, self.paths, self._seen = 0, [], set()
 
     def add(self, paths):
-        self.count += len(paths)
-        self.paths += paths[: max(0, 5 - len(self.paths))]
+        new = [p for p in dict.fromkeys(paths) if p not in self._seen and p not in self.paths]
+        self._seen.update(new)
+        self.count += len(new)
+        self.paths += new[: max(0, 5 - len(self.paths))]
 
     def summary(self):
         return f"{self.count} unreadable image(s) skipped" + (f", e.g. {', '.join(self.paths)}" if self.count else "")
