@@ -205,7 +205,8 @@ def _plain_state_dict(obj, path):
     if found is not None:
         return _strip_wrapper(found, path)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PruneError(f"checkpoint {path} is not a torchvision MobileNetV3 state_dict (no key ending in {_FIRST_KEY})")
+        raise PruneError(f"checkpoint {path} is not a torchvision MobileNetV3 state_dict "
+                         f"(no key ending in {_FIRST_KEY})")
     raise PruneError(f"checkpoint {path} holds no MobileNetV3 state_dict (no key ending in {_FIRST_KEY})")
 
 

@@ -185,7 +185,8 @@ def test_other_heads_are_refused_naming_the_key(tmp_path):
     model = torchvision.models.mobilenet_v3_small(num_classes=3)
     model.classifier = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 3))
     torch.save(model.state_dict(), tmp_path / "mlp.pth")
-    with pytest.raises(PruneError, match=r"mlp.pth has a classifier this project cannot rebuild \(key classifier.2.bias\)"):
+    with pytest.raises(PruneError, match=r"mlp.pth has a classifier this project cannot rebuild "
+                                         r"\(key classifier.2.bias\)"):
         models.load_checkpoint(str(tmp_path / "mlp.pth"))
 
 
