@@ -21,6 +21,7 @@ import torch
 
 from . import capture as C
 from . import distributed, stage
+from . import partial as P
 from .artifacts import load_tensors, provenance, read_json, record_timings, save_tensors, sha256_file, write_json
 from .data import Skipped, batches, discover, stratified_sample
 from .errors import PruneError
@@ -123,42 +124,26 @@ def stale_reason(run_dir, ident):
     return None
 
 
-_PROGRESS = ("resume/items_done", "resume/skipped_count", "resume/skipped_paths")  # saved with the partial totals
-
-
-def _progress_tensors(items_done, skipped):
-    """How far a partial capture got, as plain tensors saved in the same file as its totals (one atomic write):
-    items consumed (readable or not) and the unreadable images met so far (their paths as UTF-8 JSON bytes)."""
-    paths = torch.frombuffer(bytearray(json.dumps(skipped.paths).encode()), dtype=torch.uint8).clone()
-    return {"resume/items_done": torch.tensor(items_done), "resume/skipped_count": torch.tensor(skipped.count),
-            "resume/skipped_paths": paths}
-
-
-def _resume_state(cfg, ident):
-    """(state, items done, Skipped so far) of the partial save, refused when it was made for another capture."""
+def _resume_state(cfg, ident, num_classes):
+    """(state, items done, Skipped so far, PartialSaves) of the partial save, refused when it was made for another
+    capture; a fresh start without RESUME=True."""
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
     if not (cfg["RESUME"] and os.path.exists(partial)):
-        return None, 0, Skipped()
+        return None, 0, Skipped(), P.PartialSaves(partial, num_classes)
     saved = read_json(partial + ".json", "partial capture").get("identity")
     if saved != {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}:
         raise PruneError(f"partial capture {partial} was made with another checkpoint, sample, capture point, "
                          "batch size or threshold: run without RESUME=True to start over")
-    state = load_tensors(partial, "partial capture")
-    if any(k not in state for k in _PROGRESS):
-        raise PruneError(f"partial capture {partial} does not record how many images it consumed (made by an older "
-                         "version): run without RESUME=True to start over")
-    skipped = Skipped()
-    skipped.count = int(state.pop("resume/skipped_count"))
-    skipped.paths = json.loads(bytes(state.pop("resume/skipped_paths").tolist()).decode())
-    done = int(state.pop("resume/items_done"))
+    state, done, skipped, saves = P.load(partial)
     print(f"resuming the capture after {int(state['n_batches'])} batches ({done} images) from {partial}")
-    return state, done, skipped
+    return state, done, skipped, saves
 
 
-def _counted(batches_, counter):
-    """The batches, counting in ``counter[0]`` the readable images handed on."""
+def _counted(batches_, counter, saves):
+    """The batches, counting in ``counter[0]`` the readable images handed on and telling ``saves`` their classes."""
     for images, labels in batches_:
         counter[0] += len(labels)
+        saves.touch(labels)
         yield images, labels
 
 
@@ -189,7 +174,7 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
     Under torchrun each process measures its shard of ``items`` and every process gets the summed totals.
     """
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
-    state, done, skipped = _resume_state(cfg, ident)
+    state, done, skipped, saves = _resume_state(cfg, ident, num_classes)
     sidecar = {"identity": {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}}
     save_every = cfg["SAVE_EVERY"] if distributed.world_size() == 1 else 0
     loader = stage.loader(cfg, distributed.shard(items)[done:])
@@ -199,10 +184,10 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
         if save_every and i % save_every == 0:  # every item consumed so far: readable, or unreadable and skipped
             consumed = done + readable[0] + skipped.count - skipped_before
             write_json(partial + ".json", sidecar)
-            save_tensors(partial, {**C.finalize(live), **_progress_tensors(consumed, skipped)})
+            saves.save(live, consumed, skipped)
 
     try:
-        stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable), blocks,
+        stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable, saves), blocks,
                                   cfg["CAPTURE_POINT"], cfg["THRESHOLD"], num_classes, device,
                                   progress=distributed.is_main(), state=state, on_batch=on_batch, per_class=per_class)
     except PruneError:
@@ -238,9 +223,7 @@ def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=No
             "per_class": ident.get("per_class", "histograms"), "sample": sample_meta(cfg, items),
             **(extra or {}), "provenance": provenance(cfg, {"checkpoint": checkpoint})}
     js = write_json(os.path.join(cfg["RUN_DIR"], STATS_JSON), meta)
-    for leftover in (os.path.join(cfg["RUN_DIR"], PARTIAL), os.path.join(cfg["RUN_DIR"], PARTIAL + ".json")):
-        if os.path.exists(leftover):
-            os.remove(leftover)
+    P.remove(os.path.join(cfg["RUN_DIR"], PARTIAL))
     return pt, js
 
 

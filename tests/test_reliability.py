@@ -144,15 +144,15 @@ def subprocess_stage(script, *args, patch=None, tmp_path=None):
 
 
 KILL_AFTER_TWO_PARTIAL_SAVES = """
-import mbv3prune.measure as measure
-_save, _saves = measure.save_tensors, []
+import mbv3prune.measure as measure, mbv3prune.partial as partial
+_save, _saves = partial.save_tensors, []
 def save_tensors(path, tensors):
     _save(path, tensors)
     if path.endswith(measure.PARTIAL):
         _saves.append(path)
         if len(_saves) == 2:
             os._exit(17)
-measure.save_tensors = save_tensors
+partial.save_tensors = save_tensors
 """
 
 KILL_BEFORE_RENAMING_THE_REPORT = """

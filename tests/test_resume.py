@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from mbv3prune import measure
+from mbv3prune import measure, partial
 from mbv3prune.blocks import find_blocks
 from tests.conftest import randomized_model, write_images
 
@@ -38,17 +38,17 @@ def capture(run_dir, items, resume=False):
 
 def test_resume_after_an_unreadable_batch_counts_items_and_keeps_the_skipped(tmp_path, items, monkeypatch):
     want, _, want_skipped = capture(tmp_path / "whole", items)
-    save, saves = measure.save_tensors, []
+    save, saves = partial.save_tensors, []
 
     def save_then_stop(path, tensors):  # killed after the second partial save: 3 loader batches consumed
         save(path, tensors)
         saves.append(path)
-        if len(saves) == 2:
+        if len([p for p in saves if p.endswith(measure.PARTIAL)]) == 2:
             raise Interrupted
-    monkeypatch.setattr(measure, "save_tensors", save_then_stop)
+    monkeypatch.setattr(partial, "save_tensors", save_then_stop)
     with pytest.raises(Interrupted):
         capture(tmp_path / "run", items)
-    monkeypatch.setattr(measure, "save_tensors", save)
+    monkeypatch.setattr(partial, "save_tensors", save)
     got, _, skipped = capture(tmp_path / "run", items, resume=True)
     assert (skipped.count, skipped.paths) == (want_skipped.count, want_skipped.paths) == (2, [items[0][0], items[1][0]])
     assert got.keys() == want.keys()
@@ -57,3 +57,26 @@ def test_resume_after_an_unreadable_batch_counts_items_and_keeps_the_skipped(tmp
             torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-9, msg=key)
         else:  # every image counted once: the images after the unreadable batch are not added twice
             assert torch.equal(got[key], value), key
+
+
+def _base_and_rows(run_dir, num_classes, labels):
+    """(base file bytes, rows file bytes) of one partial save after a batch of two images with ``labels``."""
+    model = randomized_model(ARCH)
+    saves = partial.PartialSaves(str(run_dir / measure.PARTIAL), num_classes)
+    batch = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor(labels))]
+
+    def on_batch(i, live):
+        saves.touch(batch[0][1])
+        saves.save(live, 2, measure.Skipped())
+    measure.C.capture(model, batch, find_blocks(model), num_classes=num_classes, progress=False, on_batch=on_batch)
+    return (os.path.getsize(run_dir / measure.PARTIAL), os.path.getsize(str(run_dir / measure.PARTIAL) + ".rows00001.pt"))
+
+
+def test_a_partial_save_costs_the_same_for_10_or_1000_classes(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    few, many = _base_and_rows(tmp_path / "a", 10, [1, 7]), _base_and_rows(tmp_path / "b", 1000, [1, 700])
+    assert abs(few[0] - many[0]) < 64 and abs(few[1] - many[1]) < 64, (few, many)
+    state, done, _, _ = partial.load(str(tmp_path / "b" / measure.PARTIAL))
+    layer = next(k for k in state if k.endswith("/hist_class"))
+    assert done == 2 and state[layer].shape[0] == 1000 and state[layer][[1, 700]].sum() > 0
+    assert state[layer].sum() == state[layer][[1, 700]].sum()
