@@ -140,11 +140,16 @@ def _comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+CHUNK = 2 ** 25  # elements per all-reduce (256 MB of int64): the buffer moved to the GPU at once stays bounded
+
+
 def all_reduce_totals(stats):
     """Capture totals (finalized: plain CPU tensors, int64 histograms) added across ranks, in place.
 
     SUM for counts, sums, histograms and ``n_batches``, MAX for ``max_abs``; ``hist_edges`` and ``threshold``
-    are left as they are. One collective per (operation, dtype): the tensors are flattened into one buffer.
+    are left as they are. Few collectives: per (operation, dtype), tensors are flattened together into buffers
+    of at most CHUNK elements (a larger tensor is reduced alone, CHUNK elements at a time), so thousands of
+    classes never move the whole totals to the GPU at once.
     """
     if not active():
         return stats
@@ -153,14 +158,36 @@ def all_reduce_totals(stats):
         groups.setdefault((key.endswith("/max_abs"), str(stats[key].dtype)), []).append(key)
     for (is_max, _), keys in sorted(groups.items()):
         op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
-        flat = torch.cat([stats[k].reshape(-1) for k in keys]).to(_comm_device())
-        dist.all_reduce(flat, op=op)
-        flat, offset = flat.cpu(), 0
-        for k in keys:
-            n = stats[k].numel()
-            stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
-            offset += n
+        for part in _chunks(stats, keys):
+            _reduce_together(stats, part, op)
     return stats
+
+
+def _chunks(stats, keys):
+    """``keys`` in consecutive runs of at most CHUNK elements in all (a larger tensor alone)."""
+    run, size = [], 0
+    for k in keys:
+        if run and size + stats[k].numel() > CHUNK:
+            yield run
+            run, size = [], 0
+        run.append(k)
+        size += stats[k].numel()
+    if run:
+        yield run
+
+
+def _reduce_together(stats, keys, op):
+    """All-reduce the tensors of ``keys`` as one flat buffer, CHUNK elements at a time."""
+    flat = torch.cat([stats[k].reshape(-1) for k in keys]) if len(keys) > 1 else stats[keys[0]].reshape(-1).clone()
+    for start in range(0, flat.numel(), CHUNK):
+        piece = flat[start:start + CHUNK].to(_comm_device())
+        dist.all_reduce(piece, op=op)
+        flat[start:start + CHUNK] = piece.cpu()
+    offset = 0
+    for k in keys:
+        n = stats[k].numel()
+        stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
+        offset += n
 
 
 def sampler(dataset, shuffle, seed, drop_last):

@@ -57,12 +57,19 @@ def test_shard_is_disjoint_covers_every_item_once_and_pads_nothing(monkeypatch, 
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes():
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes(monkeypatch, chunk):
     model = randomized_model(ARCH)
     gen = torch.Generator().manual_seed(0)
     stats, _ = capture(model, [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0]))],
                        find_blocks(model), num_classes=3, progress=False)
     expected = {k: v.clone() for k, v in stats.items()}
+    sizes = []
+    if chunk:  # thousands of classes: no buffer passes CHUNK elements
+        monkeypatch.setattr(distributed, "CHUNK", chunk)
+        reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce",
+                            lambda t, op=dist.ReduceOp.SUM: (sizes.append(t.numel()), reduce(t, op=op)))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         reduced = distributed.all_reduce_totals(stats)
@@ -72,6 +79,8 @@ def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes():
     assert reduced.keys() == expected.keys()
     for k, v in expected.items():
         assert reduced[k].dtype == v.dtype and torch.equal(reduced[k], v), k
+    if chunk:
+        assert sizes and max(sizes) <= chunk and sum(sizes) > 10 * chunk
 
 
 def test_only_rank_0_writes(monkeypatch, tmp_path):
