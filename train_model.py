@@ -109,10 +109,10 @@ def initial_model(cfg, num_classes):
     if not cfg["CHECKPOINT"]:
         return set_dropout(models.build_model(cfg["MODEL_ARCH"], num_classes), cfg["DROPOUT"])
     model, meta = models.load_checkpoint(cfg["CHECKPOINT"], cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
-    head = model.classifier[-1]
+    head = models.head(model)
     if head.out_features != num_classes:
         print(f"replacing the {head.out_features}-class classifier of {cfg['CHECKPOINT']} with a {num_classes}-class one")
-        model.classifier[-1] = nn.Linear(head.in_features, num_classes)
+        models.set_head(model, nn.Linear(head.in_features, num_classes))
     return set_dropout(model, cfg["DROPOUT"])
 
 

@@ -14,6 +14,7 @@ agreement, mean and max logit difference, accuracy of both. Exits non-zero namin
 import os
 
 import torch
+from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
 from mbv3prune import config, models, stage
@@ -46,6 +47,13 @@ def check(name, ok, detail=""):
     return {"check": name, "ok": bool(ok), "detail": detail}
 
 
+def spatial_convs(model):
+    """[(name, conv)] of the k x k convs inside every InvertedResidual: the depthwise ones, found without asking
+    whether they are depthwise (the block finder only finds blocks whose depthwise conv is intact)."""
+    return [(f"{block}.{name}", m) for block, ir in model.named_modules() if isinstance(ir, InvertedResidual)
+            for name, m in ir.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
 def structure_checks(model, num_classes):
     """Depthwise, BN-vs-conv, SE and classifier widths."""
     out, bad = [], []
@@ -53,11 +61,15 @@ def structure_checks(model, num_classes):
         if isinstance(m, Conv2dNormActivation) and m[0].out_channels != m[1].num_features:
             bad.append(f"{name}: conv out {m[0].out_channels} != BN {m[1].num_features}")
     out.append(check("bn_matches_conv", not bad, "; ".join(bad[:5])))
-    bad_dw, bad_se = [], []
-    for block, r in find_blocks(model).items():
-        dw = model.get_submodule(r["depthwise"])
-        if not dw.in_channels == dw.out_channels == dw.groups:
-            bad_dw.append(f"{r['depthwise']}: in {dw.in_channels} out {dw.out_channels} groups {dw.groups}")
+    bad_dw = [f"{name}: in {dw.in_channels} out {dw.out_channels} groups {dw.groups}"
+              for name, dw in spatial_convs(model) if not dw.in_channels == dw.out_channels == dw.groups]
+    bad_se = []
+    try:
+        blocks = find_blocks(model)
+    except PruneError as err:  # e.g. a depthwise conv that is no longer depthwise: its block is unrecognisable
+        blocks = {}
+        out.append(check("blocks_recognised", False, str(err)))
+    for block, r in blocks.items():
         if "se" in r:
             fc1, fc2 = model.get_submodule(r["se_fc1"]), model.get_submodule(r["se_fc2"])
             if not fc1.in_channels == fc2.out_channels == r["hidden_channels"] or fc1.out_channels != fc2.in_channels:
@@ -65,7 +77,7 @@ def structure_checks(model, num_classes):
                               f"{fc2.out_channels}, hidden {r['hidden_channels']}")
     out.append(check("depthwise_in_out_groups", not bad_dw, "; ".join(bad_dw[:5])))
     out.append(check("se_widths", not bad_se, "; ".join(bad_se[:5])))
-    head = model.classifier[-1].out_features
+    head = models.head(model).out_features
     out.append(check("output_width", head == num_classes, f"{head} outputs, {num_classes} classes"))
     return out
 

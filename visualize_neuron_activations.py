@@ -44,6 +44,8 @@ RECAPTURE = False  # capture again even when saved statistics fit
 SECOND_MOMENTS = False  # also stream the project-input covariances (SCORE=obs, RECONSTRUCT need them; ~50 MB for Large)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt (one process only)
 SAVE_EVERY = 50  # batches between partial saves (0 = never; off under torchrun with several processes)
+PER_CLASS = "auto"  # per class: auto (histograms while they fit MAX_STATS_MEMORY_GB), histograms, counts or off
+MAX_STATS_MEMORY_GB = 4.0  # PER_CLASS=auto keeps per-class histograms only while they take at most this
 IMAGE_SIZE = 64  # input resolution
 BATCH_SIZE = 64  # images per batch (per process under torchrun)
 NUM_WORKERS = 2  # data-loading worker processes

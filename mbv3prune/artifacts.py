@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import math
 import os
+import socket
 import tempfile
 
 import torch
@@ -17,24 +18,63 @@ import torch
 from .errors import PruneError
 
 SCHEMA_VERSION = 1
-_KILL_BEFORE_RENAME = os.environ.get("MBV3PRUNE_TEST_KILL_BEFORE_RENAME", "")  # test-only: os._exit before this rename
+
+
+def _temp_prefix(path):
+    """``.name.host.pid.``: whose temporary file it is (a killed writer's is recognised by its dead pid)."""
+    return f".{os.path.basename(path)}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_dead_writers_temps(path):
+    """Remove the temporary files of ``path`` left by killed writers on this host; never a live writer's."""
+    directory, name = os.path.split(path)
+    host = socket.gethostname()
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.{glob.escape(host)}.*.tmp")):
+        pid = os.path.basename(tmp)[len(f".{name}.{host}."):].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            os.remove(tmp)
+
+
+def _fsync(path):
+    """Flush ``path`` (a file, or a directory after a rename) to disk; a directory that cannot be opened is left."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path, write):
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temporary file of its own beside ``path``, fsync it, rename it into place.
+
+    The temporary name is unique (host, pid, random part); on failure only this call's temporary file is
+    removed, and those of writers killed on this host earlier, never another live writer's. Returns ``path``.
+    """
     path = os.fspath(path)
     _check_writer(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(os.path.basename(path))}.*.tmp")):
-        os.remove(stale)  # left by a write that was killed before its rename
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    _remove_dead_writers_temps(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        if _KILL_BEFORE_RENAME and os.path.basename(path) == _KILL_BEFORE_RENAME:
-            os._exit(17)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

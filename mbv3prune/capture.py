@@ -14,9 +14,15 @@ number of images. For every layer (a captured tensor; its key is a module name) 
 ``sum_sq``         float64 [C]         sum of a**2
 ``max_abs``        float32 [C]         max of |a|
 ``n_class``        int64 [K]           images per class
-``hist_class``     int64 [K, C, NB]    histogram of |a| per class (``histograms=True``)
-``hist``           int64 [C, NB]       ``hist_class`` summed over classes (added by ``finalize``)
+``hist_class``     int64 [K, C, NB]    histogram of |a| per class (``per_class="histograms"``)
+``hist``           int64 [C, NB]       histogram of |a| (``hist_class`` summed over classes by ``finalize``)
+``sum_abs_class``  float64 [K, C]      sum of |a| per class (``per_class="counts"``: with ``n_class``, means)
 =================  ==================  ==========================================================
+
+``per_class`` (``PER_CLASS``) says what is kept per class: ``histograms`` (``hist_class``, K x C x NB: about
+5 MB a class on Large), ``counts`` (``n_class`` and ``sum_abs_class``: per-class mean |a|, 123x less) or
+``off`` (``n_class`` only); the overall ``hist`` is kept in every mode. ``per_class_bytes`` estimates the
+cost of each mode before a capture.
 
 Counts are int64, sums float64 (float32 stops counting exactly past 2**24). A batch is first reduced per
 channel in float32 (over the batch, then over H x W) and then added into the float64 totals: each batch
@@ -67,6 +73,23 @@ _INT32_MAX = 2 ** 31 - 1
 LAYER_STATS = ("n", "n_images", "below", "neuron_below", "sum", "sum_abs", "sum_sq", "max_abs", "n_class")
 BLOCK_STATS = ("pregate_sum", "pregate_n")
 GLOBAL_STATS = ("hist_edges", "threshold", "n_batches")
+PER_CLASS_MODES = ("histograms", "counts", "off")
+_PER_CLASS_STATS = {"histograms": ("hist_class",), "counts": ("hist", "sum_abs_class"), "off": ("hist",)}
+
+
+def per_class_bytes(channels, num_classes, per_class):
+    """Bytes the per-class totals of a capture take (``channels``: every captured layer's C), at finalize's
+    int64 / float64 (live int32 histograms take half, but finalize makes the int64 copy)."""
+    c = sum(channels)
+    return {"histograms": 8 * num_classes * c * NUM_BINS, "counts": 8 * num_classes * c + 8 * c * NUM_BINS,
+            "off": 8 * c * NUM_BINS}[valid_per_class(per_class)]
+
+
+def valid_per_class(per_class):
+    """``per_class``, or a PruneError listing the valid ones."""
+    if per_class not in PER_CLASS_MODES:
+        raise PruneError(f"unknown PER_CLASS {per_class!r}: use auto or one of {', '.join(PER_CLASS_MODES)}")
+    return per_class
 
 
 def hist_edges():
@@ -171,22 +194,28 @@ def _zeros(shape, dtype, device):
         return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _new_layer_totals(shape, num_classes, histograms, device):
+def _new_layer_totals(shape, num_classes, histograms, device, per_class="histograms"):
     c = shape[0]
     totals = {"n": ((), torch.int64), "n_images": ((), torch.int64), "below": ((c,), torch.int64),
               "neuron_below": (shape, torch.int64), "sum": ((c,), torch.float64),
               "sum_abs": ((c,), torch.float64), "sum_sq": ((c,), torch.float64),
               "max_abs": ((c,), torch.float32), "n_class": ((num_classes,), torch.int64)}
-    if histograms:
+    if histograms and per_class == "histograms":
         totals["hist_class"] = ((num_classes, c, NUM_BINS), torch.int32)  # see _Accumulator._hist_class
+    elif histograms:
+        totals["hist"] = ((c, NUM_BINS), torch.int32)
+    if histograms and per_class == "counts":
+        totals["sum_abs_class"] = ((num_classes, c), torch.float64)
     return {stat: _zeros(s, dtype, device) for stat, (s, dtype) in totals.items()}
 
 
 class _Accumulator:
     """Adds each captured tensor of the current batch into the running totals held in ``state``."""
 
-    def __init__(self, state, threshold, num_classes, histograms):
+    def __init__(self, state, threshold, num_classes, histograms, per_class="histograms"):
         self.state, self.threshold, self.num_classes, self.histograms = state, threshold, num_classes, histograms
+        self.per_class = per_class
+        self.hist_key = "hist_class" if per_class == "histograms" else "hist"
         self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
         self._ones, self._counted = {}, {}
 
@@ -200,7 +229,7 @@ class _Accumulator:
         if x.dim() != 4:
             raise PruneError(f"layer {layer}: captured tensor of shape {tuple(x.shape)}, expected (batch, C, H, W)")
         if f"{layer}/n" not in self.state:
-            fresh = _new_layer_totals(tuple(x.shape[1:]), self.num_classes, self.histograms, x.device)
+            fresh = _new_layer_totals(tuple(x.shape[1:]), self.num_classes, self.histograms, x.device, self.per_class)
             self.state.update({f"{layer}/{stat}": t for stat, t in fresh.items()})
         shape = tuple(self.state[f"{layer}/neuron_below"].shape)
         if tuple(x.shape[1:]) != shape:
@@ -209,10 +238,14 @@ class _Accumulator:
         return lambda stat: self.state[f"{layer}/{stat}"]
 
     def _hist_offsets(self, channels, device):
-        """Index of bin 0 of every (image, channel) in the flat hist_class [K, C, NUM_BINS]: [B, C, 1, 1] int32."""
+        """Index of bin 0 of every (image, channel) in the flat hist_class [K, C, NUM_BINS] (or hist [C, NUM_BINS]):
+        [B, C, 1, 1] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes on Large)."""
         if channels not in self._offsets:
-            channel = torch.arange(channels, dtype=torch.int32, device=device)
-            rows = self.labels.to(torch.int32).view(-1, 1) * channels + channel
+            rows_total = (self.num_classes if self.per_class == "histograms" else 1) * channels * NUM_BINS
+            dtype = torch.int32 if rows_total <= _INT32_MAX else torch.int64
+            channel = torch.arange(channels, dtype=dtype, device=device)
+            labels = self.labels if self.per_class == "histograms" else torch.zeros_like(self.labels)
+            rows = labels.to(dtype).view(-1, 1) * channels + channel
             self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, :, None, None]
         return self._offsets[channels]
 
@@ -222,7 +255,7 @@ class _Accumulator:
         Live, it is int32 (half the cache traffic of int64) while no bin can pass 2**31 - 1 (a bin never
         holds more than ``n``), int64 beyond; ``finalize`` always gives int64.
         """
-        key = f"{layer}/hist_class"
+        key = f"{layer}/{self.hist_key}"
         if layer not in self._counted:  # once per layer and capture: n may come from a resumed state
             self._counted[layer] = int(self.state[f"{layer}/n"])
         self._counted[layer] += elements
@@ -251,7 +284,10 @@ class _Accumulator:
         total("n_class").add_(self.class_counts)
         self._below_and_max(layer, total, a)
         if hist is not None:
-            self._count(hist, _bin_keys(a).add_(self._hist_offsets(c, x.device)).reshape(-1))
+            offsets = self._hist_offsets(c, x.device)
+            self._count(hist, _bin_keys(a).to(offsets.dtype).add_(offsets).reshape(-1))
+        if self.histograms and self.per_class == "counts":
+            total("sum_abs_class").index_add_(0, self.labels, a.sum((2, 3), dtype=torch.float64))
         total("sum").add_(_channel_sum(x))
         total("sum_abs").add_(_channel_sum(a))
         total("sum_sq").add_(_channel_sum(a.mul_(a)))  # a is ours: squared in place, last
@@ -290,9 +326,9 @@ def _hooks(acc, blocks, capture_point):
     return hooks
 
 
-def expected_keys(blocks, capture_point, histograms=True, second_moments=False):
-    """Every key of a capture's state (``hist`` excluded: ``finalize`` adds it)."""
-    stats = LAYER_STATS + (("hist_class",) if histograms else ())
+def expected_keys(blocks, capture_point, histograms=True, per_class="histograms", second_moments=False):
+    """Every key of a capture's state (with per-class histograms, ``hist`` excluded: ``finalize`` adds it)."""
+    stats = LAYER_STATS + (_PER_CLASS_STATS[valid_per_class(per_class)] if histograms else ())
     layers = describe_layers(blocks, capture_point)
     keys = {f"{layer}/{s}" for layer in layers for s in stats}
     keys |= moments.capture_keys(blocks, layers) if second_moments else set()
@@ -306,7 +342,7 @@ def _new_state(device, threshold):
 
 def _resumed_state(state, keys, threshold, num_classes, device):
     """A private copy (on ``device``) of a previous capture's state, checked against this capture's settings."""
-    given = {k for k in state if not k.endswith("/hist")}
+    given = {k for k in state if not (k.endswith("/hist") and k + "_class" in state)}
     if given != keys:
         odd = sorted(given ^ keys)[0]
         raise PruneError(f"resume state does not fit this capture: key {odd} is "
@@ -359,25 +395,26 @@ def _one_batch(model, acc, images, labels, device):
 
 
 def capture(model, batches, blocks, capture_point="project_input", threshold=DEFAULT_THRESHOLD, num_classes=1,
-            device=None, progress=True, state=None, histograms=True, on_batch=None, second_moments=False,
-            max_positions=None):
+            device=None, progress=True, state=None, histograms=True, on_batch=None, per_class="histograms",
+            second_moments=False, max_positions=None):
     """Run ``model`` over ``(images, labels)`` batches and return ``(stats, layers)``: running totals, no maps.
 
     ``stats`` is a dict of CPU tensors (see the module docstring; loads with ``torch.load(weights_only=True)``),
     ``layers`` the JSON-able ``describe_layers``. ``state``: a previous (partial) result to keep
     accumulating into; not modified. ``on_batch(i, state)`` runs after each batch (``i`` counts all
     batches, resumed ones included); ``state`` is live: save ``finalize(state)``, never modify it.
-    ``histograms=False`` skips ``hist_class`` (and ``hist``). ``second_moments=True`` adds the moment
-    triples of ``moments.capture_keys`` (per-channel, project-input and pooled SE covariances;
-    ``max_positions`` subsamples the project-input covariance, see ``moments.CaptureMoments``). Under
-    torchrun merge them with ``moments.all_reduce_moments``, never by summing.
+    ``histograms=False`` skips ``hist_class`` (and ``hist``). ``per_class``: what is kept per class (see the
+    module docstring). ``second_moments=True`` adds the moment triples of ``moments.capture_keys``
+    (per-channel, project-input and pooled SE covariances; ``max_positions`` subsamples the project-input
+    covariance, see ``moments.CaptureMoments``). Under torchrun merge them with
+    ``moments.all_reduce_moments``, never by summing.
     """
     device = _model_device(model, device)
-    keys = expected_keys(blocks, capture_point, histograms, second_moments)
+    keys = expected_keys(blocks, capture_point, histograms, per_class, second_moments)
     threshold = check_threshold(threshold)
     state = (_resumed_state(state, keys, threshold, num_classes, device) if state is not None
              else _new_state(device, threshold))
-    acc = _Accumulator(state, threshold, num_classes, histograms)
+    acc = _Accumulator(state, threshold, num_classes, histograms, per_class)
     hooks = _hooks(acc, blocks, capture_point)
     if second_moments:
         seed = int(state["n_batches"])  # a resumed capture draws other positions than its first part
@@ -399,7 +436,10 @@ def finalize(state, copy=True):
 
     ``copy=False`` may return the state's own CPU tensors: only for a state that is no longer updated.
     """
-    stats = {k: v.detach().to("cpu", copy=copy) for k, v in state.items() if not k.endswith("/hist")}
+    stats = {k: v.detach().to("cpu", copy=copy) for k, v in state.items()
+             if not (k.endswith("/hist") and k + "_class" in state)}
+    for key in [k for k in stats if k.endswith("/hist")]:
+        stats[key] = stats[key].long()
     for key in [k for k in stats if k.endswith("/hist_class")]:
         stats[key] = stats[key].long()
         stats[key[: -len("_class")]] = stats[key].sum(0)

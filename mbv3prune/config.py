@@ -86,13 +86,22 @@ def parse_value(raw, default, name):
     raise PruneError(f"--{name}={raw}: expected a {type(default).__name__} like {default!r}")
 
 
+COMMON = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "CHECKPOINT", "IMAGE_SIZE", "BATCH_SIZE", "NUM_WORKERS", "DEVICE", "SEED",
+          "DEBUG")  # the README's common constants: every stage accepts them, so one set of flags serves the chain
+
+
 def apply_overrides(namespace, argv):
-    """Apply ``--NAME=value`` arguments to ``namespace``; return the resolved {NAME: value}."""
+    """Apply ``--NAME=value`` arguments to ``namespace``; return the resolved {NAME: value}.
+
+    A common constant (``COMMON``) that this script does not use is accepted and ignored; other unknown
+    names are refused."""
     names = constant_names(namespace)
     for arg in argv:
         key, sep, raw = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if not sep or not key:
             raise PruneError(f"argument {arg!r} is not of the form --NAME=value (valid names: {', '.join(names)})")
+        if key not in names and key in COMMON:
+            continue
         if key not in names:
             raise PruneError(f"unknown constant --{key} (valid names: {', '.join(names)})")
         namespace[key] = parse_value(raw, namespace[key], key)

@@ -189,14 +189,17 @@ def collate_skipping(batch):
 
 
 class Skipped:
-    """Counts unreadable images met while iterating a loader, and keeps the first few paths."""
+    """Counts the unreadable images met while iterating loaders, each file once however often it is met (every
+    epoch, BN pass and evaluation), and keeps the first few paths."""
 
     def __init__(self):
-        self.count, self.paths = 0, []
+        self.count, self.paths, self._seen = 0, [], set()
 
     def add(self, paths):
-        self.count += len(paths)
-        self.paths += paths[: max(0, 5 - len(self.paths))]
+        new = [p for p in dict.fromkeys(paths) if p not in self._seen and p not in self.paths]
+        self._seen.update(new)
+        self.count += len(new)
+        self.paths += new[: max(0, 5 - len(self.paths))]
 
     def summary(self):
         return f"{self.count} unreadable image(s) skipped" + (f", e.g. {', '.join(self.paths)}" if self.count else "")
@@ -224,14 +227,18 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def batches(loader, skipped, device=None):
+def batches(loader, skipped, device=None, keep_empty=False):
     """Yield (images, labels) on ``device`` from a make_loader loader, recording unreadable images in ``skipped``.
 
-    On CUDA the copies are asynchronous and the images channels_last (the layout cuDNN convolves fastest)."""
+    A wholly unreadable batch is left out, or (``keep_empty``) yielded empty: under torchrun every rank must
+    take part in every step. On CUDA the copies are asynchronous and the images channels_last (the layout
+    cuDNN convolves fastest)."""
     fmt = torch.channels_last if device is not None and torch.device(device).type == "cuda" else torch.preserve_format
     for images, labels, bad in loader:
         skipped.add(bad)
-        if len(labels):
+        if not len(labels) and keep_empty:
+            yield images, labels
+        elif len(labels):
             if device is not None:
                 images = images.to(device, non_blocking=True, memory_format=fmt)
                 labels = labels.to(device, non_blocking=True)

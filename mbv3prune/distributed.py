@@ -10,9 +10,12 @@ but 0 its stdout goes to /dev/null (errors still reach stderr). Then:
   seeded DistributedSampler (``sampler``), one part per rank;
 - rank 0 alone writes artifacts: ``artifacts.atomic_write`` refuses any other rank.
 
+A collective waits ``MBV3PRUNE_PG_TIMEOUT_S`` seconds (default 1800, torch's) for the other ranks, then fails.
+
 Without torchrun every function here is a no-op and a stage runs in one process, as it always did.
 """
 import atexit
+import datetime
 import os
 import sys
 
@@ -21,6 +24,7 @@ import torch.distributed as dist
 
 from .errors import PruneError
 
+TIMEOUT_ENV = "MBV3PRUNE_PG_TIMEOUT_S"  # seconds a collective waits for the other ranks before failing (torch: 1800)
 _UNREDUCED = ("hist_edges", "threshold")  # capture totals that are the same on every rank, not sums
 
 
@@ -66,7 +70,8 @@ def setup(device_request="auto"):
     elif device.type != "cpu":
         raise PruneError(f"DEVICE={device_request} ({device.type}) cannot run under torchrun: use cuda or cpu")
     if not active():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         atexit.register(cleanup)
     if not is_main():
         sys.stdout = open(os.devnull, "w")
@@ -107,6 +112,20 @@ def gather(obj):
     return out
 
 
+def step_batches(images):
+    """(images in this step over all ranks, image height, width) of a step whose batch here is ``images``
+    (possibly empty): one small all-reduce, so that every rank decides alike to skip a step that no rank has
+    images for, or to take part with a zero-weight substitute where only this rank has none."""
+    n = images.shape[0]
+    h, w = (images.shape[-2], images.shape[-1]) if n else (0, 0)
+    if not active():
+        return n, h, w
+    mine = torch.tensor([n, int(n > 0), h, w], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(mine)
+    total, with_images, h_sum, w_sum = (int(v) for v in mine.cpu())
+    return total, h_sum // max(1, with_images), w_sum // max(1, with_images)
+
+
 def mean(value):
     """The mean of a number over the ranks (e.g. each rank's training loss)."""
     if not active():
@@ -121,12 +140,17 @@ def _comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+CHUNK = 2 ** 25  # elements per all-reduce (256 MB of int64): the buffer moved to the GPU at once stays bounded
+
+
 def all_reduce_totals(stats):
     """Capture totals (finalized: plain CPU tensors, int64 histograms) added across ranks, in place.
 
     SUM for counts, sums, histograms and ``n_batches``, MAX for ``max_abs``; ``hist_edges`` and ``threshold``
     are left as they are; second-moment triples are merged Chan-style (``moments.all_reduce_moments``), not
-    summed. One collective per (operation, dtype): the tensors are flattened into one buffer.
+    summed. Few collectives: per (operation, dtype), tensors are flattened together into buffers
+    of at most CHUNK elements (a larger tensor is reduced alone, CHUNK elements at a time), so thousands of
+    classes never move the whole totals to the GPU at once.
     """
     if not active():
         return stats
@@ -136,14 +160,36 @@ def all_reduce_totals(stats):
         groups.setdefault((key.endswith("/max_abs"), str(stats[key].dtype)), []).append(key)
     for (is_max, _), keys in sorted(groups.items()):
         op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
-        flat = torch.cat([stats[k].reshape(-1) for k in keys]).to(_comm_device())
-        dist.all_reduce(flat, op=op)
-        flat, offset = flat.cpu(), 0
-        for k in keys:
-            n = stats[k].numel()
-            stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
-            offset += n
+        for part in _chunks(stats, keys):
+            _reduce_together(stats, part, op)
     return all_reduce_moments(stats)
+
+
+def _chunks(stats, keys):
+    """``keys`` in consecutive runs of at most CHUNK elements in all (a larger tensor alone)."""
+    run, size = [], 0
+    for k in keys:
+        if run and size + stats[k].numel() > CHUNK:
+            yield run
+            run, size = [], 0
+        run.append(k)
+        size += stats[k].numel()
+    if run:
+        yield run
+
+
+def _reduce_together(stats, keys, op):
+    """All-reduce the tensors of ``keys`` as one flat buffer, CHUNK elements at a time."""
+    flat = torch.cat([stats[k].reshape(-1) for k in keys]) if len(keys) > 1 else stats[keys[0]].reshape(-1).clone()
+    for start in range(0, flat.numel(), CHUNK):
+        piece = flat[start:start + CHUNK].to(_comm_device())
+        dist.all_reduce(piece, op=op)
+        flat[start:start + CHUNK] = piece.cpu()
+    offset = 0
+    for k in keys:
+        n = stats[k].numel()
+        stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
+        offset += n
 
 
 def sampler(dataset, shuffle, seed, drop_last):

@@ -1,7 +1,8 @@
 """The capture stage's artifacts: the stratified sample, a resumable capture, activation_stats.pt / .json.
 
 ``activation_stats.pt`` holds the running totals (a dict of plain tensors, see ``capture``) and
-``activation_stats.json`` what they were measured on: the sample (every file and label), capture point,
+``activation_stats.json`` what they were measured on: the sample (every file and label; beyond FILES_LISTED
+images its sampling rule and sha256, from which ``sample_items`` recovers it), what was kept per class, capture point,
 threshold, image size, the checkpoint's sha256 and widths, config and versions. A later stage re-uses them
 unless they were measured on another checkpoint, sample, capture point or image size.
 
@@ -16,14 +17,16 @@ import json
 import os
 import time
 
+import torch
+
 from . import capture as C
 from . import distributed, stage
+from . import partial as P
 from .artifacts import load_tensors, provenance, read_json, record_timings, save_tensors, sha256_file, write_json
-from .data import Skipped, batches, stratified_sample
+from .data import Skipped, batches, discover, stratified_sample
 from .errors import PruneError
 
 STATS_PT, STATS_JSON, PARTIAL = "activation_stats.pt", "activation_stats.json", "activation_stats.partial.pt"
-_KILL_AFTER = int(os.environ.get("MBV3PRUNE_TEST_KILL_AFTER_BATCHES", "0"))  # test-only: os._exit after N batches
 
 
 def sample(cfg, splits):
@@ -40,10 +43,57 @@ def sample_record(items, data_dir):
     return record, hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
 
+FILES_LISTED = 5000  # a larger sample is recorded by its sampling rule and sha256, not file by file
+
+
+def sample_meta(cfg, items):
+    """The sample part of activation_stats.json: every file, or for a sample of more than FILES_LISTED images
+    the rule that drew it (DATA_DIR, SEED, SAMPLES_PER_CLASS / SAMPLE_FRACTION) and the sha256 that checks it."""
+    record, digest = sample_record(items, cfg["DATA_DIR"])
+    meta = {"data_dir": cfg["DATA_DIR"], "images": len(record), "sha256": digest}
+    if len(record) <= FILES_LISTED:
+        return {**meta, "files": record}
+    return {**meta, "rule": {k: cfg[k] for k in ("SEED", "SAMPLES_PER_CLASS", "SAMPLE_FRACTION")}}
+
+
 def sample_items(meta, data_dir):
-    """[(path, label)] of the sample a saved capture measured (``sample_record`` read back)."""
+    """[(path, label)] of the sample a saved capture measured: its file list, or its rule drawn again from
+    ``data_dir`` (refused when that no longer gives the recorded sha256)."""
     root = data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir)
-    return [(os.path.join(root, p), y) for p, y in meta["sample"]["files"]]
+    if "files" in meta["sample"]:
+        return [(os.path.join(root, p), y) for p, y in meta["sample"]["files"]]
+    rule = meta["sample"]["rule"]
+    splits, _ = discover(data_dir, seed=rule["SEED"])
+    items = sample({**rule, "DATA_DIR": data_dir}, splits)
+    if sample_record(items, data_dir)[1] != meta["sample"]["sha256"]:
+        raise PruneError(f"DATA_DIR {data_dir} no longer gives the {meta['sample']['images']} images the statistics "
+                         "were measured on (its files changed): re-run visualize_neuron_activations.py")
+    return items
+
+
+def per_class_mode(cfg, blocks, num_classes):
+    """What the capture keeps per class: PER_CLASS, or for "auto" per-class histograms while their totals fit in
+    MAX_STATS_MEMORY_GB, else per-class counts and means (said in one line). CLASS_AWARE needs histograms."""
+    want, limit = cfg.get("PER_CLASS", "auto"), cfg.get("MAX_STATS_MEMORY_GB", 4.0)
+    channels = [info["channels"] for info in C.describe_layers(blocks, cfg["CAPTURE_POINT"]).values()]
+    need = C.per_class_bytes(channels, num_classes, "histograms") / 2 ** 30
+    mode = want if want != "auto" else "histograms" if need <= limit else "counts"
+    C.valid_per_class(mode)
+    if want == "auto" and mode != "histograms":
+        print(f"per-class histograms of {num_classes} classes would take {need:.1f} GB > MAX_STATS_MEMORY_GB={limit}: "
+              "keeping per-class counts and mean |a| instead (PER_CLASS=histograms to force them)")
+    if cfg.get("CLASS_AWARE") and mode != "histograms":
+        raise PruneError(f"CLASS_AWARE=True needs per-class histograms, which PER_CLASS={want} does not keep for "
+                         f"{num_classes} classes ({need:.1f} GB, MAX_STATS_MEMORY_GB={limit}): raise "
+                         "MAX_STATS_MEMORY_GB, set PER_CLASS=histograms, or CLASS_AWARE=False")
+    return mode
+
+
+def check_per_class_histograms(cfg, stats, path):
+    """With CLASS_AWARE, saved statistics without per-class histograms are refused in one line."""
+    if cfg.get("CLASS_AWARE") and not any(k.endswith("/hist_class") for k in stats):
+        raise PruneError(f"CLASS_AWARE=True needs per-class histograms, but {path} has none (captured with "
+                         "PER_CLASS=counts or off): re-run with RECAPTURE=True PER_CLASS=histograms")
 
 
 def load_checked(path, checkpoint):
@@ -56,11 +106,11 @@ def load_checked(path, checkpoint):
     return stats, meta
 
 
-def identity(cfg, checkpoint, items):
+def identity(cfg, checkpoint, items, per_class="histograms"):
     """What makes two captures interchangeable."""
     _, digest = sample_record(items, cfg["DATA_DIR"])
     return {"checkpoint_sha256": sha256_file(checkpoint), "sample_sha256": digest,
-            "capture_point": cfg["CAPTURE_POINT"], "image_size": cfg["IMAGE_SIZE"],
+            "capture_point": cfg["CAPTURE_POINT"], "image_size": cfg["IMAGE_SIZE"], "per_class": per_class,
             **({"second_moments": True} if cfg.get("SECOND_MOMENTS") else {})}
 
 
@@ -75,18 +125,27 @@ def stale_reason(run_dir, ident):
     return None
 
 
-def _resume_state(cfg, ident):
-    """(state, batches done) of the partial save, refused when it was made for another capture."""
+def _resume_state(cfg, ident, num_classes):
+    """(state, items done, Skipped so far, PartialSaves) of the partial save, refused when it was made for another
+    capture; a fresh start without RESUME=True."""
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
     if not (cfg["RESUME"] and os.path.exists(partial)):
-        return None, 0
+        return None, 0, Skipped(), P.PartialSaves(partial, num_classes)
     saved = read_json(partial + ".json", "partial capture").get("identity")
     if saved != {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}:
         raise PruneError(f"partial capture {partial} was made with another checkpoint, sample, capture point, "
                          "batch size or threshold: run without RESUME=True to start over")
-    state = load_tensors(partial, "partial capture")
-    print(f"resuming the capture after {int(state['n_batches'])} batches from {partial}")
-    return state, int(state["n_batches"])
+    state, done, skipped, saves = P.load(partial)
+    print(f"resuming the capture after {int(state['n_batches'])} batches ({done} images) from {partial}")
+    return state, done, skipped, saves
+
+
+def _counted(batches_, counter, saves):
+    """The batches, counting in ``counter[0]`` the readable images handed on and telling ``saves`` their classes."""
+    for images, labels in batches_:
+        counter[0] += len(labels)
+        saves.touch(labels)
+        yield images, labels
 
 
 def check_processes(cfg, images):
@@ -110,44 +169,63 @@ def _merged_skipped(skipped, items):
     return merged
 
 
-def run_capture(cfg, model, blocks, items, num_classes, device, ident):
+def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class="histograms"):
     """Capture over ``items`` (resuming from the partial save with RESUME=True); returns (stats, layers, skipped).
 
     Under torchrun each process measures its shard of ``items`` and every process gets the summed totals.
     """
     partial = os.path.join(cfg["RUN_DIR"], PARTIAL)
-    state, done = _resume_state(cfg, ident)
+    state, done, skipped, saves = _resume_state(cfg, ident, num_classes)
     sidecar = {"identity": {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}}
     save_every = cfg["SAVE_EVERY"] if distributed.world_size() == 1 else 0
-    skipped = Skipped()
-    loader = stage.loader(cfg, distributed.shard(items)[done * cfg["BATCH_SIZE"]:])
+    loader = stage.loader(cfg, distributed.shard(items)[done:])
+    readable, skipped_before = [0], skipped.count
 
     def on_batch(i, live):
-        if save_every and i % save_every == 0:
+        if save_every and i % save_every == 0:  # every item consumed so far: readable, or unreadable and skipped
+            consumed = done + readable[0] + skipped.count - skipped_before
             write_json(partial + ".json", sidecar)
-            save_tensors(partial, C.finalize(live))
-        if _KILL_AFTER and i >= _KILL_AFTER:
-            os._exit(17)
+            saves.save(live, consumed, skipped)
 
-    stats, layers = C.capture(model, batches(loader, skipped, device), blocks, cfg["CAPTURE_POINT"], cfg["THRESHOLD"],
-                              num_classes, device, progress=distributed.is_main(), state=state, on_batch=on_batch,
-                              second_moments=cfg.get("SECOND_MOMENTS", False))
+    try:
+        stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable, saves), blocks,
+                                  cfg["CAPTURE_POINT"], cfg["THRESHOLD"], num_classes, device,
+                                  progress=distributed.is_main(), state=state, on_batch=on_batch, per_class=per_class,
+                                  second_moments=cfg.get("SECOND_MOMENTS", False))
+    except PruneError:
+        if readable[0] or distributed.world_size() == 1:
+            raise
+        stats, layers = None, C.describe_layers(blocks, cfg["CAPTURE_POINT"])  # no readable image in this shard
+    stats = _zeros_where_empty(stats, cfg["THRESHOLD"], items)
     return distributed.all_reduce_totals(stats), layers, _merged_skipped(skipped, items)
+
+
+def _zeros_where_empty(stats, threshold, items):
+    """Under torchrun, the totals of a rank whose shard had no readable image: zeros shaped like another rank's
+    (so the sum is the other ranks' capture). Every rank takes part; ``stats`` is returned as it is elsewhere."""
+    if distributed.world_size() == 1:
+        return stats
+    shapes = distributed.gather(None if stats is None else {k: (tuple(v.shape), v.dtype) for k, v in stats.items()})
+    if stats is not None:
+        return stats
+    some = next((s for s in shapes if s is not None), None)
+    if some is None:
+        raise PruneError(f"no process could read any of the {len(items)} images of the sample (e.g. {items[0][0]})")
+    stats = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in some.items()}
+    stats["hist_edges"], stats["threshold"] = C.hist_edges(), torch.tensor(float(threshold), dtype=torch.float64)
+    return stats
 
 
 def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=None):
     """Write activation_stats.pt and .json atomically, then drop the partial save."""
-    record, _ = sample_record(items, cfg["DATA_DIR"])
     pt = save_tensors(os.path.join(cfg["RUN_DIR"], STATS_PT), stats)
     meta = {"schema_version": 1, "kind": "mbv3prune-activation-stats", "identity": ident,
             "threshold": cfg["THRESHOLD"], "layers": layers, "widths": widths,
             "skipped_images": {"count": skipped.count, "first": skipped.paths},
-            "sample": {"data_dir": cfg["DATA_DIR"], "images": len(record), "files": record},
+            "per_class": ident.get("per_class", "histograms"), "sample": sample_meta(cfg, items),
             **(extra or {}), "provenance": provenance(cfg, {"checkpoint": checkpoint})}
     js = write_json(os.path.join(cfg["RUN_DIR"], STATS_JSON), meta)
-    for leftover in (os.path.join(cfg["RUN_DIR"], PARTIAL), os.path.join(cfg["RUN_DIR"], PARTIAL + ".json")):
-        if os.path.exists(leftover):
-            os.remove(leftover)
+    P.remove(os.path.join(cfg["RUN_DIR"], PARTIAL))
     return pt, js
 
 
@@ -171,18 +249,20 @@ def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, de
     """
     items = sample(cfg, splits)
     check_processes(cfg, len(items))
-    ident = identity(cfg, checkpoint, items)
+    per_class = per_class_mode(cfg, blocks, len(class_names))
+    ident = identity(cfg, checkpoint, items, per_class)
     reason = distributed.from_main(lambda: _capture_reason(cfg, ident, force))
     if reason is None:
         if not distributed.is_main():
             return None, None, []
         stats, meta = load(cfg["RUN_DIR"])
+        check_per_class_histograms(cfg, stats, os.path.join(cfg["RUN_DIR"], STATS_PT))
         print(f"re-using {os.path.join(cfg['RUN_DIR'], STATS_PT)} (same checkpoint, sample, capture point)")
         return stats, meta, []
     world = distributed.world_size()
     print(f"capturing activations of {len(items)} images ({reason})" + (f" in {world} processes" if world > 1 else ""))
     t0 = time.perf_counter()
-    stats, layers, skipped = run_capture(cfg, model, blocks, items, len(class_names), device, ident)
+    stats, layers, skipped = run_capture(cfg, model, blocks, items, len(class_names), device, ident, per_class)
     if not distributed.is_main():
         return None, None, []
     record_timings(cfg["RUN_DIR"], "capture", {"seconds": time.perf_counter() - t0, "images": len(items),

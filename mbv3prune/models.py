@@ -7,6 +7,7 @@ config that produced it and package versions; it loads with ``torch.load(..., we
 """
 import os
 import pickle
+import re
 import warnings
 
 import torch
@@ -95,9 +96,28 @@ def apply_widths(model, widths):
     return model
 
 
+def head(model):
+    """The model's last Linear (``classifier`` itself for a one-Linear head, else ``classifier[-1]``)."""
+    return model.classifier if isinstance(model.classifier, nn.Linear) else model.classifier[-1]
+
+
+def set_head(model, layer):
+    """Put ``layer`` in place of the model's last Linear; returns the model."""
+    if isinstance(model.classifier, nn.Linear):
+        model.classifier = layer
+    else:
+        model.classifier[-1] = layer
+    return model
+
+
 def build_model(arch, num_classes, widths=None):
-    """A randomly initialised torchvision MobileNetV3, resized to ``widths`` when given."""
+    """A randomly initialised torchvision MobileNetV3, resized to ``widths`` when given.
+
+    Widths that name a bare ``classifier`` (a one-Linear head, ``classifier = nn.Linear(C, K)``) give that head.
+    """
     model = getattr(torchvision.models, check_arch(arch))(weights=None, num_classes=num_classes)
+    if widths and "classifier" in widths:
+        model.classifier = nn.Linear(widths["classifier"]["in"], widths["classifier"]["out"])
     return apply_widths(model, widths) if widths else model
 
 
@@ -117,35 +137,89 @@ def save_checkpoint(path, model, arch, class_names, config=None, extra=None):
     return save_torch(path, ckpt)
 
 
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights")  # looked at first
+_FIRST_KEY = "features.0.0.weight"  # every MobileNetV3 state_dict has it, after any wrapper prefix
+_HEADS = ({"classifier.weight", "classifier.bias"},
+          {"classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"})
+
+
+def _unsupported_global(err):
+    """The ``module.Name`` that weights_only loading refused, read off torch's message."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else "a Python object"
+
+
 def _torch_load(path, allow_pickle):
+    """What the file holds: tensors and containers with weights_only=True, any pickle with ``allow_pickle``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # garbage, not a pickle of objects
             raise PruneError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
         if not allow_pickle:
-            raise PruneError(f"checkpoint {path} is a whole-model pickle, which can run arbitrary code when loaded: "
+            name = _unsupported_global(err)
+            what = "is a whole-model pickle" if name.startswith(("torch.nn.", "torchvision.models.")) else \
+                f"holds a pickled Python object ({name})"
+            raise PruneError(f"checkpoint {path} {what}, which can run arbitrary code when loaded: "
                              "set ALLOW_PICKLE=True if you trust the file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise PruneError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
-    warnings.warn(f"loading whole-model pickle {path} with weights_only=False (ALLOW_PICKLE=True)")
+    warnings.warn(f"loading pickled objects of {path} with weights_only=False (ALLOW_PICKLE=True)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # unpickling a foreign file can raise anything
         raise PruneError(f"checkpoint {path} cannot be unpickled: {type(err).__name__}: {err}") from None
-    if not isinstance(obj, nn.Module):
-        raise PruneError(f"checkpoint {path} unpickles to a {type(obj).__name__}, not a model")
-    return {k: v for k, v in obj.state_dict().items()}
+
+
+def _is_mbv3_state_dict(obj):
+    return isinstance(obj, dict) and any(isinstance(k, str) and k.endswith(_FIRST_KEY) and
+                                         isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _state_dicts(obj, depth=0):
+    """Yield the MobileNetV3 state_dicts inside ``obj`` (a model, or nested dicts/lists), known keys first."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if _is_mbv3_state_dict(obj):
+        yield obj
+    elif depth < 4 and isinstance(obj, dict):
+        keys = [k for k in _STATE_KEYS if k in obj] + [k for k in obj if k not in _STATE_KEYS]
+        for k in keys:
+            yield from _state_dicts(obj[k], depth + 1)
+
+
+def _strip_wrapper(state_dict, path):
+    """The state_dict without its wrapper prefix (``module.``, ``_orig_mod.``, a Lightning attribute, any mix)."""
+    prefixes = sorted({k[: -len(_FIRST_KEY)] for k in state_dict if k.endswith(_FIRST_KEY)})
+    if len(prefixes) > 1:
+        raise PruneError(f"checkpoint {path} holds several MobileNetV3 state_dicts (under "
+                         f"{', '.join(p or '(no prefix)' for p in prefixes)}): save the one to prune on its own")
+    prefix = prefixes[0]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
 
 
 def _plain_state_dict(obj, path):
-    """The state_dict inside a loaded object: bare, under 'state_dict'/'model', with or without 'module.'."""
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PruneError(f"checkpoint {path} holds no state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    """The state_dict inside a loaded object: bare, in any dict (``model``, ``state_dict``, ...), behind any
+    wrapper prefix, or (``ALLOW_PICKLE``) the state_dict of a pickled model."""
+    found = next(_state_dicts(obj), None)
+    if found is not None:
+        return _strip_wrapper(found, path)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PruneError(f"checkpoint {path} is not a torchvision MobileNetV3 state_dict "
+                         f"(no key ending in {_FIRST_KEY})")
+    raise PruneError(f"checkpoint {path} holds no MobileNetV3 state_dict (no key ending in {_FIRST_KEY})")
+
+
+def head_classes(state_dict, path):
+    """The class count of a one-Linear head or torchvision's 4-layer classifier; other heads are refused."""
+    keys = {k for k in state_dict if k.startswith("classifier.")}
+    if keys not in _HEADS:
+        closest = _HEADS[1] if keys & _HEADS[1] else _HEADS[0]
+        name = (sorted(keys - _HEADS[0] - _HEADS[1]) or sorted(closest - keys) or sorted(keys))[0]
+        raise PruneError(f"checkpoint {path} has a classifier this project cannot rebuild (key {name}): use "
+                         "nn.Linear(C, K) or torchvision's Linear, Hardswish, Dropout, Linear")
+    last = "classifier.weight" if "classifier.weight" in keys else "classifier.3.weight"
+    return state_dict[last].shape[0]
 
 
 def infer_arch(state_dict, path):
@@ -158,6 +232,9 @@ def infer_arch(state_dict, path):
 def widths_from_state_dict(arch, state_dict, num_classes):
     """Widths read off the tensors' shapes (depthwise convs stay depthwise): rebuilds pruned state_dicts too."""
     widths = layer_widths(build_model(arch, num_classes))
+    if "classifier.weight" in state_dict:  # a one-Linear head
+        widths = {k: w for k, w in widths.items() if not k.startswith("classifier.")}
+        widths["classifier"] = {"in": 0, "out": 0}
     for name, w in widths.items():
         weight = state_dict.get(f"{name}.weight")
         if weight is None:
@@ -218,7 +295,7 @@ def load_checkpoint(path, arch=None, allow_pickle=False):
     else:
         state_dict = _plain_state_dict(obj, path)
         ckpt_arch = infer_arch(state_dict, path)
-        num_classes = state_dict["classifier.3.weight"].shape[0]
+        num_classes = head_classes(state_dict, path)
         class_names = [f"class_{i}" for i in range(num_classes)]
         widths = widths_from_state_dict(ckpt_arch, state_dict, num_classes)
         meta = {"format": "state_dict", "arch": ckpt_arch, "num_classes": num_classes, "class_names": class_names,

@@ -22,6 +22,7 @@ import torch_pruning as tp
 
 from .blocks import prunable
 from .errors import PruneError
+from .plan import min_kept
 
 # role -> whether torch-pruning prunes its output ("out") or input ("in") channels in a block's group
 GROUP_ROLES = {"expand": "out", "expand_bn": "out", "depthwise": "out", "depthwise_bn": "out",
@@ -83,8 +84,10 @@ def _check_block_indices(name, roles, idxs):
     for i in idxs:
         _check_index(name, i, n, seen)
         seen.add(int(i))
-    if len(seen) >= n:
-        raise PruneError(f"block {name}: removing {len(seen)} of {n} channels would leave none; keep at least 1")
+    floor = min_kept(n, 0.0)
+    if n - len(seen) < floor:
+        raise PruneError(f"block {name}: removing {len(seen)} of {n} channels would leave {n - len(seen)}, under its "
+                         f"floor of {floor} (plan.FLOOR; later stages need it): remove at most {n - floor}")
     return sorted(seen)
 
 

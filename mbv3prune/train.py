@@ -97,29 +97,58 @@ def _step(loss, optimizer, scaler):
         scaler.update()
 
 
+def _substitute(images, size, device):
+    """Two black images at ``size``: the zero-weight batch of a rank whose own batch was wholly unreadable."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return torch.zeros(2, 3, *size, device=device).contiguous(memory_format=fmt), torch.zeros(2, dtype=torch.long,
+                                                                                                 device=device)
+
+
+def _step_loss(model, images, labels, loss_fn, device, autocast):
+    """(loss to back-propagate, this rank's mean loss or None); None when no rank has an image in this step.
+
+    The loss is this rank's summed loss x world / images of all ranks, so DDP's equal-weight gradient
+    average is the mean over every image of the step however unequal the ranks' batches. A rank without an
+    image runs a zero-weight substitute batch, so that every rank takes part in every gradient all-reduce.
+    """
+    total, h, w = distributed.step_batches(images)
+    if total == 0:
+        return None, None
+    own = len(labels) > 0
+    if not own:
+        images, labels = _substitute(images, (h, w), device)
+    with autocast:
+        summed = loss_fn(model(images), labels)
+    weight = distributed.world_size() / total if own else 0.0
+    return summed * weight, float(summed) / len(labels) if own else None
+
+
 def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, label_smoothing, device, skipped, desc,
                     freeze_bn=False, precision=None):
     """One epoch of training; returns (mean loss over all processes, next step).
 
     ``freeze_bn``: BN layers in eval mode. ``precision``: ``mixed_precision``'s pair (None: full precision).
+    Under torchrun the ranks skip together a step for which no rank has a readable image.
     """
     model.train()
     if freeze_bn:
         freeze_bn_layers(model)
     autocast, scaler = precision or (contextlib.nullcontext(), None)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
     losses = []
-    bar = tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False,
+    bar = tqdm(batches(loader, skipped, device, keep_empty=True), total=len(loader), desc=desc, leave=False,
                disable=None if distributed.is_main() else True)
     for images, labels in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total_steps, warmup, lr) * group.get("lr_scale", 1.0)
-        with autocast:
-            loss = loss_fn(model(images), labels)
-        _step(loss, optimizer, scaler)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        loss, own = _step_loss(model, images, labels, loss_fn, device, autocast)
         step += 1
+        if loss is None:
+            continue
+        _step(loss, optimizer, scaler)
+        if own is not None:
+            losses.append(own)
+            bar.set_postfix(loss=f"{own:.3f}")
     return distributed.mean(np.mean(losses) if losses else float("nan")), step
 
 

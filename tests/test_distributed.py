@@ -24,9 +24,11 @@ COMMON = [f"--MODEL_ARCH={ARCH}", "--IMAGE_SIZE=32", "--NUM_WORKERS=0", "--DEVIC
 
 
 def torchrun(nproc, script, *args):
-    """``torchrun --standalone --nproc_per_node=nproc script args`` with one thread per process."""
+    """``torchrun --standalone --nproc_per_node=nproc script args`` with one thread per process; a collective
+    that waits 60 s fails (a deadlock fails the test rather than hanging it), and so does a run past 300 s."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env[distributed.TIMEOUT_ENV] = "60"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={nproc}", os.path.join(ROOT, script), *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -55,12 +57,19 @@ def test_shard_is_disjoint_covers_every_item_once_and_pads_nothing(monkeypatch, 
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes():
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes(monkeypatch, chunk):
     model = randomized_model(ARCH)
     gen = torch.Generator().manual_seed(0)
     stats, _ = capture(model, [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0]))],
                        find_blocks(model), num_classes=3, progress=False)
     expected = {k: v.clone() for k, v in stats.items()}
+    sizes = []
+    if chunk:  # thousands of classes: no buffer passes CHUNK elements
+        monkeypatch.setattr(distributed, "CHUNK", chunk)
+        reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce",
+                            lambda t, op=dist.ReduceOp.SUM: (sizes.append(t.numel()), reduce(t, op=op)))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         reduced = distributed.all_reduce_totals(stats)
@@ -70,6 +79,8 @@ def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes():
     assert reduced.keys() == expected.keys()
     for k, v in expected.items():
         assert reduced[k].dtype == v.dtype and torch.equal(reduced[k], v), k
+    if chunk:
+        assert sizes and max(sizes) <= chunk and sum(sizes) > 10 * chunk
 
 
 def test_only_rank_0_writes(monkeypatch, tmp_path):
@@ -151,3 +162,77 @@ def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
     assert max(float((p1[k] - initial[k]).abs().max()) for k in p1) > 1e-3  # the steps did move the weights
     for k in p1:
         torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _spoil(path):
+    with open(path, "wb") as f:
+        f.write(b"not an image")
+
+
+def _same_stats(a, b, ignore=()):
+    """Counts of images and elements exact; sums to float rounding; other counts (below a threshold, per bin) up
+    to a few values that rounding moved across an edge: the batches differ (2 images, 1 readable, vs 2 readable)."""
+    assert a.keys() == b.keys()
+    for k, v in ((k, v) for k, v in a.items() if k not in ignore):
+        if k in ("hist_edges", "threshold") or k.endswith(("/n", "/n_images", "/n_class", "/pregate_n")):
+            assert torch.equal(b[k], v), k
+        elif v.is_floating_point():
+            torch.testing.assert_close(b[k], v, rtol=1e-5, atol=1e-5 * float(v.abs().max()), msg=k)
+        elif v.dim() == 0:
+            assert torch.equal(b[k], v), k
+        else:
+            assert b[k].dtype == v.dtype and float((b[k] - v).abs().sum()) <= 1e-3 * max(1, float(v.abs().sum())), k
+
+
+def test_capture_with_a_wholly_unreadable_shard_equals_one_process(tmp_path, checkpoint):
+    """Rank 1's shard (odd sample positions: images 1 and 3 of each class) is unreadable: it contributes zeros."""
+    data = tmp_path / "data"
+    for c, name in enumerate(["ant", "bee", "moth"]):
+        write_images(data / "train" / name, 4, seed=c, size=32)
+        write_images(data / "val" / name, 1, seed=100 + c, size=32)
+        for i in (1, 3):
+            _spoil(data / "train" / name / f"{i:03d}.png")
+    args = [f"--DATA_DIR={data}", f"--CHECKPOINT={checkpoint}", *COMMON, "--BATCH_SIZE=2", "--SAMPLES_PER_CLASS=4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    single(f"--RUN_DIR={one}", *args)
+    torchrun(2, "visualize_neuron_activations.py", f"--RUN_DIR={two}", *args)
+    a, b = (torch.load(os.path.join(d, "activation_stats.pt"), weights_only=True) for d in (one, two))
+    _same_stats(a, b, ignore=("n_batches",))  # 6 batches of 2 (one readable each) in one process, 3 on rank 0
+    ja, jb = (json.load(open(os.path.join(d, "activation_stats.json"))) for d in (one, two))
+    assert ja["skipped_images"] == jb["skipped_images"] and ja["skipped_images"]["count"] == 6
+
+
+def test_ddp_with_unreadable_batches_equals_one_process(tmp_path):
+    """Step 1: rank 1's whole batch is unreadable (it substitutes a zero-weight batch); step 2: the ranks have
+    3 and 4 images. Two processes at batch 4 still take the steps of one process at batch 8: no deadlock, each
+    step the mean over its readable images."""
+    from torch.utils.data import DistributedSampler
+    data = tmp_path / "data"
+    names = ["ant", "bee", "moth"]
+    for c, name in enumerate(names):
+        write_images(data / "train" / name, 11, seed=c, size=32)
+        write_images(data / "val" / name, 2, seed=100 + c, size=32)
+    parts = []
+    for r in range(2):  # the training loader's sampler (SEED=0, first epoch is 1): which image each rank reads
+        sampler = DistributedSampler(range(33), 2, r, shuffle=True, seed=0, drop_last=True)
+        sampler.set_epoch(1)
+        parts.append(list(sampler))
+    for index in parts[1][:4] + parts[0][4:5]:
+        _spoil(data / "train" / names[index // 11] / f"{index % 11:03d}.png")
+    args = [f"--DATA_DIR={data}", *COMMON, "--EPOCHS=1", "--BN_BATCHES=1", "--FREEZE_BN=True", "--AUGMENT=False",
+            "--DROPOUT=0.0"]
+    torchrun(1, "train_model.py", f"--RUN_DIR={tmp_path / 'one'}", "--BATCH_SIZE=8", *args)
+    torchrun(2, "train_model.py", f"--RUN_DIR={tmp_path / 'two'}", "--BATCH_SIZE=4", *args)
+    (one, _), (two, _) = (models.load_checkpoint(str(tmp_path / d / "baseline.pt")) for d in ("one", "two"))
+    p1, p2 = ({k: p.detach() for k, p in m.named_parameters()} for m in (one, two))
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_step_without_images_on_any_rank_is_skipped_alone(monkeypatch):
+    """One process: a wholly unreadable batch is no step (and no substitute)."""
+    from mbv3prune import train
+    model = randomized_model(ARCH)
+    loss, own = train._step_loss(model, torch.empty(0), torch.empty(0, dtype=torch.long), torch.nn.CrossEntropyLoss(
+        reduction="sum"), torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert loss is None and own is None

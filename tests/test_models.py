@@ -1,6 +1,10 @@
+import argparse
+import copy
+
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from mbv3prune import models
 from mbv3prune.errors import PruneError
@@ -93,3 +97,102 @@ def test_pick_device():
     assert models.pick_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(PruneError, match="unknown DEVICE"):
         models.pick_device("tpu")
+
+
+def _prefixed(state_dict, prefix):
+    return {prefix + k: v for k, v in state_dict.items()}
+
+
+def _optimizer_state(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def torchvision_reference(model):
+    """What torchvision's references/classification/train.py saves (model_without_ddp, EMA, argparse args)."""
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    return {"model": model.state_dict(), "optimizer": _optimizer_state(model), "lr_scheduler": {"last_epoch": 3},
+            "epoch": 3, "args": argparse.Namespace(model="mobilenet_v3_small", lr=0.064), "model_ema": ema.state_dict()}
+
+
+def lightning(model, attribute="model."):
+    """PyTorch Lightning's checkpoint layout: the LightningModule's state_dict, keys under its attribute."""
+    criterion = nn.CrossEntropyLoss(weight=torch.ones(3))
+    state = {**_prefixed(model.state_dict(), attribute), "criterion.weight": criterion.weight}
+    return {"epoch": 2, "global_step": 40, "pytorch-lightning_version": "2.4.0", "state_dict": state,
+            "loops": {"fit_loop": {"epoch_progress": {"total": {"completed": 2}}}}, "callbacks": {},
+            "optimizer_states": [_optimizer_state(model)], "lr_schedulers": [], "hparams_name": "kwargs",
+            "hyper_parameters": {"lr": 0.01}}
+
+
+FORMATS = [  # (name, make the saved object from a model, needs ALLOW_PICKLE)
+    ("bare state_dict", lambda m: m.state_dict(), False),
+    ("torchvision reference script", torchvision_reference, True),
+    ("Lightning", lightning, False),
+    ("Lightning around torch.compile", lambda m: lightning(torch.compile(m)), False),
+    ("DDP (module.)", lambda m: _prefixed(m.state_dict(), "module."), False),
+    ("torch.compile (_orig_mod.)", lambda m: torch.compile(m).state_dict(), False),
+    ("DDP around torch.compile", lambda m: _prefixed(torch.compile(m).state_dict(), "module."), False),
+    ("model_state_dict with optimizer", lambda m: {"model_state_dict": m.state_dict(), "epoch": 1,
+                                                   "optimizer_state_dict": _optimizer_state(m)}, False),
+    ("net", lambda m: {"net": m.state_dict(), "acc": 0.9}, False),
+]
+
+
+@pytest.mark.parametrize("name, make, needs_pickle", FORMATS, ids=[f[0] for f in FORMATS])
+def test_checkpoint_formats_of_common_training_code(tmp_path, name, make, needs_pickle):
+    model = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    torch.save(make(model), tmp_path / "ckpt.pth")  # the optimizer's step in ``make`` changes the weights saved
+    reference = copy.deepcopy(model)
+    if needs_pickle:
+        with pytest.raises(PruneError, match=r"ckpt.pth holds a pickled Python object \(argparse.Namespace\).*"
+                                             "set ALLOW_PICKLE=True"):
+            models.load_checkpoint(str(tmp_path / "ckpt.pth"))
+        with pytest.warns(UserWarning, match="weights_only=False"):
+            loaded, meta = models.load_checkpoint(str(tmp_path / "ckpt.pth"), allow_pickle=True)
+    else:
+        loaded, meta = models.load_checkpoint(str(tmp_path / "ckpt.pth"))
+    assert meta["arch"] == "mobilenet_v3_small" and meta["num_classes"] == 3
+    assert _same_output(reference, loaded)
+
+
+def _linear_head(model, k):
+    model.classifier = nn.Linear(model.classifier[0].in_features, k)
+    return model
+
+
+def _wide_head(model, k):
+    model.classifier[0] = nn.Linear(model.classifier[0].in_features, 300)
+    model.classifier[3] = nn.Linear(300, k)
+    return model
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("make_head", [_linear_head, _wide_head], ids=["one Linear", "hidden width 300"])
+def test_replaced_heads_load_and_round_trip(tmp_path, arch, make_head):
+    model = make_head(getattr(torchvision.models, arch)(num_classes=1000), 5).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "head.pth")
+    loaded, meta = models.load_checkpoint(str(tmp_path / "head.pth"))
+    assert meta["num_classes"] == 5 and models.head(loaded).out_features == 5 and _same_output(model, loaded)
+    models.save_checkpoint(tmp_path / "ours.pt", loaded, arch, list("abcde"))
+    again, _ = models.load_checkpoint(str(tmp_path / "ours.pt"))
+    assert _same_output(model, again)
+
+
+def test_other_heads_are_refused_naming_the_key(tmp_path):
+    model = torchvision.models.mobilenet_v3_small(num_classes=3)
+    model.classifier = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 3))
+    torch.save(model.state_dict(), tmp_path / "mlp.pth")
+    with pytest.raises(PruneError, match=r"mlp.pth has a classifier this project cannot rebuild "
+                                         r"\(key classifier.2.bias\)"):
+        models.load_checkpoint(str(tmp_path / "mlp.pth"))
+
+
+def test_two_models_in_one_file_are_refused_naming_their_prefixes(tmp_path):
+    a, b = (torchvision.models.mobilenet_v3_small(num_classes=3) for _ in range(2))
+    torch.save({"state_dict": {**_prefixed(a.state_dict(), "student."), **_prefixed(b.state_dict(), "teacher.")}},
+               tmp_path / "kd.ckpt")
+    with pytest.raises(PruneError, match="several MobileNetV3 state_dicts.*student., teacher."):
+        models.load_checkpoint(str(tmp_path / "kd.ckpt"))

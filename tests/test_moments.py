@@ -10,7 +10,7 @@ from mbv3prune import moments as M
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.reconstruct import block_fit_moments
-from tests.conftest import randomized_model
+from tests.helpers import randomized_model
 
 
 def _rows(n=3000, c=6, seed=0):

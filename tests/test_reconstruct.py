@@ -15,7 +15,7 @@ from mbv3prune.blocks import find_blocks
 from mbv3prune.compensate import compensate
 from mbv3prune.moments import Moments, rows_of
 from mbv3prune.prune import prune_blocks
-from tests.conftest import randomized_model
+from tests.helpers import randomized_model
 
 SIZE = 32
 ARCH = "mobilenet_v3_large"

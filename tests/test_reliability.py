@@ -3,6 +3,7 @@ byte-identical."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from mbv3prune import models
+from mbv3prune.artifacts import atomic_write, write_json
 from tests.helpers import ROOT, run_stage
 
 ARCH = "mobilenet_v3_small"
@@ -127,9 +129,40 @@ def test_debug_shows_the_traceback(run):
     assert code == 2 and "Traceback" in err and "unknown PRUNE_MODE" in err
 
 
-def subprocess_stage(script, *args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+def subprocess_stage(script, *args, patch=None, tmp_path=None):
+    """Run a stage in a subprocess; ``patch`` (Python source) first changes the library in that process only
+    (through a wrapper script written to ``tmp_path``): how a test kills a stage at a chosen moment."""
+    target = os.path.join(ROOT, script)
+    if patch:
+        wrapper = os.path.join(tmp_path, "patched_stage.py")
+        with open(wrapper, "w") as f:
+            f.write(f"import os, runpy, sys\n{patch}\nsys.argv[0] = {target!r}\n"
+                    f"runpy.run_path({target!r}, run_name='__main__')\n")
+        target = wrapper
+    return subprocess.run([sys.executable, target, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+KILL_AFTER_TWO_PARTIAL_SAVES = """
+import mbv3prune.measure as measure, mbv3prune.partial as partial
+_save, _saves = partial.save_tensors, []
+def save_tensors(path, tensors):
+    _save(path, tensors)
+    if path.endswith(measure.PARTIAL):
+        _saves.append(path)
+        if len(_saves) == 2:
+            os._exit(17)
+partial.save_tensors = save_tensors
+"""
+
+KILL_BEFORE_RENAMING_THE_REPORT = """
+_replace = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == "pruning_report.json":
+        os._exit(17)
+    _replace(src, dst)
+os.replace = replace
+"""
 
 
 def test_killed_capture_resumes_to_the_uninterrupted_result(run, tmp_path):
@@ -138,8 +171,8 @@ def test_killed_capture_resumes_to_the_uninterrupted_result(run, tmp_path):
     shutil.copytree(run_dir, work)
     args = [a.replace(run_dir, work) for a in args] + ["--BATCH_SIZE=4", "--SAVE_EVERY=1", "--RECAPTURE=True"]
     stats_before = open(os.path.join(work, "activation_stats.pt"), "rb").read()
-    killed = subprocess_stage("visualize_neuron_activations.py", *args,
-                              env={"MBV3PRUNE_TEST_KILL_AFTER_BATCHES": "2"})
+    killed = subprocess_stage("visualize_neuron_activations.py", *args, patch=KILL_AFTER_TWO_PARTIAL_SAVES,
+                              tmp_path=tmp_path)
     assert killed.returncode == 17
     assert open(os.path.join(work, "activation_stats.pt"), "rb").read() == stats_before  # the old one, intact
     partial = torch.load(os.path.join(work, "activation_stats.partial.pt"), weights_only=True)
@@ -168,14 +201,35 @@ def test_killed_before_rename_leaves_the_previous_report(run, tmp_path):
     first = subprocess_stage(P, *args)
     assert first.returncode == 0, first.stderr[-800:]
     report = open(os.path.join(work, "pruning_report.json"), "rb").read()
-    killed = subprocess_stage(P, *args, "--TARGET_MACS_REDUCTION=0.4",
-                              env={"MBV3PRUNE_TEST_KILL_BEFORE_RENAME": "pruning_report.json"})
-    assert killed.returncode == 17
+    killed = subprocess_stage(P, *args, "--TARGET_MACS_REDUCTION=0.4", patch=KILL_BEFORE_RENAMING_THE_REPORT,
+                              tmp_path=tmp_path)
+    assert killed.returncode == 17, killed.stderr[-800:]
+    assert [f for f in os.listdir(work) if f.startswith(".pruning_report.json.") and f.endswith(".tmp")]
     assert open(os.path.join(work, "pruning_report.json"), "rb").read() == report
     models.load_checkpoint(os.path.join(work, "pruned.pt"))  # replaced whole, still readable
     again = subprocess_stage(P, *args)
     assert again.returncode == 0 and open(os.path.join(work, "pruning_report.json"), "rb").read() == report
-    assert not [f for f in os.listdir(work) if f.endswith(".tmp")]  # the killed write's leftover is gone
+    assert not [f for f in os.listdir(work) if f.endswith(".tmp")]  # the killed writer's leftover is gone
+
+
+def test_atomic_write_fsyncs_and_leaves_a_live_writers_temp_file(tmp_path, monkeypatch):
+    """Two runs in one RUN_DIR: a write removes its own temporary file and a killed writer's, never a live one's."""
+    target = tmp_path / "report.json"
+    live = tmp_path / f".report.json.{socket.gethostname()}.{os.getppid()}.abc.tmp"  # a running process's
+    live.write_text("half written by another run")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".report.json.{socket.gethostname()}.{int(gone.stdout)}.xyz.tmp"
+    dead.write_text("left by a killed run")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    write_json(target, {"a": 1})
+    assert json.load(open(target)) == {"a": 1}
+    assert live.exists() and not dead.exists()
+    assert any(os.path.basename(p).startswith(".report.json.") for p in synced)  # the data, before the rename
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(target, lambda tmp: 1 / 0)
+    assert live.exists() and sorted(os.listdir(tmp_path)) == sorted([live.name, "report.json"])
 
 
 def test_same_seed_same_bytes(tiny_data, tmp_path):

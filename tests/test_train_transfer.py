@@ -8,7 +8,7 @@ import torch
 from mbv3prune import models
 from mbv3prune.data import Skipped
 from mbv3prune.train import fit, param_groups, set_backbone_frozen, train_one_epoch
-from tests.conftest import randomized_model, run_stage
+from tests.helpers import randomized_model, run_stage
 
 ARCH = "mobilenet_v3_small"
 
@@ -128,7 +128,7 @@ def test_head_only_phase_under_ddp_two_processes_at_batch_4_equals_one_at_batch_
     """DDP over a model whose backbone is frozen averages the head's gradients like one process at twice the batch.
 
     (One epoch: at e1b9a97 two processes already diverge from one in a second epoch, with or without the recipe.)"""
-    from tests.conftest import write_images
+    from tests.helpers import write_images
     from tests.test_distributed import COMMON, torchrun
     data = tmp_path / "data"
     for c, name in enumerate(["ant", "bee", "moth"]):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT, run_stage, write_images
+from tests.helpers import ROOT, run_stage, write_images
 
 SPECIES = ["ant", "bee", "fly", "moth", "wasp"]
 CRITERIA = ["deadness", "deadness_iterative", "mean_abs", "fluctuation", "contribution", "tp_taylor", "tp_bn_scale"]
