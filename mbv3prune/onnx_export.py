@@ -46,11 +46,18 @@ def export_onnx(model, path, input_shape):
     return atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
 
 
+def runs_on(device):
+    """Whether this onnxruntime can run sessions on ``device`` (CPU always; CUDA with onnxruntime-gpu)."""
+    import onnxruntime as ort
+    device = torch.device(device)
+    return device.type == "cpu" or (device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers())
+
+
 def _providers(device):
     import onnxruntime as ort
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if runs_on(device):
         return [("CUDAExecutionProvider", {"device_id": device.index or 0})]
     raise PruneError(f"onnxruntime here cannot run on {device} (providers: {', '.join(ort.get_available_providers())})"
                      ": install onnxruntime-gpu for CUDA, or time in eager (LATENCY_RUNTIME=eager)")
@@ -106,17 +113,30 @@ def max_difference(model, path, input_shape, batch_sizes=(1, 3), atol=1e-4, rtol
     return worst
 
 
-def runtime_latency(model, path, input_shape, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5):
-    """{"eager": {batch: ms}, "onnxruntime": {batch: ms}, "threads": n}: medians of interleaved runs on ``device``."""
+def interleaved_latency(entries, input_shape, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5):
+    """{label: {"eager": {batch: ms}, "onnxruntime": {batch: ms}}} for ``entries`` {label: (model, ONNX path)}.
+
+    At each batch size every model runs in both runtimes round-robin (``timing.interleaved_ms``) on ``device``,
+    so drift and a neighbour's load fall on all of them alike; medians of ``repeats`` rounds.
+    """
     device = torch.device(device)
-    module, sess = copy.deepcopy(model).to(device).eval(), session(path, device)
-    out = {"eager": {}, "onnxruntime": {}, "threads": torch.get_num_threads()}
+    runners = {label: (copy.deepcopy(model).to(device).eval(), session(path, device))
+               for label, (model, path) in entries.items()}
+    out = {label: {"eager": {}, "onnxruntime": {}} for label in entries}
     for b in batch_sizes:
         x = example_batch(input_shape, b, device=device)
-        ms = interleaved_ms({"eager": eager_call(module, x), "onnxruntime": session_call(sess, x)},
-                            repeats, warmup, synchronizer(device))
-        out["eager"][b], out["onnxruntime"][b] = ms["eager"], ms["onnxruntime"]
+        calls = {}
+        for label, (module, sess) in runners.items():
+            calls[label, "eager"], calls[label, "onnxruntime"] = eager_call(module, x), session_call(sess, x)
+        for (label, runtime), ms in interleaved_ms(calls, repeats, warmup, synchronizer(device)).items():
+            out[label][runtime][b] = ms
     return out
+
+
+def runtime_latency(model, path, input_shape, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5):
+    """{"eager": {batch: ms}, "onnxruntime": {batch: ms}, "threads": n}: medians of interleaved runs on ``device``."""
+    ms = interleaved_latency({"model": (model, path)}, input_shape, device, batch_sizes, repeats, warmup)["model"]
+    return {**ms, "threads": torch.get_num_threads()}
 
 
 def export_checked(model, path, image_size, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5,
