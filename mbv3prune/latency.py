@@ -262,8 +262,10 @@ def to_latency_target(ranking, blocks, table, target, min_keep_ratio=0.25, round
     heap, steps = [], {}
     for order, (name, ranked) in enumerate(ranking.items()):
         hidden = blocks[name]["hidden_channels"]
-        saving = latency_steps(_table_block(table, name, hidden), hidden, min_kept(hidden, min_keep_ratio), round_to,
-                               limit=len(ranked))
+        floor = min_kept(hidden, min_keep_ratio)
+        if len(width_grid(hidden, floor, round_to)) == 1:
+            continue  # at its floor already: nothing to take, and the table has no entry for it
+        saving = latency_steps(_table_block(table, name, hidden), hidden, floor, round_to, limit=len(ranked))
         steps[name] = _block_steps(ranked, saving, kind)
         if steps[name]:
             heapq.heappush(heap, (steps[name][0][0], order, name, 0))

@@ -125,13 +125,16 @@ def test_floors_and_round_to_hold_on_random_tables(kind, seed):
     assert red == pytest.approx(saved / 50.0)
 
 
-def test_a_table_of_another_model_or_setting_is_refused():
+def test_a_table_of_another_model_is_refused_and_a_block_at_its_floor_skipped():
     blocks = _blocks(a=32)
     ranking = {"a": _ranking(32, [0.0] * 32)}
     with pytest.raises(PruneError, match="measured at 24 channels"):
         latency.to_latency_target(ranking, blocks, _table(1.0, a={24: 1.0, 16: 0.5}), 0.1)
     with pytest.raises(PruneError, match="no block a"):
         latency.to_latency_target(ranking, blocks, _table(1.0, b={32: 1.0}), 0.1)
+    at_floor = {"a": _ranking(32, [0.0] * 32), "c": _ranking(8, [0.0] * 8)}  # c has nothing to give: not in tables
+    assert latency.to_latency_target(at_floor, _blocks(a=32, c=8), _table(1.0, a={32: 1.0, 24: 0.5, 16: 0.4, 8: 0.3}),
+                                     0.1)[0] == {"a": list(range(8))}
     with pytest.raises(PruneError, match="TARGET_LATENCY_REDUCTION"):
         latency.to_latency_target(ranking, blocks, _table(1.0, a={32: 1.0}), 1.5)
     with pytest.raises(PruneError, match="LATENCY_RUNTIME"):
