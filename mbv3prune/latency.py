@@ -189,7 +189,7 @@ def _int_widths(table, path):
 
 
 def load_or_build(path, model, blocks, spec):
-    """(table, re-used): the table at ``path`` when measured on exactly this identity, else a fresh one written there."""
+    """(table, re-used): the table at ``path`` if measured on exactly this identity, else a fresh one written there."""
     if os.path.exists(path):
         cached = read_json(path, "latency table")
         if cached.get("kind") == KIND and cached.get("identity") == table_identity(model, blocks, spec):
