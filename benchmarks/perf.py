@@ -12,8 +12,9 @@ Writes: OUT (runs/bench/perf.json: every figure, the machine, the versions) and 
    synchronised on a GPU) against their MACs: how much of the MACs saving becomes real time.
 4. Runtimes: baseline.pt against a pruned checkpoint (a target_macs plan's, say) in eager PyTorch and in
    onnxruntime (both exported with torch's dynamo exporter and checked against eager), at batch 1 and 32,
-   all four timed as interleaved rounds in one process at RUNTIME_THREADS intra-op threads in both runtimes
-   (median of RUNTIME_REPEATS): the fraction of latency saved, and its ratio to the fraction of MACs saved.
+   baseline and pruned timed as interleaved rounds in one process, one runtime at a time, at RUNTIME_THREADS
+   intra-op threads in both (median of RUNTIME_REPEATS): the fraction of latency saved, and its ratio to the
+   fraction of MACs saved.
 On a GPU (DEVICE=auto finds it) parts 3 and 4 run there (part 4 on the CPU when onnxruntime has no CUDA
 provider); parts 1 and 2 measure what the stages do on this machine.
 

@@ -63,12 +63,18 @@ def _providers(device):
                      ": install onnxruntime-gpu for CUDA, or time in eager (LATENCY_RUNTIME=eager)")
 
 
-def session(path, device="cpu", threads=None):
-    """An onnxruntime InferenceSession of ``path`` on ``device`` with ``threads`` intra-op threads (torch's count)."""
+def session(path, device="cpu", threads=None, spin=True):
+    """An onnxruntime InferenceSession of ``path`` on ``device`` with ``threads`` intra-op threads (torch's count).
+
+    ``spin``: idle threads spin-wait for the next run (onnxruntime's default, as deployed). Spinning, they
+    take the cores from eager runs timed right after (eager batch 1 measured 3-20x slower interleaved with a
+    spinning session on a loaded 2-core machine): ``interleaved_latency`` times one runtime at a time.
+    """
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
@@ -116,8 +122,9 @@ def max_difference(model, path, input_shape, batch_sizes=(1, 3), atol=1e-4, rtol
 def interleaved_latency(entries, input_shape, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5):
     """{label: {"eager": {batch: ms}, "onnxruntime": {batch: ms}}} for ``entries`` {label: (model, ONNX path)}.
 
-    At each batch size every model runs in both runtimes round-robin (``timing.interleaved_ms``) on ``device``,
-    so drift and a neighbour's load fall on all of them alike; medians of ``repeats`` rounds.
+    At each batch size and in each runtime in turn, all models run round-robin (``timing.interleaved_ms``) on
+    ``device``, so drift and a neighbour's load fall on all of them alike; medians of ``repeats`` rounds. The
+    runtimes are not interleaved with each other: each one's idle threads spin-wait and would slow the other.
     """
     device = torch.device(device)
     runners = {label: (copy.deepcopy(model).to(device).eval(), session(path, device))
@@ -125,16 +132,14 @@ def interleaved_latency(entries, input_shape, device="cpu", batch_sizes=(1, 32),
     out = {label: {"eager": {}, "onnxruntime": {}} for label in entries}
     for b in batch_sizes:
         x = example_batch(input_shape, b, device=device)
-        calls = {}
-        for label, (module, sess) in runners.items():
-            calls[label, "eager"], calls[label, "onnxruntime"] = eager_call(module, x), session_call(sess, x)
-        for (label, runtime), ms in interleaved_ms(calls, repeats, warmup, synchronizer(device)).items():
-            out[label][runtime][b] = ms
+        for runtime in ("eager", "onnxruntime"):
+            calls = {label: eager_call(module, x) if runtime == "eager" else session_call(sess, x)
+                     for label, (module, sess) in runners.items()}
+            for label, ms in interleaved_ms(calls, repeats, warmup, synchronizer(device)).items():
+                out[label][runtime][b] = ms
     return out
-
-
 def runtime_latency(model, path, input_shape, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5):
-    """{"eager": {batch: ms}, "onnxruntime": {batch: ms}, "threads": n}: medians of interleaved runs on ``device``."""
+    """{"eager": {batch: ms}, "onnxruntime": {batch: ms}, "threads": n}: medians of repeats on ``device``."""
     ms = interleaved_latency({"model": (model, path)}, input_shape, device, batch_sizes, repeats, warmup)["model"]
     return {**ms, "threads": torch.get_num_threads()}
 

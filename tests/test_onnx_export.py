@@ -73,7 +73,9 @@ def test_runtime_latency_gives_positive_medians_with_torchs_threads(exported):
     assert out["threads"] == torch.get_num_threads()
     for runtime in ("eager", "onnxruntime"):
         assert set(out[runtime]) == {1, 2} and all(ms > 0 for ms in out[runtime].values())
-    assert onnx_export.session(path).get_session_options().intra_op_num_threads == torch.get_num_threads()
+    options = onnx_export.session(path, spin=False).get_session_options()
+    assert options.intra_op_num_threads == torch.get_num_threads()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_perf_runtimes_part_on_a_tiny_run(tmp_path):
