@@ -10,30 +10,43 @@ Writes: OUT (runs/bench/perf.json: every figure, the machine, the versions) and 
    baseline was trained (timings.json), not trained again.
 3. Latency of baseline.pt and pruned.pt at batch 1 and 32 (median of LATENCY_REPEATS, after warm-up; CUDA
    synchronised on a GPU) against their MACs: how much of the MACs saving becomes real time.
-On a GPU (DEVICE=auto finds it) part 3 runs there; parts 1 and 2 measure what the stages do on this machine.
+4. Runtimes: baseline.pt against a pruned checkpoint (a target_macs plan's, say) in eager PyTorch and in
+   onnxruntime (both exported with torch's dynamo exporter and checked against eager), at batch 1 and 32,
+   baseline and pruned timed as interleaved rounds in one process, one runtime at a time, at RUNTIME_THREADS
+   intra-op threads in both (median of RUNTIME_REPEATS): the fraction of latency saved, and its ratio to the
+   fraction of MACs saved.
+On a GPU (DEVICE=auto finds it) parts 3 and 4 run there (part 4 on the CPU when onnxruntime has no CUDA
+provider); parts 1 and 2 measure what the stages do on this machine.
 
     python -m benchmarks.perf
     python -m benchmarks.perf --PARTS='["latency"]'
+    python -m benchmarks.perf --PARTS='["runtimes"]' --RUNTIME_RUNS='[["runs/flowers", 128, "pruned.pt"]]'
 """
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-from mbv3prune import config, models, stage
+from mbv3prune import config, models, onnx_export, stage
 from mbv3prune.artifacts import read_json, versions, write_json
 from mbv3prune.errors import PruneError
 from mbv3prune.evaluate import latency_ms
 from mbv3prune.prune import count_macs_params
 
 # -----------------------------------------------------------------------------
-PARTS = ["capture", "pipeline", "latency"]  # which parts to measure
+PARTS = ["capture", "pipeline", "latency", "runtimes"]  # which parts to measure
 DEMO_DIR = "runs/demo"  # the demo run (`make demo`)
 LATENCY_RUNS = [["runs/demo", 64], ["runs/flowers", 128]]  # [run dir, image size] pairs timed (missing: skipped)
 LATENCY_REPEATS = 30  # timed forward passes per model and batch size (the median is reported)
+RUNTIME_RUNS = [["runs/demo", 64, "pruned.pt"], ["runs/flowers", 128, "pruned.pt"]]  # [run dir, px, pruned file]
+RUNTIME_BATCHES = [1, 32]  # batch sizes of the runtimes part
+RUNTIME_REPEATS = 200  # interleaved rounds of the runtimes part (the median is reported)
+RUNTIME_WARMUP = 20  # untimed rounds first
+RUNTIME_THREADS = 0  # intra-op threads of eager and onnxruntime in the runtimes part (0: torch's default)
 OVERHEAD_SIZES = [64, 96]  # image sizes of the capture-overhead measurement
 OUT = "runs/bench/perf.json"  # where the figures are written
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
@@ -116,6 +129,47 @@ def latency_part(cfg, device):
     return out
 
 
+def runtimes_part(cfg, device):
+    """Per run: baseline vs pruned in eager and onnxruntime, interleaved at fixed threads; latency vs MACs saved."""
+    if not onnx_export.runs_on(device):
+        print(f"  onnxruntime here has no provider for {device}: both runtimes timed on the CPU")
+        device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["RUNTIME_THREADS"] or threads)
+    try:
+        rows = []
+        for run, size, pruned in cfg["RUNTIME_RUNS"]:
+            paths = {"baseline": os.path.join(run, "baseline.pt"), "pruned": os.path.join(run, pruned)}
+            if not all(os.path.exists(p) for p in paths.values()):
+                print(f"  {run}: no baseline.pt and {pruned}, skipped")
+                continue
+            rows.append(runtime_row(paths, size, cfg, device))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def runtime_row(paths, size, cfg, device):
+    """One run's record: MACs, ONNX agreement, {label: {runtime: {batch: ms}}}, saved fractions and their ratio."""
+    shape, loaded = (3, size, size), {label: models.load_checkpoint(p) for label, p in paths.items()}
+    macs = {label: count_macs_params(model, size)[0] for label, (model, _) in loaded.items()}
+    with tempfile.TemporaryDirectory(prefix="perf_onnx_") as tmp:
+        entries = {label: (model, onnx_export.export_onnx(model, os.path.join(tmp, f"{label}.onnx"), shape))
+                   for label, (model, _) in loaded.items()}
+        diffs = {label: onnx_export.max_difference(model, path, shape) for label, (model, path) in entries.items()}
+        ms = onnx_export.interleaved_latency(entries, shape, device, cfg["RUNTIME_BATCHES"], cfg["RUNTIME_REPEATS"],
+                                             cfg["RUNTIME_WARMUP"])
+    macs_saved = 1 - macs["pruned"] / macs["baseline"]
+    saved = {rt: {b: round(1 - ms["pruned"][rt][b] / ms["baseline"][rt][b], 4) for b in cfg["RUNTIME_BATCHES"]}
+             for rt in ("eager", "onnxruntime")}
+    return {"pruned": paths["pruned"], "image_size": size, "device": str(device), "threads": torch.get_num_threads(),
+            "repeats": cfg["RUNTIME_REPEATS"], "prune_mode": loaded["pruned"][1].get("config", {}).get("PRUNE_MODE"),
+            "macs": macs, "macs_saved": round(macs_saved, 4), "max_abs_diff": diffs, "ms": ms,
+            "latency_saved": saved,
+            "latency_per_macs_saved": {rt: {b: round(v / macs_saved, 3) if macs_saved > 0 else None
+                                            for b, v in by_batch.items()} for rt, by_batch in saved.items()}}
+
+
 def machine(device):
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -134,6 +188,9 @@ def main(cfg):
     if "latency" in cfg["PARTS"]:
         print(f"latency on {device}:")
         result["latency"] = latency_part(cfg, device)
+    if "runtimes" in cfg["PARTS"]:
+        print("eager vs onnxruntime, baseline vs pruned:")
+        result["runtimes"] = runtimes_part(cfg, device)
     write_json(cfg["OUT"], result)
     summary(result)
     stage.finish([cfg["OUT"]])
@@ -154,6 +211,24 @@ def summary(result):
                  r["baseline_ms_b32"], r["pruned_ms_b32"], r["time_ratio_b32"]] for r in result["latency"]]
         print("\n" + stage.table(rows, ["run", "px", "MACs ratio", "b1 ms", "pruned", "ratio", "b32 ms", "pruned",
                                        "ratio"]))
+    if result.get("runtimes"):
+        print("\n" + runtimes_table(result["runtimes"]))
+
+
+def runtimes_table(rows):
+    """One line per pruned model and runtime: ms per batch, latency saved, and latency saved / MACs saved."""
+    lines, headers = [], ["pruned", "mode", "px", "MACs saved", "runtime"]
+    batches = list(rows[0]["latency_saved"]["eager"])
+    for b in batches:
+        headers += [f"b{b} ms", "pruned", "saved", "saved/MACs"]
+    for r in rows:
+        for rt in ("eager", "onnxruntime"):
+            cells = [r["pruned"], r["prune_mode"], r["image_size"], r["macs_saved"], rt]
+            for b in batches:
+                cells += [r["ms"]["baseline"][rt][b], r["ms"]["pruned"][rt][b], r["latency_saved"][rt][b],
+                          r["latency_per_macs_saved"][rt][b]]
+            lines.append(cells)
+    return stage.table(lines, headers)
 
 
 if __name__ == "__main__":
