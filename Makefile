@@ -1,8 +1,8 @@
 # make demo:    set up .venv and run all seven stages on the generated demo data into runs/demo/
 # make test:    set up .venv with the test packages and run the test suite (what CI runs)
 # make flowers: train the flower baseline once (runs/flowers/baseline.pt) and run the stages on the real photos
-# make compare / modes / perf / scaling: the benchmarks (README: "Results on the flower photos", "Performance",
-#   "Several GPUs"); compare and modes need make flowers, perf needs make demo
+# make compare / modes / perf / scaling: the benchmarks (RESULTS.md); compare and modes need make flowers,
+#   perf needs make demo
 # make transfer: broad (8 species) to narrow (4 held-out species) transfer: dead channels and criteria (~30 CPU min)
 PYTHON ?= python3
 PY := .venv/bin/python
@@ -27,14 +27,16 @@ demo: .venv/.requirements
 	$(PY) mobilenetv3_features.py --RUN_DIR=$(RUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(RUN)
 	$(PY) visualize_neuron_activations.py --RUN_DIR=$(RUN)
-	$(PY) visualize_channel_activation.py --RUN_DIR=$(RUN) --SCORE=mean_abs --THRESHOLD=0.1
-	$(PY) experiment_activation_based_block_pruning.py --RUN_DIR=$(RUN) --PRUNE_MODE=iterative --FINETUNE_EPOCHS=1
+	$(PY) visualize_channel_activation.py --RUN_DIR=$(RUN)
+	$(PY) experiment_activation_based_block_pruning.py --RUN_DIR=$(RUN)
 	$(PY) validate_model_structure.py --RUN_DIR=$(RUN)
 	$(PY) get_model_architecture.py --RUN_DIR=$(RUN) --COMPARE=$(RUN)/pruned.pt --OUT=$(RUN)/architecture_pruned.json
 	$(PY) visualize_activation_overlay_image.py --RUN_DIR=$(RUN)
 	@echo "demo outputs are in $(RUN)/ (pruning_report.json, validation.json, overlays/, activations/, deadness/)"
 
 test: .venv/.requirements-test
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 flowers: .venv/.requirements
@@ -44,7 +46,7 @@ flowers: .venv/.requirements
 	$(PY) get_model_architecture.py --RUN_DIR=$(FRUN) --IMAGE_SIZE=128
 	$(PY) visualize_neuron_activations.py $(FARGS) --SAMPLES_PER_CLASS=60
 	$(PY) visualize_channel_activation.py $(FARGS) --SAMPLES_PER_CLASS=60
-	$(PY) experiment_activation_based_block_pruning.py $(FARGS) --FALLBACK_TARGET=0.2 --FINETUNE_EPOCHS=3 --SWEEP="[0.1,0.2,0.3,0.4]" --PRUNE_MODE=target_macs
+	$(PY) experiment_activation_based_block_pruning.py $(FARGS) --REFIT_SAMPLES_PER_CLASS=20
 	$(PY) validate_model_structure.py $(FARGS)
 	$(PY) visualize_activation_overlay_image.py $(FARGS)
 

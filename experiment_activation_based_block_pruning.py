@@ -21,6 +21,7 @@ Under torchrun every process prunes and scores identically and the fine-tuning r
     python experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --PRUNE_MODE=target_macs
     torchrun --nproc_per_node=4 experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --FINETUNE_EPOCHS=4
 """
+
 import os
 import time
 
@@ -39,16 +40,20 @@ CHECKPOINT = ""  # model to prune ("" = RUN_DIR/baseline.pt)
 ALLOW_PICKLE = False  # allow CHECKPOINT to be a whole-model pickle (runs code from the file: only if you trust it)
 PLAN = ""  # pruning plan ("" = RUN_DIR/pruning_plan_default.json)
 STATS = ""  # activation statistics for target_macs, iterative, COMPENSATE and SWEEP ("" = RUN_DIR/activation_stats.pt)
-PRUNE_MODE = "threshold"  # threshold (the plan's indices), target_macs or iterative (re-measure after each block)
-TARGET_MACS_REDUCTION = 0.2  # target_macs: fraction of MACs to remove; iterative: stop once reached (0 = never)
+PRUNE_MODE = (
+    "target_macs"  # target_macs (one global ranking to a MACs target), threshold (the plan's indices) or iterative
+)
+TARGET_MACS_REDUCTION = 0.5  # target_macs: fraction of MACs to remove; iterative: stop once reached (0 = never)
 BLOCKS_PER_ROUND = 1  # iterative: blocks pruned per round before re-measuring downstream
 MAX_ROUNDS = 30  # iterative: most rounds
 COMPENSATE = True  # fold the removed channels' mean contribution into the project BN and SE fc1 (project_input stats)
 CORRECT_VARIANCE = False  # with COMPENSATE: also lower the project BN's running_var by the removed variance
-RECONSTRUCT = "none"  # sequential / oneshot: refit the kept project and SE fc1 weights by least squares; none: COMPENSATE
+RECONSTRUCT = (
+    "sequential"  # sequential / oneshot: refit the kept project and SE fc1 weights by least squares; none: COMPENSATE
+)
 RIDGE = 1e-3  # refit and obs: ridge toward the kept weights, x the mean diagonal of the covariance
 RESIDUAL_TARGET = False  # sequential: residual blocks also absorb the difference of the two models' block inputs
-REFIT_SAMPLES_PER_CLASS = 0  # sequential: images per class of the capture's sample the refit runs on (0 = all)
+REFIT_SAMPLES_PER_CLASS = 32  # sequential: images per class of the capture's sample the refit runs on (0 = all)
 OUTPUT_UNITS = False  # contribution / fluctuation: weigh the project conv column by its BN's scale
 FALLBACK_TARGET = 0.0  # threshold mode: when the plan removes < 10% of MACs, prune to this MACs target instead (0 = no)
 SCORE = ""  # target_macs ranking: deadness, mean_abs, contribution or fluctuation ("" = the plan's score)
@@ -56,7 +61,7 @@ CLASS_AWARE = False  # target_macs with deadness: rank a channel by its deadness
 SKIP_BLOCKS = []  # blocks never to touch, e.g. ["features.15"]
 MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)
 ROUND_TO = 8  # kept hidden channels are a multiple of this (target_macs; a plan off it gets a warning)
-BN_RECALIBRATE = True  # re-estimate BN statistics on training batches after pruning (reported separately)
+BN_RECALIBRATE = "auto"  # re-estimate BN statistics after pruning: True, False or "auto" (kept only if val top-1 rises)
 BN_BATCHES = 20  # training batches used to re-estimate BN statistics
 FINETUNE_EPOCHS = 0  # fine-tuning epochs after pruning (train_model.py's recipe; 0 = none)
 FINETUNE_LR = 5e-4  # peak learning rate of the fine-tuning
@@ -91,12 +96,21 @@ def main(cfg):
     pruned, chosen, how, extra = pruning.prune(run, cfg, crit)
     print(f"pruned {sum(map(len, chosen.values()))} channels in {len(chosen)} blocks: {how}")
     report.print_skipped(run, cfg["SKIP_BLOCKS"])
+    extra["block_output_error"] = report.block_output_errors(run, cfg, pruned)
+    if cfg["BN_RECALIBRATE"]:
+        extra["baseline_bn_recalibrated"] = report.baseline_recalibrated(run, cfg)
     accuracy = {"baseline": baseline, **recover(pruned, run.loaders, run.class_names, run.device, cfg)}
     if not distributed.is_main():
         return  # the other processes only helped fine-tune: rank 0 writes, measures latency and reports
     out = os.path.join(cfg["RUN_DIR"], "pruned.pt")
-    models.save_checkpoint(out, pruned, run.meta["arch"], run.class_names, cfg,
-                           extra={"pruned_from_sha256": sha256_file(run.checkpoint), "pruned": chosen})
+    models.save_checkpoint(
+        out,
+        pruned,
+        run.meta["arch"],
+        run.class_names,
+        cfg,
+        extra={"pruned_from_sha256": sha256_file(run.checkpoint), "pruned": chosen},
+    )
     figures = extra.pop("figures", [])
     result = report.pruning_report(run, cfg, pruned, chosen, how, extra, accuracy, out)
     if cfg["SWEEP"]:

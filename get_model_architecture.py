@@ -7,6 +7,7 @@ MACs are counted with torch-pruning's count_ops_and_params on one IMAGE_SIZE x I
 
     python get_model_architecture.py --RUN_DIR=runs/demo --COMPARE=runs/demo/pruned.pt
 """
+
 from mbv3prune import config, models, stage
 from mbv3prune.artifacts import provenance, write_json
 from mbv3prune.blocks import find_blocks
@@ -32,16 +33,38 @@ def describe(model, image_size):
     table = {}
     for name, r in blocks.items():
         module = model.get_submodule(name)
-        table[name] = {"in": r["in_channels"], "hidden": r["hidden_channels"], "out": r["out_channels"],
-                       "kernel": r["kernel"], "stride": r["stride"], "se": r["has_se"], "activation": r["activation"],
-                       "params": sum(p.numel() for p in module.parameters()), "macs": per_block[name],
-                       "macs_share": round(per_block[name] / macs, 6)}
+        table[name] = {
+            "in": r["in_channels"],
+            "hidden": r["hidden_channels"],
+            "out": r["out_channels"],
+            "kernel": r["kernel"],
+            "stride": r["stride"],
+            "se": r["has_se"],
+            "activation": r["activation"],
+            "params": sum(p.numel() for p in module.parameters()),
+            "macs": per_block[name],
+            "macs_share": round(per_block[name] / macs, 6),
+        }
     return {"total_macs": macs, "total_params": params, "blocks": table}
 
 
 def print_one(d):
-    rows = [[b, r["in"], r["hidden"], r["out"], r["kernel"], r["stride"], "yes" if r["se"] else "no", r["activation"],
-             r["params"], r["macs"], f"{100 * r['macs_share']:.1f}%"] for b, r in d["blocks"].items()]
+    rows = [
+        [
+            b,
+            r["in"],
+            r["hidden"],
+            r["out"],
+            r["kernel"],
+            r["stride"],
+            "yes" if r["se"] else "no",
+            r["activation"],
+            r["params"],
+            r["macs"],
+            f"{100 * r['macs_share']:.1f}%",
+        ]
+        for b, r in d["blocks"].items()
+    ]
     print(stage.table(rows, ["block", "in", "hidden", "out", "k", "s", "SE", "act", "params", "MACs", "share"]))
     print(f"total: {d['total_macs']:,} MACs, {d['total_params']:,} params")
 
@@ -51,8 +74,17 @@ def print_compare(a, b):
     for name, r in a["blocks"].items():
         s = b["blocks"].get(name, {})
         changed = "*" if s.get("hidden") != r["hidden"] else ""
-        rows.append([name + changed, r["hidden"], s.get("hidden"), r["macs"], s.get("macs"),
-                     f"{100 * r['macs_share']:.1f}%", f"{100 * s.get('macs_share', 0):.1f}%"])
+        rows.append(
+            [
+                name + changed,
+                r["hidden"],
+                s.get("hidden"),
+                r["macs"],
+                s.get("macs"),
+                f"{100 * r['macs_share']:.1f}%",
+                f"{100 * s.get('macs_share', 0):.1f}%",
+            ]
+        )
     print(stage.table(rows, ["block", "hidden A", "hidden B", "MACs A", "MACs B", "share A", "share B"]))
     for key in ("total_macs", "total_params"):
         print(f"{key}: {a[key]:,} -> {b[key]:,} ({100 * (b[key] - a[key]) / a[key]:+.1f}%)")
@@ -62,8 +94,13 @@ def print_compare(a, b):
 def main(cfg):
     checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
-    result = {"schema_version": 1, "kind": "mbv3prune-architecture", "arch": meta["arch"],
-              "image_size": cfg["IMAGE_SIZE"], "checkpoint": describe(model, cfg["IMAGE_SIZE"])}
+    result = {
+        "schema_version": 1,
+        "kind": "mbv3prune-architecture",
+        "arch": meta["arch"],
+        "image_size": cfg["IMAGE_SIZE"],
+        "checkpoint": describe(model, cfg["IMAGE_SIZE"]),
+    }
     inputs = {"checkpoint": checkpoint} if checkpoint != "imagenet" else {}
     if cfg["COMPARE"]:
         other, _ = models.load_checkpoint(cfg["COMPARE"], cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])

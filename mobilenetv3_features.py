@@ -9,6 +9,7 @@ Small, any width_mult and pruned models work.
 
     python mobilenetv3_features.py --RUN_DIR=runs/demo
 """
+
 import os
 
 from mbv3prune import config, models, stage
@@ -28,9 +29,14 @@ DEBUG = False  # show tracebacks of the project's errors
 def structure(model, arch, checkpoint, cfg):
     """The block-structure artifact: roles of every block, per-layer widths, provenance."""
     inputs = {"checkpoint": checkpoint} if os.path.isfile(checkpoint) else {}
-    return {"schema_version": 1, "kind": "mbv3prune-block-structure", "arch": arch,
-            "blocks": find_blocks(model), "widths": models.layer_widths(model),
-            "provenance": provenance(cfg, inputs)}
+    return {
+        "schema_version": 1,
+        "kind": "mbv3prune-block-structure",
+        "arch": arch,
+        "blocks": find_blocks(model),
+        "widths": models.layer_widths(model),
+        "provenance": provenance(cfg, inputs),
+    }
 
 
 def main(cfg):
@@ -38,8 +44,19 @@ def main(cfg):
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     result = structure(model, meta["arch"], checkpoint, cfg)
     out = write_json(config.path_or_default(cfg, "OUT", "mobilenetv3_block_structure.json"), result)
-    rows = [[name, r.get("expand", "-"), r["depthwise"], r.get("se_fc1", "-"), r.get("se_fc2", "-"), r["project"],
-             r["hidden_channels"], "yes" if r["has_residual"] else "no"] for name, r in result["blocks"].items()]
+    rows = [
+        [
+            name,
+            r.get("expand", "-"),
+            r["depthwise"],
+            r.get("se_fc1", "-"),
+            r.get("se_fc2", "-"),
+            r["project"],
+            r["hidden_channels"],
+            "yes" if r["has_residual"] else "no",
+        ]
+        for name, r in result["blocks"].items()
+    ]
     print(stage.table(rows, ["block", "expand", "depthwise", "se_fc1", "se_fc2", "project", "hidden", "residual"]))
     print(f"\n{len(rows)} inverted-residual blocks in {meta['arch']} ({checkpoint})")
     stage.finish([out], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")

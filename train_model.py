@@ -15,6 +15,7 @@ the training set, BATCH_SIZE is per process, and rank 0 alone logs and writes (s
     python train_model.py --DATA_DIR=../shared/data/oxford-flowers12 --RUN_DIR=runs/flowers --IMAGE_SIZE=128
     torchrun --nproc_per_node=4 train_model.py --DATA_DIR=../shared/data/oxford-flowers12 --RUN_DIR=runs/flowers
 """
+
 import hashlib
 import os
 import time
@@ -55,19 +56,27 @@ REUSE = True  # reuse RUN_DIR/baseline.pt when its config and data fingerprint a
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
 RUN_ONLY = ("NUM_WORKERS", "DEVICE", "AMP", "REUSE", "DEBUG")  # constants that do not change the result
-ADDED_LATER = {"FREEZE_BN": False, "AUGMENT": True, "DROPOUT": 0.2, "FREEZE_BACKBONE_EPOCHS": 0,
-               "BACKBONE_LR_SCALE": 1.0}  # how baselines older than these were trained
+ADDED_LATER = {
+    "FREEZE_BN": False,
+    "AUGMENT": True,
+    "DROPOUT": 0.2,
+    "FREEZE_BACKBONE_EPOCHS": 0,
+    "BACKBONE_LR_SCALE": 1.0,
+}  # how baselines older than these were trained
 
 
 def check_config(cfg):
     if not 0 <= cfg["DROPOUT"] < 1:
         raise PruneError(f"DROPOUT={cfg['DROPOUT']} must lie in [0, 1)")
     if not 0 <= cfg["FREEZE_BACKBONE_EPOCHS"] <= cfg["EPOCHS"]:
-        raise PruneError(f"FREEZE_BACKBONE_EPOCHS={cfg['FREEZE_BACKBONE_EPOCHS']} must lie in "
-                         f"[0, EPOCHS={cfg['EPOCHS']}]")
+        raise PruneError(
+            f"FREEZE_BACKBONE_EPOCHS={cfg['FREEZE_BACKBONE_EPOCHS']} must lie in [0, EPOCHS={cfg['EPOCHS']}]"
+        )
     if cfg["FREEZE_BACKBONE_EPOCHS"] and not cfg["CHECKPOINT"]:
-        raise PruneError(f"FREEZE_BACKBONE_EPOCHS={cfg['FREEZE_BACKBONE_EPOCHS']} needs a CHECKPOINT to start from: "
-                         "a randomly initialised backbone would stay random")
+        raise PruneError(
+            f"FREEZE_BACKBONE_EPOCHS={cfg['FREEZE_BACKBONE_EPOCHS']} needs a CHECKPOINT to start from: "
+            "a randomly initialised backbone would stay random"
+        )
     if cfg["BACKBONE_LR_SCALE"] < 0:
         raise PruneError(f"BACKBONE_LR_SCALE={cfg['BACKBONE_LR_SCALE']} must be >= 0")
 
@@ -97,11 +106,16 @@ def reusable(path, cfg, fingerprint, start):
     if not (cfg["REUSE"] and os.path.exists(path)):
         return False
     _, meta = models.load_checkpoint(path)
-    same_config = {k: v for k, v in {**ADDED_LATER, **meta["config"]}.items() if k not in RUN_ONLY} == \
-                  {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+    same_config = {k: v for k, v in {**ADDED_LATER, **meta["config"]}.items() if k not in RUN_ONLY} == {
+        k: v for k, v in cfg.items() if k not in RUN_ONLY
+    }
     same_start = (meta["extra"].get("init_checkpoint") or {}).get("sha256") == (start or {}).get("sha256")
-    return same_config and same_start and meta["extra"].get("data_fingerprint") == fingerprint and \
-        meta["extra"].get("processes", 1) == distributed.world_size()
+    return (
+        same_config
+        and same_start
+        and meta["extra"].get("data_fingerprint") == fingerprint
+        and meta["extra"].get("processes", 1) == distributed.world_size()
+    )
 
 
 def initial_model(cfg, num_classes):
@@ -111,7 +125,9 @@ def initial_model(cfg, num_classes):
     model, meta = models.load_checkpoint(cfg["CHECKPOINT"], cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     head = models.head(model)
     if head.out_features != num_classes:
-        print(f"replacing the {head.out_features}-class classifier of {cfg['CHECKPOINT']} with a {num_classes}-class one")
+        print(
+            f"replacing the {head.out_features}-class classifier of {cfg['CHECKPOINT']} with a {num_classes}-class one"
+        )
         models.set_head(model, nn.Linear(head.in_features, num_classes))
     return set_dropout(model, cfg["DROPOUT"])
 
@@ -133,22 +149,40 @@ def main(cfg):
     if distributed.from_main(lambda: reusable(out, cfg, fingerprint, start)):
         if distributed.is_main():
             metrics = read_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"), "training metrics")
-            print(f"reusing {out}: same config and data (val top-1 {metrics['val']['top1']:.4f}); --REUSE=False retrains")
+            print(
+                f"reusing {out}: same config and data (val top-1 {metrics['val']['top1']:.4f}); --REUSE=False retrains"
+            )
             stage.finish([out], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")
         return
     seed_everything(cfg["SEED"])
     model = models.to_device(initial_model(cfg, len(class_names)), device)
     world = distributed.world_size()
-    print(f"training {cfg['MODEL_ARCH']} on {cfg['DATA_DIR']}: {len(class_names)} classes, "
-          f"{len(splits['train'])} train / {len(splits['val'])} val images, {cfg['IMAGE_SIZE']} px, {device}"
-          + (f", {world} processes x {cfg['BATCH_SIZE']} images per batch" if world > 1 else ""))
-    loaders = {"train": stage.loader(cfg, splits["train"], train=True, shuffle=True, augment=cfg["AUGMENT"]),
-               "bn": stage.loader(cfg, splits["train"], shuffle=True),
-               "val": stage.loader(cfg, splits["val"])}
-    model, history = fit(model, loaders, class_names, device, cfg["EPOCHS"], cfg["LR"], cfg["WEIGHT_DECAY"],
-                         cfg["LABEL_SMOOTHING"], cfg["WARMUP_EPOCHS"], cfg["BN_BATCHES"], freeze_bn=cfg["FREEZE_BN"],
-                         amp=cfg["AMP"], freeze_backbone_epochs=cfg["FREEZE_BACKBONE_EPOCHS"],
-                         backbone_lr_scale=cfg["BACKBONE_LR_SCALE"])
+    print(
+        f"training {cfg['MODEL_ARCH']} on {cfg['DATA_DIR']}: {len(class_names)} classes, "
+        f"{len(splits['train'])} train / {len(splits['val'])} val images, {cfg['IMAGE_SIZE']} px, {device}"
+        + (f", {world} processes x {cfg['BATCH_SIZE']} images per batch" if world > 1 else "")
+    )
+    loaders = {
+        "train": stage.loader(cfg, splits["train"], train=True, shuffle=True, augment=cfg["AUGMENT"]),
+        "bn": stage.loader(cfg, splits["train"], shuffle=True),
+        "val": stage.loader(cfg, splits["val"]),
+    }
+    model, history = fit(
+        model,
+        loaders,
+        class_names,
+        device,
+        cfg["EPOCHS"],
+        cfg["LR"],
+        cfg["WEIGHT_DECAY"],
+        cfg["LABEL_SMOOTHING"],
+        cfg["WARMUP_EPOCHS"],
+        cfg["BN_BATCHES"],
+        freeze_bn=cfg["FREEZE_BN"],
+        amp=cfg["AMP"],
+        freeze_backbone_epochs=cfg["FREEZE_BACKBONE_EPOCHS"],
+        backbone_lr_scale=cfg["BACKBONE_LR_SCALE"],
+    )
     if not distributed.is_main():
         return  # identical weights on every process: rank 0 scores and saves them
     skipped = Skipped()
@@ -158,15 +192,39 @@ def main(cfg):
         scores[final] = accuracy(model, stage.loader(cfg, splits[final]), device, class_names, skipped)
     for s in scores.values():
         s.pop("correct")
-    models.save_checkpoint(out, model, cfg["MODEL_ARCH"], class_names, cfg,
-                           extra={"data_fingerprint": fingerprint, "val_top1": scores["val"]["top1"],
-                                  "processes": world, "init_checkpoint": start})
-    metrics_path = write_json(os.path.join(cfg["RUN_DIR"], "train_metrics.json"),
-                              {"history": history, **scores, "class_names": class_names,
-                               "provenance": provenance(cfg, {"init_checkpoint": start["path"]} if start else None)})
+    models.save_checkpoint(
+        out,
+        model,
+        cfg["MODEL_ARCH"],
+        class_names,
+        cfg,
+        extra={
+            "data_fingerprint": fingerprint,
+            "val_top1": scores["val"]["top1"],
+            "processes": world,
+            "init_checkpoint": start,
+        },
+    )
+    metrics_path = write_json(
+        os.path.join(cfg["RUN_DIR"], "train_metrics.json"),
+        {
+            "history": history,
+            **scores,
+            "class_names": class_names,
+            "provenance": provenance(cfg, {"init_checkpoint": start["path"]} if start else None),
+        },
+    )
     record_timings(cfg["RUN_DIR"], "train_model", {"seconds": time.perf_counter() - t0, "processes": world})
-    print("\n" + stage.table([[name, s["top1"], s["n"], min(v for v in s["per_class"].values() if v is not None)]
-                              for name, s in scores.items()], ["split", "top-1", "images", "worst class"]))
+    print(
+        "\n"
+        + stage.table(
+            [
+                [name, s["top1"], s["n"], min(v for v in s["per_class"].values() if v is not None)]
+                for name, s in scores.items()
+            ],
+            ["split", "top-1", "images", "worst class"],
+        )
+    )
     stage.finish([out, metrics_path], f"python get_model_architecture.py --RUN_DIR={cfg['RUN_DIR']}")
 
 

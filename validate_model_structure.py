@@ -11,6 +11,7 @@ agreement, mean and max logit difference, accuracy of both. Exits non-zero namin
 
     python validate_model_structure.py --RUN_DIR=runs/demo
 """
+
 import os
 
 import torch
@@ -50,8 +51,13 @@ def check(name, ok, detail=""):
 def spatial_convs(model):
     """[(name, conv)] of the k x k convs inside every InvertedResidual: the depthwise ones, found without asking
     whether they are depthwise (the block finder only finds blocks whose depthwise conv is intact)."""
-    return [(f"{block}.{name}", m) for block, ir in model.named_modules() if isinstance(ir, InvertedResidual)
-            for name, m in ir.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    return [
+        (f"{block}.{name}", m)
+        for block, ir in model.named_modules()
+        if isinstance(ir, InvertedResidual)
+        for name, m in ir.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+    ]
 
 
 def structure_checks(model, num_classes):
@@ -61,8 +67,11 @@ def structure_checks(model, num_classes):
         if isinstance(m, Conv2dNormActivation) and m[0].out_channels != m[1].num_features:
             bad.append(f"{name}: conv out {m[0].out_channels} != BN {m[1].num_features}")
     out.append(check("bn_matches_conv", not bad, "; ".join(bad[:5])))
-    bad_dw = [f"{name}: in {dw.in_channels} out {dw.out_channels} groups {dw.groups}"
-              for name, dw in spatial_convs(model) if not dw.in_channels == dw.out_channels == dw.groups]
+    bad_dw = [
+        f"{name}: in {dw.in_channels} out {dw.out_channels} groups {dw.groups}"
+        for name, dw in spatial_convs(model)
+        if not dw.in_channels == dw.out_channels == dw.groups
+    ]
     bad_se = []
     try:
         blocks = find_blocks(model)
@@ -73,8 +82,10 @@ def structure_checks(model, num_classes):
         if "se" in r:
             fc1, fc2 = model.get_submodule(r["se_fc1"]), model.get_submodule(r["se_fc2"])
             if not fc1.in_channels == fc2.out_channels == r["hidden_channels"] or fc1.out_channels != fc2.in_channels:
-                bad_se.append(f"{block}: fc1 {fc1.in_channels}->{fc1.out_channels}, fc2 {fc2.in_channels}->"
-                              f"{fc2.out_channels}, hidden {r['hidden_channels']}")
+                bad_se.append(
+                    f"{block}: fc1 {fc1.in_channels}->{fc1.out_channels}, fc2 {fc2.in_channels}->"
+                    f"{fc2.out_channels}, hidden {r['hidden_channels']}"
+                )
     out.append(check("depthwise_in_out_groups", not bad_dw, "; ".join(bad_dw[:5])))
     out.append(check("se_widths", not bad_se, "; ".join(bad_se[:5])))
     head = models.head(model).out_features
@@ -122,10 +133,13 @@ def export_check(model, image_size, how, tol):
 def compare(logits, ref_logits, labels):
     agree = float((logits.argmax(1) == ref_logits.argmax(1)).float().mean())
     d = (logits - ref_logits).abs()
-    return {"top1_agreement": round(agree, 6), "mean_logit_diff": round(float(d.mean()), 6),
-            "max_logit_diff": round(float(d.max()), 6),
-            "top1": round(float((logits.argmax(1) == labels).float().mean()), 6),
-            "original_top1": round(float((ref_logits.argmax(1) == labels).float().mean()), 6)}
+    return {
+        "top1_agreement": round(agree, 6),
+        "mean_logit_diff": round(float(d.mean()), 6),
+        "max_logit_diff": round(float(d.max()), 6),
+        "top1": round(float((logits.argmax(1) == labels).float().mean()), 6),
+        "original_top1": round(float((ref_logits.argmax(1) == labels).float().mean()), 6),
+    }
 
 
 def main(cfg):
@@ -155,11 +169,26 @@ def main(cfg):
         ref, _ = models.load_checkpoint(original, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
         ref_logits, _ = logits_on(ref.to(device), loader, device, cfg["MAX_IMAGES"])
         comparison = compare(logits, ref_logits, labels)
-    inputs = {"checkpoint": path, **({"original": original} if original else {}), **({"report": report} if report else {})}
-    result = {"schema_version": 1, "kind": "mbv3prune-validation", "checkpoint": path, "passed": all(c["ok"] for c in checks),
-              "checks": checks, "comparison": comparison, "provenance": provenance(cfg, inputs)}
+    inputs = {
+        "checkpoint": path,
+        **({"original": original} if original else {}),
+        **({"report": report} if report else {}),
+    }
+    result = {
+        "schema_version": 1,
+        "kind": "mbv3prune-validation",
+        "checkpoint": path,
+        "passed": all(c["ok"] for c in checks),
+        "checks": checks,
+        "comparison": comparison,
+        "provenance": provenance(cfg, inputs),
+    }
     out = write_json(os.path.join(cfg["RUN_DIR"], "validation.json"), result)
-    print(stage.table([[c["check"], "ok" if c["ok"] else "FAILED", c["detail"]] for c in checks], ["check", "result", "detail"]))
+    print(
+        stage.table(
+            [[c["check"], "ok" if c["ok"] else "FAILED", c["detail"]] for c in checks], ["check", "result", "detail"]
+        )
+    )
     if comparison:
         print("\n" + stage.table([[k, v] for k, v in comparison.items()], ["against the original", "value"]))
     stage.finish([out], f"python visualize_activation_overlay_image.py --RUN_DIR={cfg['RUN_DIR']}")

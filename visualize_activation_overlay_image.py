@@ -10,6 +10,7 @@ upsampled to the image. Default layers: the blocks at the quarter points of the 
 
     python visualize_activation_overlay_image.py --RUN_DIR=runs/demo --IMAGES="['photo.jpg']"
 """
+
 import os
 
 import numpy as np
@@ -37,8 +38,10 @@ DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 SEED = 0  # seeds the data split the default images come from
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
-QUARTER_BLOCKS = {"mobilenet_v3_large": ["features.6", "features.9", "features.12", "features.15"],
-                  "mobilenet_v3_small": ["features.3", "features.6", "features.9", "features.11"]}
+QUARTER_BLOCKS = {
+    "mobilenet_v3_large": ["features.6", "features.9", "features.12", "features.15"],
+    "mobilenet_v3_small": ["features.3", "features.6", "features.9", "features.11"],
+}
 
 
 def default_images(cfg):
@@ -60,15 +63,22 @@ def layer_description(model, layer, info):
 
 def heat_maps(model, x, blocks, layers, capture_point):
     """({block: {"map": [h, w] mean |a|, "desc"}}, predicted class, confidence) for one image."""
-    described = {info["block"]: (layer, info) for layer, info in describe_layers(blocks, capture_point).items()
-                 if info["proposal"]}
+    described = {
+        info["block"]: (layer, info)
+        for layer, info in describe_layers(blocks, capture_point).items()
+        if info["proposal"]
+    }
     maps = {}
-    hooks = [(described[b][0], described[b][1]["hook"],
-              lambda t, b=b: maps.__setitem__(b, t[0].abs().mean(0).float().cpu())) for b in layers]
+    hooks = [
+        (described[b][0], described[b][1]["hook"], lambda t, b=b: maps.__setitem__(b, t[0].abs().mean(0).float().cpu()))
+        for b in layers
+    ]
     with attached_hooks(model, hooks), torch.inference_mode():
         probs = model(x).float().softmax(1)[0]
-    heats = {b: {"map": maps[b], "desc": f"{described[b][0]}_{layer_description(model, described[b][0], described[b][1])}"}
-             for b in layers}
+    heats = {
+        b: {"map": maps[b], "desc": f"{described[b][0]}_{layer_description(model, described[b][0], described[b][1])}"}
+        for b in layers
+    }
     return heats, int(probs.argmax()), float(probs.max())
 
 
@@ -109,20 +119,28 @@ def main(cfg):
             rows.append([os.path.basename(path), tag, label, round(conf, 3)])
             for b in layers:
                 name = f"{tag}_img{i:02d}_{heats[b]['desc'].replace('.', '_')}.png"
-                wrote.append(plots.single_overlay(shown, heats[b]["map"], f"{tag}: {b}\n{heats[b]['desc']}",
-                                                  os.path.join(out_dir, name)))
-        wrote.append(plots.before_after_panel(shown, panel_rows, layers, os.path.join(out_dir, f"panel_img{i:02d}.png")))
+                wrote.append(
+                    plots.single_overlay(
+                        shown, heats[b]["map"], f"{tag}: {b}\n{heats[b]['desc']}", os.path.join(out_dir, name)
+                    )
+                )
+        wrote.append(
+            plots.before_after_panel(shown, panel_rows, layers, os.path.join(out_dir, f"panel_img{i:02d}.png"))
+        )
     print(stage.table(rows, ["image", "model", "predicted", "confidence"]))
-    stage.finish([p for p in wrote if "panel" in p] + [f"{out_dir}/ ({len(wrote)} figures)"],
-                 "look at the panels; then re-run the pipeline on your own data (see README)")
+    stage.finish(
+        [p for p in wrote if "panel" in p] + [f"{out_dir}/ ({len(wrote)} figures)"],
+        "look at the panels; then re-run the pipeline on your own data (see README)",
+    )
 
 
 def _blocks(model, layers, tag):
     blocks = find_blocks(model)
     unknown = [b for b in layers if b not in blocks]
     if unknown:
-        raise PruneError(f"LAYERS names {', '.join(unknown)}, not blocks of the {tag} model "
-                         f"(blocks: {', '.join(blocks)})")
+        raise PruneError(
+            f"LAYERS names {', '.join(unknown)}, not blocks of the {tag} model (blocks: {', '.join(blocks)})"
+        )
     return blocks
 
 

@@ -14,14 +14,15 @@ needs is shared by the processes (see visualize_neuron_activations.py); rank 0 a
 
     python visualize_channel_activation.py --RUN_DIR=runs/demo --DEADNESS_THRESHOLD=0.8 --PLAN_TAG=d08
 """
+
 import os
 import time
 
 import torch
 
 from mbv3prune import config, distributed, measure, models, plan, plots, stage
-from mbv3prune.artifacts import provenance, record_timings, sha256_file
 from mbv3prune.activation_stats import ActivationStats, snap_threshold
+from mbv3prune.artifacts import provenance, record_timings, sha256_file
 from mbv3prune.blocks import check_capture_point, find_blocks
 from mbv3prune.capture import DEFAULT_THRESHOLD
 from mbv3prune.criterion import Criterion
@@ -39,7 +40,7 @@ SAMPLE_FRACTION = 0.0  # if > 0: a stratified fraction of the train split instea
 CAPTURE_POINT = "project_input"  # project_input (what the project conv consumes), activation or conv_output
 THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (other values: read from the histograms)
 DEADNESS_THRESHOLD = 0.9  # a channel inactive more often than this is proposed for pruning
-SCORE = "deadness"  # deadness, mean_abs, contribution or fluctuation (std(a) x consumer norm): mbv3prune/plan.py
+SCORE = "obs"  # obs, fluctuation, contribution, mean_abs or deadness (the original scripts'): mbv3prune/scores.py
 CLASS_AWARE = False  # spare a channel that is alive for any class with >= MIN_CLASS_SAMPLES images
 MIN_CLASS_SAMPLES = 5  # classes with fewer sampled images do not count for CLASS_AWARE
 MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)
@@ -48,7 +49,7 @@ SKIP_BLOCKS = []  # blocks never proposed, e.g. ["features.15"]
 PLAN_TAG = "default"  # the plan is written to RUN_DIR/pruning_plan_<PLAN_TAG>.json
 GRIDS = True  # draw the per-layer deadness grids
 RECAPTURE = False  # capture again even when saved statistics fit
-SECOND_MOMENTS = False  # also stream the project-input covariances (SCORE=obs, RECONSTRUCT need them; ~50 MB for Large)
+SECOND_MOMENTS = True  # also stream the project-input covariances (SCORE=obs and RECONSTRUCT need them; ~50 MB, Large)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt
 SAVE_EVERY = 50  # batches between partial saves (0 = never)
 PER_CLASS = "auto"  # per class: auto (histograms while they fit MAX_STATS_MEMORY_GB), histograms, counts or off
@@ -79,10 +80,15 @@ def figures(cfg, stats, layers, plan_dict):
             title = f"{layer} ({layers[layer]['block']}): deadness per neuron at |a| < {captured:.3g}"
             path = os.path.join(cfg["RUN_DIR"], "deadness", f"{layer.replace('.', '_')}_deadness_grid.png")
             wrote.append(plots.deadness_grid(grid.numpy(), title, path))
-    per_layer = {f"{layers[layer]['block']}": [v for v in d["channel_deadness"] if v is not None]
-                 for layer, d in plan_dict["layers"].items()}
-    wrote.append(plots.deadness_histogram(per_layer, cfg["DEADNESS_THRESHOLD"],
-                                          os.path.join(cfg["RUN_DIR"], "deadness_histogram.png")))
+    per_layer = {
+        f"{layers[layer]['block']}": [v for v in d["channel_deadness"] if v is not None]
+        for layer, d in plan_dict["layers"].items()
+    }
+    wrote.append(
+        plots.deadness_histogram(
+            per_layer, cfg["DEADNESS_THRESHOLD"], os.path.join(cfg["RUN_DIR"], "deadness_histogram.png")
+        )
+    )
     return wrote
 
 
@@ -97,11 +103,23 @@ def block_rows(plan_dict, per_channel, total):
     rows = []
     for name, b in plan_dict["blocks"].items():
         layer = b.get("layer")
-        dead = torch.tensor([v for v in plan_dict["layers"].get(layer, {}).get("channel_deadness", []) if v is not None],
-                            dtype=torch.float64)
+        dead = torch.tensor(
+            [v for v in plan_dict["layers"].get(layer, {}).get("channel_deadness", []) if v is not None],
+            dtype=torch.float64,
+        )
         q = [f"{float(torch.quantile(dead, p)):.2f}" if len(dead) else "-" for p in (0.05, 0.5, 0.95)]
-        rows.append([name, b["hidden_channels"], *q, b["candidates"], b["kept"], len(b["prune"]),
-                     f"{100 * len(b['prune']) * per_channel.get(name, 0) / total:.1f}%", b.get("skipped", "")])
+        rows.append(
+            [
+                name,
+                b["hidden_channels"],
+                *q,
+                b["candidates"],
+                b["kept"],
+                len(b["prune"]),
+                f"{100 * len(b['prune']) * per_channel.get(name, 0) / total:.1f}%",
+                b.get("skipped", ""),
+            ]
+        )
     return rows
 
 
@@ -114,32 +132,55 @@ def main(cfg):
     splits, class_names = stage.prepare_data(cfg)
     stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
     blocks, widths = find_blocks(model), models.layer_widths(model)
-    stats, stats_meta, wrote = measure.ensure_stats(cfg, models.to_device(model, device), blocks, splits, class_names,
-                                                   checkpoint, widths, device, force=cfg["RECAPTURE"])
+    stats, stats_meta, wrote = measure.ensure_stats(
+        cfg,
+        models.to_device(model, device),
+        blocks,
+        splits,
+        class_names,
+        checkpoint,
+        widths,
+        device,
+        force=cfg["RECAPTURE"],
+    )
     if not distributed.is_main():
         return  # the other processes only helped capture
     stats, layers = ActivationStats(stats), stats_meta["layers"]
     warn_snapped(cfg["THRESHOLD"], stats)
     proposals = criterion.propose(stats, blocks, layers, model)
-    plan_dict = plan.make_plan(proposals, stats, criterion, arch=meta["arch"], widths=widths,
-                               checkpoint_sha256=sha256_file(checkpoint), capture_point=cfg["CAPTURE_POINT"],
-                               provenance=provenance(cfg, {"checkpoint": checkpoint}))
+    plan_dict = plan.make_plan(
+        proposals,
+        stats,
+        criterion,
+        arch=meta["arch"],
+        widths=widths,
+        checkpoint_sha256=sha256_file(checkpoint),
+        capture_point=cfg["CAPTURE_POINT"],
+        provenance=provenance(cfg, {"checkpoint": checkpoint}),
+    )
     plan_path = plan.write_plan(os.path.join(cfg["RUN_DIR"], f"pruning_plan_{cfg['PLAN_TAG']}.json"), plan_dict)
     wrote = [plan_path] + wrote + figures(cfg, stats, layers, plan_dict)
     total, _ = count_macs_params(model, cfg["IMAGE_SIZE"])
     per_channel = macs_per_channel(model, blocks, cfg["IMAGE_SIZE"])
     rows = block_rows(plan_dict, per_channel, total)
     record_timings(cfg["RUN_DIR"], "visualize_channel_activation", {"seconds": time.perf_counter() - t0})
-    print(stage.table(rows, ["block", "hidden", "dead p5", "p50", "p95", "candidates", "kept", "prune", "MACs", "skipped"]))
+    print(
+        stage.table(
+            rows, ["block", "hidden", "dead p5", "p50", "p95", "candidates", "kept", "prune", "MACs", "skipped"]
+        )
+    )
     removed = sum(len(b["prune"]) * per_channel.get(n, 0) for n, b in plan_dict["blocks"].items())
-    print(f"\nplan: {sum(r[7] for r in rows)} channels, {100 * removed / total:.1f}% of MACs "
-          f"({cfg['SCORE']}, THRESHOLD={cfg['THRESHOLD']:.4g}, DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']}"
-          f"{', class-aware' if cfg['CLASS_AWARE'] else ''})")
+    print(
+        f"\nplan: {sum(r[7] for r in rows)} channels, {100 * removed / total:.1f}% of MACs "
+        f"({cfg['SCORE']}, THRESHOLD={cfg['THRESHOLD']:.4g}, DEADNESS_THRESHOLD={cfg['DEADNESS_THRESHOLD']}"
+        f"{', class-aware' if cfg['CLASS_AWARE'] else ''})"
+    )
     grids = [p for p in wrote if p.endswith("_grid.png")]
-    stage.finish([p for p in wrote if not p.endswith("_grid.png")] +
-                 ([f"{os.path.dirname(grids[0])}/ ({len(grids)} deadness grids)"] if grids else []),
-                 f"python experiment_activation_based_block_pruning.py --RUN_DIR={cfg['RUN_DIR']} "
-                 f"--PLAN={plan_path}")
+    stage.finish(
+        [p for p in wrote if not p.endswith("_grid.png")]
+        + ([f"{os.path.dirname(grids[0])}/ ({len(grids)} deadness grids)"] if grids else []),
+        f"python experiment_activation_based_block_pruning.py --RUN_DIR={cfg['RUN_DIR']} --PLAN={plan_path}",
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ need one process.
     python visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=32
     torchrun --nproc_per_node=4 visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=256
 """
+
 import os
 import time
 
 from mbv3prune import config, distributed, measure, models, plots, stage
-from mbv3prune.artifacts import provenance, record_timings, write_json
 from mbv3prune.activation_stats import ActivationStats, check_threshold
+from mbv3prune.artifacts import provenance, record_timings, write_json
 from mbv3prune.blocks import check_capture_point, find_blocks
 from mbv3prune.capture import DEFAULT_THRESHOLD
 from mbv3prune.errors import PruneError
@@ -41,7 +42,7 @@ CAPTURE_POINT = "project_input"  # project_input (what the project conv consumes
 THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (2**-7, a histogram bin edge)
 DEADNESS_THRESHOLD = 0.9  # for the sensitivity figure: a channel inactive more often than this is dead
 RECAPTURE = False  # capture again even when saved statistics fit
-SECOND_MOMENTS = False  # also stream the project-input covariances (SCORE=obs, RECONSTRUCT need them; ~50 MB for Large)
+SECOND_MOMENTS = True  # also stream the project-input covariances (SCORE=obs and RECONSTRUCT need them; ~50 MB, Large)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt (one process only)
 SAVE_EVERY = 50  # batches between partial saves (0 = never; off under torchrun with several processes)
 PER_CLASS = "auto"  # per class: auto (histograms while they fit MAX_STATS_MEMORY_GB), histograms, counts or off
@@ -70,11 +71,21 @@ def figures(cfg, stats, layers, edges, suggestions, global_suggestion):
     for layer, info in layers.items():
         title = f"{layer} ({info['role']} of {info['block']}, {info['channels']} ch, {cfg['CAPTURE_POINT']})"
         path = os.path.join(cfg["RUN_DIR"], "activations", f"{layer.replace('.', '_')}_hist.png")
-        marks = {"5th percentile": suggestions[layer]["p5"], "1% of median": suggestions[layer]["one_percent_of_median"]}
+        marks = {
+            "5th percentile": suggestions[layer]["p5"],
+            "1% of median": suggestions[layer]["one_percent_of_median"],
+        }
         wrote.append(plots.magnitude_histogram(layer_counts(stats, layer), edges, title, cfg["THRESHOLD"], marks, path))
     curves = {layer: sensitivity(stats, layer, edges, cfg["DEADNESS_THRESHOLD"]) for layer in layers}
-    wrote.append(plots.threshold_sensitivity(thresholds_axis(edges), curves, cfg["THRESHOLD"], cfg["DEADNESS_THRESHOLD"],
-                                             os.path.join(cfg["RUN_DIR"], "threshold_sensitivity.png")))
+    wrote.append(
+        plots.threshold_sensitivity(
+            thresholds_axis(edges),
+            curves,
+            cfg["THRESHOLD"],
+            cfg["DEADNESS_THRESHOLD"],
+            os.path.join(cfg["RUN_DIR"], "threshold_sensitivity.png"),
+        )
+    )
     return wrote
 
 
@@ -86,30 +97,54 @@ def main(cfg):
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
     splits, class_names = stage.prepare_data(cfg)
     stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
-    stats, stats_meta, wrote = measure.ensure_stats(cfg, models.to_device(model, device), find_blocks(model), splits,
-                                                   class_names, checkpoint, models.layer_widths(model), device,
-                                                   force=cfg["RECAPTURE"])
+    stats, stats_meta, wrote = measure.ensure_stats(
+        cfg,
+        models.to_device(model, device),
+        find_blocks(model),
+        splits,
+        class_names,
+        checkpoint,
+        models.layer_widths(model),
+        device,
+        force=cfg["RECAPTURE"],
+    )
     if not distributed.is_main():
         return  # the other processes only helped capture
     t_capture = time.perf_counter() - t0
     layers, edges = stats_meta["layers"], ActivationStats(stats).edges
     suggestions, global_suggestion = suggest(stats, layers, edges)
     table = {layer: {f"p{p}": v for p, v in percentiles(layer_counts(stats, layer), edges).items()} for layer in layers}
-    summary = {"schema_version": 1, "kind": "mbv3prune-activation-summary", "capture_point": cfg["CAPTURE_POINT"],
-               "threshold": cfg["THRESHOLD"], "percentiles": table, "suggested": suggestions,
-               "suggested_global_threshold": global_suggestion, "provenance": provenance(cfg)}
+    summary = {
+        "schema_version": 1,
+        "kind": "mbv3prune-activation-summary",
+        "capture_point": cfg["CAPTURE_POINT"],
+        "threshold": cfg["THRESHOLD"],
+        "percentiles": table,
+        "suggested": suggestions,
+        "suggested_global_threshold": global_suggestion,
+        "provenance": provenance(cfg),
+    }
     wrote.append(write_json(os.path.join(cfg["RUN_DIR"], "activation_summary.json"), summary))
     wrote += figures(cfg, stats, layers, edges, suggestions, global_suggestion)
-    record_timings(cfg["RUN_DIR"], "visualize_neuron_activations",
-                   {"seconds": time.perf_counter() - t0, "capture_seconds": t_capture})
-    rows = [[layer, *(f"{v:.3g}" for v in table[layer].values()), f"{suggestions[layer]['one_percent_of_median']:.3g}"]
-            for layer in layers]
+    record_timings(
+        cfg["RUN_DIR"],
+        "visualize_neuron_activations",
+        {"seconds": time.perf_counter() - t0, "capture_seconds": t_capture},
+    )
+    rows = [
+        [layer, *(f"{v:.3g}" for v in table[layer].values()), f"{suggestions[layer]['one_percent_of_median']:.3g}"]
+        for layer in layers
+    ]
     print(stage.table(rows, ["layer", *table[next(iter(layers))].keys(), "1% of median"]))
-    print(f"\n|a| percentiles per layer ({stats_meta['sample']['images']} images, {cfg['CAPTURE_POINT']}); "
-          f"THRESHOLD={cfg['THRESHOLD']:.4g}, suggested (median over layers of 1% of the median): {global_suggestion:.3g}")
+    print(
+        f"\n|a| percentiles per layer ({stats_meta['sample']['images']} images, {cfg['CAPTURE_POINT']}); "
+        f"THRESHOLD={cfg['THRESHOLD']:.4g}, suggested (median over layers of 1% of the median): {global_suggestion:.3g}"
+    )
     shown = [p for p in wrote if not p.endswith("_hist.png")]
-    stage.finish(shown + [f"{os.path.join(cfg['RUN_DIR'], 'activations')}/ ({len(layers)} histograms)"],
-                 f"python visualize_channel_activation.py --RUN_DIR={cfg['RUN_DIR']}")
+    stage.finish(
+        shown + [f"{os.path.join(cfg['RUN_DIR'], 'activations')}/ ({len(layers)} histograms)"],
+        f"python visualize_channel_activation.py --RUN_DIR={cfg['RUN_DIR']}",
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ batch (nothing is kept), so the figure is the capture's own memory. Target: peak
 Measured (torch 2.14.1, a 2-core CPU shared with a test run, one thread, PER_CLASS=auto -> counts): 20,000
 images in 298 s (67 images/s), statistics 0.38 GB, peak RSS 1.23 GB (target < 4 GB).
 """
+
 import resource
 import time
 
@@ -46,14 +47,17 @@ def main(cfg):
     blocks = find_blocks(model)
     mode = measure.per_class_mode({**cfg, "CAPTURE_POINT": "project_input"}, blocks, cfg["CLASSES"])
     t0 = time.perf_counter()
-    stats, _ = capture(model, generated_batches(cfg), blocks, num_classes=cfg["CLASSES"], progress=False,
-                       per_class=mode)
+    stats, _ = capture(
+        model, generated_batches(cfg), blocks, num_classes=cfg["CLASSES"], progress=False, per_class=mode
+    )
     seconds = time.perf_counter() - t0
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    stats_gb = sum(t.numel() * t.element_size() for t in stats.values()) / 2 ** 30
-    print(f"{cfg['IMAGES']} images, {cfg['CLASSES']} classes, PER_CLASS={mode}: {seconds:.0f} s "
-          f"({cfg['IMAGES'] / seconds:.0f} images/s), statistics {stats_gb:.2f} GB, peak RSS {peak_gb:.2f} GB "
-          f"(target < 4 GB)")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stats_gb = sum(t.numel() * t.element_size() for t in stats.values()) / 2**30
+    print(
+        f"{cfg['IMAGES']} images, {cfg['CLASSES']} classes, PER_CLASS={mode}: {seconds:.0f} s "
+        f"({cfg['IMAGES'] / seconds:.0f} images/s), statistics {stats_gb:.2f} GB, peak RSS {peak_gb:.2f} GB "
+        f"(target < 4 GB)"
+    )
 
 
 if __name__ == "__main__":

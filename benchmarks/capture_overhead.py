@@ -27,6 +27,7 @@ with MAX_POSITIONS=512. Two threads (--THREADS=0), 128 px: everything 1.60x, + s
 / 1.95x (CPU), subsampled 512: 1.73x / 1.53x; at 64 px the runs were too disturbed to quote. The 1.6x target
 with second moments is not met on this CPU; a quiet-machine rerun is needed (GPU not measured).
 """
+
 import resource
 import time
 
@@ -53,8 +54,10 @@ SEED = 0  # seeds the weights, images and labels
 
 
 def make_batches(size, n, gen):
-    return [(torch.randn(BATCH, 3, size, size, generator=gen), torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(BATCH, 3, size, size, generator=gen), torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def calibrated_model(batches):
@@ -77,8 +80,10 @@ def plain(model, batches):
 
 
 def isfinite_checked(model, batches, blocks):
-    hooks = [(name, info["hook"], lambda x: bool(torch.isfinite(x).all()))
-             for name, info in describe_layers(blocks, CAPTURE_POINT).items()]
+    hooks = [
+        (name, info["hook"], lambda x: bool(torch.isfinite(x).all()))
+        for name, info in describe_layers(blocks, CAPTURE_POINT).items()
+    ]
     with attached_hooks(model, hooks):
         plain(model, batches)
 
@@ -90,8 +95,9 @@ def variants(model, blocks):
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
         "capture, everything": lambda b: capture(model, b, blocks, **kw),
         "everything + 2nd moments": lambda b: capture(model, b, blocks, second_moments=True, **kw),
-        f"... subsampled {MAX_POSITIONS}": lambda b: capture(model, b, blocks, second_moments=True,
-                                                             max_positions=MAX_POSITIONS, **kw),
+        f"... subsampled {MAX_POSITIONS}": lambda b: capture(
+            model, b, blocks, second_moments=True, max_positions=MAX_POSITIONS, **kw
+        ),
         "plain + isfinite check": lambda b: isfinite_checked(model, b, blocks),
     }
 
@@ -134,8 +140,14 @@ def report_memory(gen):
     blocks = find_blocks(model)
     print(f"\npeak RSS, capture at {size} px, batches of {BATCH} generated on the fly:")
     for n in MEMORY_BATCHES:
-        capture(model, (make_batches(size, 1, gen)[0] for _ in range(n)), blocks, CAPTURE_POINT,
-                num_classes=NUM_CLASSES, progress=False)
+        capture(
+            model,
+            (make_batches(size, 1, gen)[0] for _ in range(n)),
+            blocks,
+            CAPTURE_POINT,
+            num_classes=NUM_CLASSES,
+            progress=False,
+        )
         print(f"  after {n:4d} batches ({n * BATCH:5d} images): {peak_rss_mb():8.1f} MB")
 
 

@@ -15,6 +15,7 @@ Results are saved after every configuration; an interrupted run continues where 
     python -m benchmarks.compare_criteria
     python -m benchmarks.compare_criteria --TARGETS=[0.2] --FT_POINTS=[] --RANDOM_SEEDS=[0]
 """
+
 import time
 
 from tqdm import tqdm
@@ -23,8 +24,8 @@ from mbv3prune import bench, config, iterative, measure, plots, pruning, reconst
 from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
-from mbv3prune.data import Skipped, batches, stratified_sample
 from mbv3prune.criterion import Criterion
+from mbv3prune.data import Skipped, batches, stratified_sample
 from mbv3prune.errors import PruneError
 from mbv3prune.experiment import prune_copy, val_top1
 from mbv3prune.selection import to_macs_target, uniform_ratio
@@ -40,8 +41,20 @@ MODEL_ARCH = "mobilenet_v3_large"  # must match the checkpoint
 IMAGE_SIZE = 128  # resolution the baseline was trained and the statistics captured at
 TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]  # fractions of MACs removed
 ALLOCATIONS = ["uniform", "global"]  # uniform: same ratio in every block; global: one ranking across blocks
-CRITERIA = ["deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation",
-            "obs", "tp_l1", "tp_taylor", "tp_bn_scale", "tp_activation", "random"]  # criteria compared
+CRITERIA = [
+    "deadness",
+    "deadness_class_aware",
+    "deadness_iterative",
+    "mean_abs",
+    "contribution",
+    "fluctuation",
+    "obs",
+    "tp_l1",
+    "tp_taylor",
+    "tp_bn_scale",
+    "tp_activation",
+    "random",
+]  # criteria compared
 RECONSTRUCT = ["sequential"]  # refits also measured (global allocation): sequential and / or oneshot
 RECONSTRUCT_CRITERIA = ["obs", "fluctuation", "tp_taylor", "tp_bn_scale"]  # the criteria measured with each refit
 RIDGES = [1e-4, 1e-3, 1e-2, 1e-1]  # refit and obs ridge candidates, chosen on the val split (never on test)
@@ -70,10 +83,29 @@ BN_RECALIBRATE = True  # (always on here: the BN-recalibrated step is one of the
 DEBUG = False  # show tracebacks of the project's errors
 # -----------------------------------------------------------------------------
 OURS = ("deadness", "deadness_class_aware", "deadness_iterative", "mean_abs", "contribution", "fluctuation", "obs")
-RESULT_KEYS = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "IMAGE_SIZE", "FINETUNE_EPOCHS", "FINETUNE_LR", "BN_BATCHES",
-               "COMPENSATE", "MIN_KEEP_RATIO", "ROUND_TO", "MIN_CLASS_SAMPLES", "ITERATIVE_SAMPLES_PER_CLASS",
-               "TAYLOR_BATCHES", "ACTIVATION_IMAGES", "BATCH_SIZE", "SEED", "REPRODUCE_THRESHOLD", "MACS_TOLERANCE",
-               "RIDGES", "RIDGE_TARGET", "REFIT_SAMPLES_PER_CLASS")
+RESULT_KEYS = (
+    "DATA_DIR",
+    "RUN_DIR",
+    "MODEL_ARCH",
+    "IMAGE_SIZE",
+    "FINETUNE_EPOCHS",
+    "FINETUNE_LR",
+    "BN_BATCHES",
+    "COMPENSATE",
+    "MIN_KEEP_RATIO",
+    "ROUND_TO",
+    "MIN_CLASS_SAMPLES",
+    "ITERATIVE_SAMPLES_PER_CLASS",
+    "TAYLOR_BATCHES",
+    "ACTIVATION_IMAGES",
+    "BATCH_SIZE",
+    "SEED",
+    "REPRODUCE_THRESHOLD",
+    "MACS_TOLERANCE",
+    "RIDGES",
+    "RIDGE_TARGET",
+    "REFIT_SAMPLES_PER_CLASS",
+)
 
 
 def check_config(cfg):
@@ -116,8 +148,16 @@ def select(run, cfg, ranking, allocation, target, name=""):
         return bench.uniform_to_macs(ranking, run, target, cfg["MIN_KEEP_RATIO"], cfg["ROUND_TO"])[0]
     if name.split("+")[0] == "obs":
         return pruning.to_macs_target(run, obs_criterion(run, cfg), target, cfg["MACS_TOLERANCE"])[0]
-    return to_macs_target(ranking, run.blocks, run.per_channel, run.total, target, cfg["MIN_KEEP_RATIO"],
-                          cfg["ROUND_TO"], cfg["MACS_TOLERANCE"])[0]
+    return to_macs_target(
+        ranking,
+        run.blocks,
+        run.per_channel,
+        run.total,
+        target,
+        cfg["MIN_KEEP_RATIO"],
+        cfg["ROUND_TO"],
+        cfg["MACS_TOLERANCE"],
+    )[0]
 
 
 def obs_criterion(run, cfg):
@@ -136,8 +176,9 @@ def compensator(run, cfg, refit=None):
 
 def hold_refit_batches(run, cfg):
     """REFIT_SAMPLES_PER_CLASS images per class of the capture's sample, decoded once, as a batches function."""
-    items = stratified_sample(measure.sample_items(run.stats_meta, cfg["DATA_DIR"]), cfg["REFIT_SAMPLES_PER_CLASS"],
-                              seed=cfg["SEED"])
+    items = stratified_sample(
+        measure.sample_items(run.stats_meta, cfg["DATA_DIR"]), cfg["REFIT_SAMPLES_PER_CLASS"], seed=cfg["SEED"]
+    )
     held = [images for images, _ in batches(stage.loader(cfg, items), Skipped(), run.device)]
     return lambda: iter(held)
 
@@ -149,8 +190,9 @@ def choose_ridge(run, cfg, results, save):
         for ridge in cfg["RIDGES"]:
             run.ridge = ridge
             chosen = select(run, cfg, None, "global", cfg["RIDGE_TARGET"], "obs")
-            model, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats,
-                                  compensator(run, cfg, refit))
+            model, _ = prune_copy(
+                run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensator(run, cfg, refit)
+            )
             val[str(ridge)] = val_top1(model, run.loaders, run.class_names, run.device)
             print(f"ridge {ridge:g}: val top-1 {val[str(ridge)]:.4f} (obs + {refit}, {cfg['RIDGE_TARGET']:.0%} MACs)")
         best = max(cfg["RIDGES"], key=lambda r: (val[str(r)], -r))
@@ -161,25 +203,41 @@ def choose_ridge(run, cfg, results, save):
 
 def iterative_model(run, cfg, quotas):
     """The baseline pruned block by block to ``quotas``, re-measuring downstream deadness after each block."""
-    items = stratified_sample(measure.sample_items(run.stats_meta, cfg["DATA_DIR"]),
-                              cfg["ITERATIVE_SAMPLES_PER_CLASS"], seed=cfg["SEED"])
+    items = stratified_sample(
+        measure.sample_items(run.stats_meta, cfg["DATA_DIR"]), cfg["ITERATIVE_SAMPLES_PER_CLASS"], seed=cfg["SEED"]
+    )
     loader = stage.loader(cfg, items)
-    criterion = Criterion("deadness", ActivationStats.of(run.stats).threshold, deadness_threshold=0.0,
-                          min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"],
-                          min_class_samples=cfg["MIN_CLASS_SAMPLES"])
+    criterion = Criterion(
+        "deadness",
+        ActivationStats.of(run.stats).threshold,
+        deadness_threshold=0.0,
+        min_keep_ratio=cfg["MIN_KEEP_RATIO"],
+        round_to=cfg["ROUND_TO"],
+        min_class_samples=cfg["MIN_CLASS_SAMPLES"],
+    )
     schedule = iterative.Schedule(max_rounds=len(run.blocks), quotas={b: len(v) for b, v in quotas.items()})
-    pruned, _, removed, _ = iterative.run(run.model, lambda: batches(loader, Skipped(), run.device), run.stats,
-                                          run.layers, criterion, schedule, capture_point=run.capture_point,
-                                          image_size=cfg["IMAGE_SIZE"], num_classes=len(run.class_names),
-                                          weights=run.model, compensate_fn=compensator(run, cfg),
-                                          log=lambda *_: None)
+    pruned, _, removed, _ = iterative.run(
+        run.model,
+        lambda: batches(loader, Skipped(), run.device),
+        run.stats,
+        run.layers,
+        criterion,
+        schedule,
+        capture_point=run.capture_point,
+        image_size=cfg["IMAGE_SIZE"],
+        num_classes=len(run.class_names),
+        weights=run.model,
+        compensate_fn=compensator(run, cfg),
+        log=lambda *_: None,
+    )
     return pruned, removed
 
 
 def finetuned(cfg, allocation, target, name):
     """Whether this configuration is also fine-tuned: at FT_POINTS, and for random its first seed only."""
-    return [allocation, target] in [list(p) for p in cfg["FT_POINTS"]] and \
-        not (name.startswith("random_s") and name != f"random_s{cfg['RANDOM_SEEDS'][0]}")
+    return [allocation, target] in [list(p) for p in cfg["FT_POINTS"]] and not (
+        name.startswith("random_s") and name != f"random_s{cfg['RANDOM_SEEDS'][0]}"
+    )
 
 
 def one_config(run, cfg, ranks, criterion, allocation, target, finetune):
@@ -196,16 +254,22 @@ def configurations(cfg, ranks):
     """(allocation, target, name) of every configuration: each ranking, and under global allocation each
     RECONSTRUCT_CRITERIA ranking with each refit too (``name+refit``)."""
     refits = [f"{n}+{r}" for r in cfg["RECONSTRUCT"] for n in cfg["RECONSTRUCT_CRITERIA"] if n in ranks]
-    return [(a, t, n) for a in cfg["ALLOCATIONS"] for t in cfg["TARGETS"]
-            for n in list(ranks) + (refits if a == "global" else [])]
+    return [
+        (a, t, n)
+        for a in cfg["ALLOCATIONS"]
+        for t in cfg["TARGETS"]
+        for n in list(ranks) + (refits if a == "global" else [])
+    ]
 
 
 def reproduce(run, cfg, ranks, results, save):
     """DEVELOPERS.md: 25% of every block's hidden channels, no compensation, BN recalibrated."""
-    repro = {"deadness_0.05": bench.ours(run, "deadness", threshold=cfg["REPRODUCE_THRESHOLD"]),
-             "mean_abs": ranks.get("mean_abs") or bench.ours(run, "mean_abs"),
-             "tp_l1": ranks.get("tp_l1") or bench.torch_pruning_ranking(run, "tp_l1"),
-             **{k: v for k, v in ranks.items() if k.startswith("random_s")}}
+    repro = {
+        "deadness_0.05": bench.ours(run, "deadness", threshold=cfg["REPRODUCE_THRESHOLD"]),
+        "mean_abs": ranks.get("mean_abs") or bench.ours(run, "mean_abs"),
+        "tp_l1": ranks.get("tp_l1") or bench.torch_pruning_ranking(run, "tp_l1"),
+        **{k: v for k, v in ranks.items() if k.startswith("random_s")},
+    }
     for name, ranking in repro.items():
         key = f"reproduce/0.25/{name}"
         if key not in results:
@@ -224,8 +288,14 @@ def main(cfg):
     results, earlier = bench.resume(out, identity, "criteria comparison")
     if results:
         print(f"continuing {out}: {len(results)} results already measured")
-    record = {"schema_version": 1, "kind": "mbv3prune-criteria-comparison", "identity": identity,
-              "baseline": None, "results": results, "provenance": provenance(cfg, {"checkpoint": run.checkpoint})}
+    record = {
+        "schema_version": 1,
+        "kind": "mbv3prune-criteria-comparison",
+        "identity": identity,
+        "baseline": None,
+        "results": results,
+        "provenance": provenance(cfg, {"checkpoint": run.checkpoint}),
+    }
     save = lambda: write_json(out, record)  # noqa: E731
     if "baseline" not in results:
         results["baseline"] = bench.with_intervals({"baseline": bench.score_baseline(run)})["baseline"]
@@ -236,12 +306,16 @@ def main(cfg):
     ranks = rankings(run, cfg)
     if cfg["REPRODUCE"]:
         reproduce(run, cfg, ranks, results, save)
-    todo = [(a, t, n) for a, t, n in configurations(cfg, ranks)
-            if "finetuned" not in results.get(f"{a}/{t}/{n}", {}) and
-            (f"{a}/{t}/{n}" not in results or finetuned(cfg, a, t, n))]
+    todo = [
+        (a, t, n)
+        for a, t, n in configurations(cfg, ranks)
+        if "finetuned" not in results.get(f"{a}/{t}/{n}", {})
+        and (f"{a}/{t}/{n}" not in results or finetuned(cfg, a, t, n))
+    ]
     for allocation, target, name in tqdm(todo, desc="criteria", disable=None):
-        results[f"{allocation}/{target}/{name}"] = one_config(run, cfg, ranks, name, allocation, target,
-                                                              finetuned(cfg, allocation, target, name))
+        results[f"{allocation}/{target}/{name}"] = one_config(
+            run, cfg, ranks, name, allocation, target, finetuned(cfg, allocation, target, name)
+        )
         save()
     record["seconds"] = round(earlier + time.perf_counter() - t0, 1)  # over every run that added results
     save()
@@ -262,14 +336,16 @@ def _pct(r, step):
 
 def criteria_in(results, allocation, target):
     prefix = f"{allocation}/{target}/"
-    return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in results.items() if k.startswith(prefix)}
 
 
 def verdict(rows, step, against=None):
     """win / loss / tie of our best criterion against the best other one (or the best whose name starts with
     ``against``): a win only when the 95% intervals do not overlap."""
     ours = {k: v for k, v in rows.items() if k.split("+")[0] in OURS and step in v}
-    others = {k: v for k, v in rows.items() if k.split("+")[0] not in OURS and step in v and k.startswith(against or "")}
+    others = {
+        k: v for k, v in rows.items() if k.split("+")[0] not in OURS and step in v and k.startswith(against or "")
+    }
     if not ours or not others:
         return ""
     a = max(ours.items(), key=lambda kv: kv[1][step]["top1"])
@@ -283,21 +359,33 @@ def verdict(rows, step, against=None):
 
 def write_markdown(cfg, results):
     base = results["baseline"]
-    lines = [f"Baseline top-1 {100 * base['top1']:.1f}% on {len(base['correct'])} test photos. Cells: top-1 % with "
-             "no fine-tuning / after BN recalibration, at the MACs removed measured after pruning.", ""]
+    lines = [
+        f"Baseline top-1 {100 * base['top1']:.1f}% on {len(base['correct'])} test photos. Cells: top-1 % with "
+        "no fine-tuning / after BN recalibration, at the MACs removed measured after pruning.",
+        "",
+    ]
     repro = {k.split("/")[-1]: v for k, v in results.items() if k.startswith("reproduce/")}
     if repro:
-        lines += ["25% of every block's hidden channels (DEVELOPERS.md's measurement):", "",
-                  "| criterion | MACs removed | no FT | BN recalibrated (95% CI) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {100 * v['macs_reduction']:.1f}% | {_pct(v, 'pruned')} | "
-                  f"{bench.cell(v, 'bn_recalibrated')} |" for k, v in repro.items()]
+        lines += [
+            "25% of every block's hidden channels (DEVELOPERS.md's measurement):",
+            "",
+            "| criterion | MACs removed | no FT | BN recalibrated (95% CI) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {100 * v['macs_reduction']:.1f}% | {_pct(v, 'pruned')} | {bench.cell(v, 'bn_recalibrated')} |"
+            for k, v in repro.items()
+        ]
         lines.append("")
     for allocation in cfg["ALLOCATIONS"]:
         targets = [t for t in cfg["TARGETS"] if criteria_in(results, allocation, t)]
         names = list(dict.fromkeys(n for t in targets for n in criteria_in(results, allocation, t)))
-        lines += [f"{allocation} allocation, top-1 % no FT / BN recalibrated:", "",
-                  "| criterion | " + " | ".join(f"{100 * t:.0f}% MACs" for t in targets) + " |",
-                  "|---" * (len(targets) + 1) + "|"]
+        lines += [
+            f"{allocation} allocation, top-1 % no FT / BN recalibrated:",
+            "",
+            "| criterion | " + " | ".join(f"{100 * t:.0f}% MACs" for t in targets) + " |",
+            "|---" * (len(targets) + 1) + "|",
+        ]
         for n in names:
             cells = []
             for t in targets:
@@ -305,18 +393,28 @@ def write_markdown(cfg, results):
                 cells.append(f"{_pct(r, 'pruned')} / {_pct(r, 'bn_recalibrated')}" if r else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         for label, against in (("best other", None), ("tp_l1", "tp_l1"), ("best random seed", "random")):
-            lines.append(f"| best ours vs {label} (BN) | " + " | ".join(
-                verdict(criteria_in(results, allocation, t), "bn_recalibrated", against) for t in targets) + " |")
+            lines.append(
+                f"| best ours vs {label} (BN) | "
+                + " | ".join(verdict(criteria_in(results, allocation, t), "bn_recalibrated", against) for t in targets)
+                + " |"
+            )
         lines.append("")
     for allocation, target in cfg["FT_POINTS"]:
         rows = criteria_in(results, allocation, target)
         if not any("finetuned" in r for r in rows.values()):
             continue
-        lines += [f"{allocation} allocation at {100 * target:.0f}% MACs, {cfg['FINETUNE_EPOCHS']} fine-tuning epochs "
-                  "(95% bootstrap intervals):", "",
-                  "| criterion | MACs removed | no FT | BN recalibrated | fine-tuned |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {100 * r['macs_reduction']:.1f}% | " + " | ".join(bench.cell(r, step) for step, _ in STEPS)
-                  + " |" for n, r in rows.items() if "finetuned" in r]
+        lines += [
+            f"{allocation} allocation at {100 * target:.0f}% MACs, {cfg['FINETUNE_EPOCHS']} fine-tuning epochs "
+            "(95% bootstrap intervals):",
+            "",
+            "| criterion | MACs removed | no FT | BN recalibrated | fine-tuned |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {n} | {100 * r['macs_reduction']:.1f}% | " + " | ".join(bench.cell(r, step) for step, _ in STEPS) + " |"
+            for n, r in rows.items()
+            if "finetuned" in r
+        ]
         lines.append(f"\nBest ours vs best other after fine-tuning: {verdict(rows, 'finetuned')}.\n")
     text = "\n".join(lines) + "\n"
     write_text(cfg["TABLE"], text)

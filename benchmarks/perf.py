@@ -22,6 +22,7 @@ provider); parts 1 and 2 measure what the stages do on this machine.
     python -m benchmarks.perf --PARTS='["latency"]'
     python -m benchmarks.perf --PARTS='["runtimes"]' --RUNTIME_RUNS='[["runs/flowers", 128, "pruned.pt"]]'
 """
+
 import os
 import platform
 import subprocess
@@ -68,6 +69,7 @@ DEMO_STAGES = [  # what `make demo` runs after training (keep in step with the M
 def capture_part(cfg):
     """Capture / plain inference time ratios (one thread) and peak RSS at 200 vs 2,000 images."""
     from benchmarks import capture_memory, capture_overhead
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -76,14 +78,20 @@ def capture_part(cfg):
         for size in cfg["OVERHEAD_SIZES"]:
             times = capture_overhead.report_size(size, gen)
             wall0, cpu0 = times["plain"]
-            out[f"{size}px"] = {name: {"wall_ratio": round(w / wall0, 3), "cpu_ratio": round(c / cpu0, 3)}
-                                for name, (w, c) in times.items()}
+            out[f"{size}px"] = {
+                name: {"wall_ratio": round(w / wall0, 3), "cpu_ratio": round(c / cpu0, 3)}
+                for name, (w, c) in times.items()
+            }
     finally:
         torch.set_num_threads(threads)
-    memory = capture_memory.main({"COUNTS": [200, 2000], "IMAGE_SIZE": 64, "BATCH_SIZE": 64,
-                                  "DATA_DIR": "runs/bench_data", "CHILD": 0})
-    return {"overhead_one_thread": out, "peak_rss": memory,
-            "rss_ratio": round(memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"], 3)}
+    memory = capture_memory.main(
+        {"COUNTS": [200, 2000], "IMAGE_SIZE": 64, "BATCH_SIZE": 64, "DATA_DIR": "runs/bench_data", "CHILD": 0}
+    )
+    return {
+        "overhead_one_thread": out,
+        "peak_rss": memory,
+        "rss_ratio": round(memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"], 3),
+    }
 
 
 def pipeline_part(cfg):
@@ -95,13 +103,20 @@ def pipeline_part(cfg):
     rows = [{"stage": "train_model.py (recorded when trained)", "seconds": trained}]
     for script, args in DEMO_STAGES:
         t = time.perf_counter()
-        done = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--RUN_DIR={run}",
-                               *(a.format(run=run) for a in args)],
-                              capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), f"--RUN_DIR={run}", *(a.format(run=run) for a in args)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if done.returncode:
             raise PruneError(f"{script} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
-        rows.append({"stage": " ".join([script, *(a.split("=")[0] for a in args)]),
-                     "seconds": round(time.perf_counter() - t, 1)})
+        rows.append(
+            {
+                "stage": " ".join([script, *(a.split("=")[0] for a in args)]),
+                "seconds": round(time.perf_counter() - t, 1),
+            }
+        )
         print(f"  {rows[-1]['stage']}: {rows[-1]['seconds']} s")
     return rows
 
@@ -154,26 +169,47 @@ def runtime_row(paths, size, cfg, device):
     shape, loaded = (3, size, size), {label: models.load_checkpoint(p) for label, p in paths.items()}
     macs = {label: count_macs_params(model, size)[0] for label, (model, _) in loaded.items()}
     with tempfile.TemporaryDirectory(prefix="perf_onnx_") as tmp:
-        entries = {label: (model, onnx_export.export_onnx(model, os.path.join(tmp, f"{label}.onnx"), shape))
-                   for label, (model, _) in loaded.items()}
+        entries = {
+            label: (model, onnx_export.export_onnx(model, os.path.join(tmp, f"{label}.onnx"), shape))
+            for label, (model, _) in loaded.items()
+        }
         diffs = {label: onnx_export.max_difference(model, path, shape) for label, (model, path) in entries.items()}
-        ms = onnx_export.interleaved_latency(entries, shape, device, cfg["RUNTIME_BATCHES"], cfg["RUNTIME_REPEATS"],
-                                             cfg["RUNTIME_WARMUP"])
+        ms = onnx_export.interleaved_latency(
+            entries, shape, device, cfg["RUNTIME_BATCHES"], cfg["RUNTIME_REPEATS"], cfg["RUNTIME_WARMUP"]
+        )
     macs_saved = 1 - macs["pruned"] / macs["baseline"]
-    saved = {rt: {b: round(1 - ms["pruned"][rt][b] / ms["baseline"][rt][b], 4) for b in cfg["RUNTIME_BATCHES"]}
-             for rt in ("eager", "onnxruntime")}
-    return {"pruned": paths["pruned"], "image_size": size, "device": str(device), "threads": torch.get_num_threads(),
-            "repeats": cfg["RUNTIME_REPEATS"], "prune_mode": loaded["pruned"][1].get("config", {}).get("PRUNE_MODE"),
-            "macs": macs, "macs_saved": round(macs_saved, 4), "max_abs_diff": diffs, "ms": ms,
-            "latency_saved": saved,
-            "latency_per_macs_saved": {rt: {b: round(v / macs_saved, 3) if macs_saved > 0 else None
-                                            for b, v in by_batch.items()} for rt, by_batch in saved.items()}}
+    saved = {
+        rt: {b: round(1 - ms["pruned"][rt][b] / ms["baseline"][rt][b], 4) for b in cfg["RUNTIME_BATCHES"]}
+        for rt in ("eager", "onnxruntime")
+    }
+    return {
+        "pruned": paths["pruned"],
+        "image_size": size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": cfg["RUNTIME_REPEATS"],
+        "prune_mode": loaded["pruned"][1].get("config", {}).get("PRUNE_MODE"),
+        "macs": macs,
+        "macs_saved": round(macs_saved, 4),
+        "max_abs_diff": diffs,
+        "ms": ms,
+        "latency_saved": saved,
+        "latency_per_macs_saved": {
+            rt: {b: round(v / macs_saved, 3) if macs_saved > 0 else None for b, v in by_batch.items()}
+            for rt, by_batch in saved.items()
+        },
+    }
 
 
 def machine(device):
-    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), **versions()}
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        **versions(),
+    }
 
 
 def main(cfg):
@@ -198,19 +234,37 @@ def main(cfg):
 
 def summary(result):
     if "capture" in result:
-        rows = [[size, v["capture, no histograms"]["wall_ratio"], v["capture, everything"]["wall_ratio"]]
-                for size, v in result["capture"]["overhead_one_thread"].items()]
+        rows = [
+            [size, v["capture, no histograms"]["wall_ratio"], v["capture, everything"]["wall_ratio"]]
+            for size, v in result["capture"]["overhead_one_thread"].items()
+        ]
         print("\n" + stage.table(rows, ["size", "capture/plain, no histograms", "capture/plain, everything"]))
         rss = result["capture"]["peak_rss"]
-        print(f"peak RSS {rss[0]['images']} images {rss[0]['peak_rss_mb']} MB, {rss[-1]['images']} images "
-              f"{rss[-1]['peak_rss_mb']} MB (ratio {result['capture']['rss_ratio']})")
+        print(
+            f"peak RSS {rss[0]['images']} images {rss[0]['peak_rss_mb']} MB, {rss[-1]['images']} images "
+            f"{rss[-1]['peak_rss_mb']} MB (ratio {result['capture']['rss_ratio']})"
+        )
     if "pipeline" in result:
         print("\n" + stage.table([[r["stage"], r["seconds"]] for r in result["pipeline"]], ["stage", "seconds"]))
     if result.get("latency"):
-        rows = [[r["run"], r["image_size"], r["macs_ratio"], r["baseline_ms_b1"], r["pruned_ms_b1"], r["time_ratio_b1"],
-                 r["baseline_ms_b32"], r["pruned_ms_b32"], r["time_ratio_b32"]] for r in result["latency"]]
-        print("\n" + stage.table(rows, ["run", "px", "MACs ratio", "b1 ms", "pruned", "ratio", "b32 ms", "pruned",
-                                       "ratio"]))
+        rows = [
+            [
+                r["run"],
+                r["image_size"],
+                r["macs_ratio"],
+                r["baseline_ms_b1"],
+                r["pruned_ms_b1"],
+                r["time_ratio_b1"],
+                r["baseline_ms_b32"],
+                r["pruned_ms_b32"],
+                r["time_ratio_b32"],
+            ]
+            for r in result["latency"]
+        ]
+        print(
+            "\n"
+            + stage.table(rows, ["run", "px", "MACs ratio", "b1 ms", "pruned", "ratio", "b32 ms", "pruned", "ratio"])
+        )
     if result.get("runtimes"):
         print("\n" + runtimes_table(result["runtimes"]))
 
@@ -225,8 +279,12 @@ def runtimes_table(rows):
         for rt in ("eager", "onnxruntime"):
             cells = [r["pruned"], r["prune_mode"], r["image_size"], r["macs_saved"], rt]
             for b in batches:
-                cells += [r["ms"]["baseline"][rt][b], r["ms"]["pruned"][rt][b], r["latency_saved"][rt][b],
-                          r["latency_per_macs_saved"][rt][b]]
+                cells += [
+                    r["ms"]["baseline"][rt][b],
+                    r["ms"]["pruned"][rt][b],
+                    r["latency_saved"][rt][b],
+                    r["latency_per_macs_saved"][rt][b],
+                ]
             lines.append(cells)
     return stage.table(lines, headers)
 

@@ -13,6 +13,7 @@ Results are saved after every configuration; an interrupted run continues where 
 
     python -m benchmarks.prune_modes
 """
+
 import time
 
 from tqdm import tqdm
@@ -20,9 +21,9 @@ from tqdm import tqdm
 from mbv3prune import bench, config, iterative, measure, stage
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
+from mbv3prune.criterion import Criterion
 from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
-from mbv3prune.criterion import Criterion
 from mbv3prune.scores import check_score
 from mbv3prune.train import seed_everything
 
@@ -33,9 +34,12 @@ OUT = ""  # results JSON ("" = RUN_DIR/prune_modes.json)
 TABLE = "examples/prune_modes.md"  # the Markdown table (the README includes it)
 MODEL_ARCH = "mobilenet_v3_large"  # must match the checkpoint
 IMAGE_SIZE = 128  # resolution the baseline was trained and the statistics captured at
-SETTINGS = {"deadness": {"threshold": 2 ** -7, "deadness_threshold": 0.5},
-            "mean_abs": {"threshold": 0.1}, "contribution": {"threshold": 0.1},
-            "fluctuation": {"threshold": 0.15}}  # per SCORE its cut: each removes 10-20% of MACs on the flowers
+SETTINGS = {
+    "deadness": {"threshold": 2**-7, "deadness_threshold": 0.5},
+    "mean_abs": {"threshold": 0.1},
+    "contribution": {"threshold": 0.1},
+    "fluctuation": {"threshold": 0.15},
+}  # per SCORE its cut: each removes 10-20% of MACs on the flowers
 MODES = ["threshold", "iterative"]  # one-shot plan, or block-by-block with re-measurement
 COMPENSATION = ["none", "mean", "mean_var"]  # compensation variants compared
 FINETUNE_COMPENSATION = ["none", "mean"]  # variants that are also fine-tuned (~1 min per epoch and run)
@@ -88,18 +92,29 @@ def threshold_selection(run, cfg, score):
 def iterative_model(run, cfg, score, variant):
     """(pruned model, selection, per-round log) of PRUNE_MODE=iterative on the capture's own sample."""
     loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
-    pruned, rounds, chosen, _ = iterative.run(run.model, lambda: batches(loader, Skipped(), run.device), run.stats,
-                                              run.layers, criterion(cfg, score),
-                                              iterative.Schedule(max_rounds=len(run.blocks)),
-                                              capture_point=run.capture_point, image_size=cfg["IMAGE_SIZE"],
-                                              num_classes=len(run.class_names), weights=run.model,
-                                              compensate_fn=compensator(run, variant), log=lambda *_: None)
+    pruned, rounds, chosen, _ = iterative.run(
+        run.model,
+        lambda: batches(loader, Skipped(), run.device),
+        run.stats,
+        run.layers,
+        criterion(cfg, score),
+        iterative.Schedule(max_rounds=len(run.blocks)),
+        capture_point=run.capture_point,
+        image_size=cfg["IMAGE_SIZE"],
+        num_classes=len(run.class_names),
+        weights=run.model,
+        compensate_fn=compensator(run, variant),
+        log=lambda *_: None,
+    )
     return pruned, chosen, rounds
 
 
 def one_config(run, cfg, score, mode, variant):
-    step_cfg = {**cfg, "BN_RECALIBRATE": True,
-                "FINETUNE_EPOCHS": cfg["FINETUNE_EPOCHS"] if variant in cfg["FINETUNE_COMPENSATION"] else 0}
+    step_cfg = {
+        **cfg,
+        "BN_RECALIBRATE": True,
+        "FINETUNE_EPOCHS": cfg["FINETUNE_EPOCHS"] if variant in cfg["FINETUNE_COMPENSATION"] else 0,
+    }
     if mode == "threshold":
         chosen = threshold_selection(run, cfg, score)
         record = bench.prune_and_score(run, chosen, step_cfg, compensator(run, variant))
@@ -107,8 +122,12 @@ def one_config(run, cfg, score, mode, variant):
     model, chosen, rounds = iterative_model(run, cfg, score, variant)
     record = bench.prune_and_score(run, chosen, step_cfg, model=model)
     spared = sum(len(v) for r in rounds for v in r["spared_came_alive"].values())
-    return {**record, "removed_channels": sum(map(len, chosen.values())), "rounds": len(rounds),
-            "spared_came_alive": spared}
+    return {
+        **record,
+        "removed_channels": sum(map(len, chosen.values())),
+        "rounds": len(rounds),
+        "spared_came_alive": spared,
+    }
 
 
 def main(cfg):
@@ -117,17 +136,42 @@ def main(cfg):
     seed_everything(cfg["SEED"])
     out = config.path_or_default(cfg, "OUT", "prune_modes.json")
     run = bench.load_run(cfg)
-    identity = {"checkpoint_sha256": sha256_file(run.checkpoint),
-                **{k: cfg[k] for k in ("DATA_DIR", "SETTINGS", "FINETUNE_EPOCHS", "FINETUNE_COMPENSATION",
-                                       "FINETUNE_LR", "BN_BATCHES", "MIN_KEEP_RATIO", "ROUND_TO", "IMAGE_SIZE",
-                                       "BATCH_SIZE", "SEED")}}
+    identity = {
+        "checkpoint_sha256": sha256_file(run.checkpoint),
+        **{
+            k: cfg[k]
+            for k in (
+                "DATA_DIR",
+                "SETTINGS",
+                "FINETUNE_EPOCHS",
+                "FINETUNE_COMPENSATION",
+                "FINETUNE_LR",
+                "BN_BATCHES",
+                "MIN_KEEP_RATIO",
+                "ROUND_TO",
+                "IMAGE_SIZE",
+                "BATCH_SIZE",
+                "SEED",
+            )
+        },
+    }
     results, earlier = bench.resume(out, identity, "prune modes")
-    record = {"schema_version": 1, "kind": "mbv3prune-prune-modes", "identity": identity, "results": results,
-              "provenance": provenance(cfg, {"checkpoint": run.checkpoint})}
+    record = {
+        "schema_version": 1,
+        "kind": "mbv3prune-prune-modes",
+        "identity": identity,
+        "results": results,
+        "provenance": provenance(cfg, {"checkpoint": run.checkpoint}),
+    }
     if "baseline" not in results:
         results["baseline"] = bench.with_intervals({"baseline": bench.score_baseline(run)})["baseline"]
-    todo = [(s, m, v) for s in cfg["SETTINGS"] for m in cfg["MODES"] for v in cfg["COMPENSATION"]
-            if f"{s}/{m}/{v}" not in results]
+    todo = [
+        (s, m, v)
+        for s in cfg["SETTINGS"]
+        for m in cfg["MODES"]
+        for v in cfg["COMPENSATION"]
+        if f"{s}/{m}/{v}" not in results
+    ]
     for score, mode, variant in tqdm(todo, desc="modes", disable=None):
         results[f"{score}/{mode}/{variant}"] = one_config(run, cfg, score, mode, variant)
         write_json(out, record)
@@ -140,10 +184,14 @@ def main(cfg):
 
 def markdown(cfg, results):
     base = results["baseline"]
-    lines = [f"Baseline top-1 {100 * base['top1']:.1f}% on {len(base['correct'])} test photos; top-1 % with a 95% "
-             f"bootstrap interval; fine-tuned: {cfg['FINETUNE_EPOCHS']} epoch(s).", "",
-             "| score (cut) | mode | compensation | MACs removed | channels removed (spared) | no FT | "
-             "BN recalibrated | fine-tuned |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Baseline top-1 {100 * base['top1']:.1f}% on {len(base['correct'])} test photos; top-1 % with a 95% "
+        f"bootstrap interval; fine-tuned: {cfg['FINETUNE_EPOCHS']} epoch(s).",
+        "",
+        "| score (cut) | mode | compensation | MACs removed | channels removed (spared) | no FT | "
+        "BN recalibrated | fine-tuned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in results.items():
         if key == "baseline":
             continue
@@ -151,9 +199,12 @@ def markdown(cfg, results):
         threshold, deadness_threshold = cut(cfg, score)
         what = f"deadness > {deadness_threshold} at {threshold:.3g}" if score == "deadness" else f"< {threshold:g}"
         spared = f" ({r['spared_came_alive']})" if "spared_came_alive" in r else ""
-        lines.append(f"| {score} ({what}) | {mode} | {variant} | {100 * r['macs_reduction']:.1f}% | "
-                     f"{r['removed_channels']}{spared} | " +
-                     " | ".join(bench.cell(r, step) for step in ("pruned", "bn_recalibrated", "finetuned")) + " |")
+        lines.append(
+            f"| {score} ({what}) | {mode} | {variant} | {100 * r['macs_reduction']:.1f}% | "
+            f"{r['removed_channels']}{spared} | "
+            + " | ".join(bench.cell(r, step) for step in ("pruned", "bn_recalibrated", "finetuned"))
+            + " |"
+        )
     text = "\n".join(lines) + "\n"
     write_text(cfg["TABLE"], text)
     return text

@@ -17,6 +17,7 @@ own GPU and THREADS / P CPU threads.
 
 Prints a table and writes runs/bench/scaling.json. Measured: see the README's multi-GPU section.
 """
+
 import os
 import platform
 import subprocess
@@ -66,13 +67,29 @@ def run(cfg, processes, checkpoint, threads):
     """One torchrun capture; returns the stage's "capture" timings."""
     run_dir = os.path.join(cfg["RUN_DIR"], f"p{processes}")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
-    args = [f"--{k}={cfg[k]}" for k in ("DATA_DIR", "IMAGE_SIZE", "BATCH_SIZE", "NUM_WORKERS", "DEVICE",
-                                         "SAMPLES_PER_CLASS", "SEED")]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", STAGE, f"--RUN_DIR={run_dir}",
-                           f"--MODEL_ARCH={cfg['ARCH']}", f"--CHECKPOINT={checkpoint}", "--RECAPTURE=True",
-                           "--SAVE_EVERY=0", *args],
-                          env=env, capture_output=True, text=True)
+    args = [
+        f"--{k}={cfg[k]}"
+        for k in ("DATA_DIR", "IMAGE_SIZE", "BATCH_SIZE", "NUM_WORKERS", "DEVICE", "SAMPLES_PER_CLASS", "SEED")
+    ]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            STAGE,
+            f"--RUN_DIR={run_dir}",
+            f"--MODEL_ARCH={cfg['ARCH']}",
+            f"--CHECKPOINT={checkpoint}",
+            "--RECAPTURE=True",
+            "--SAVE_EVERY=0",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise PruneError(f"torchrun with {processes} processes failed: {done.stderr.strip()[-1500:]}")
     return read_json(os.path.join(run_dir, "timings.json"))["capture"]
@@ -80,6 +97,7 @@ def run(cfg, processes, checkpoint, threads):
 
 def main(cfg):
     from mbv3prune.synthetic import ensure
+
     manifest = ensure(cfg["DATA_DIR"], train_per_class=260, val_per_class=10)
     checkpoint = make_checkpoint(cfg, manifest["classes"])
     threads = cfg["THREADS"] or os.cpu_count()
@@ -92,15 +110,31 @@ def main(cfg):
             if p not in best or t["seconds"] < best[p]["seconds"]:
                 best[p] = t
     base = best[cfg["PROCESSES"][0]]["images"] / best[cfg["PROCESSES"][0]]["seconds"]
-    rows = [{"processes": p, "threads_per_process": max(1, threads // p), "images": t["images"],
-             "seconds": t["seconds"], "images_per_s": round(t["images"] / t["seconds"], 1),
-             "speedup": round(t["images"] / t["seconds"] / base, 2)} for p, t in best.items()]
+    rows = [
+        {
+            "processes": p,
+            "threads_per_process": max(1, threads // p),
+            "images": t["images"],
+            "seconds": t["seconds"],
+            "images_per_s": round(t["images"] / t["seconds"], 1),
+            "speedup": round(t["images"] / t["seconds"] / base, 2),
+        }
+        for p, t in best.items()
+    ]
     print(f"\ncapture of {cfg['ARCH']} at {cfg['IMAGE_SIZE']} px, batch {cfg['BATCH_SIZE']} per process, {device}:")
     print(table([list(r.values()) for r in rows], list(rows[0])))
-    write_json(cfg["OUT"], {"rows": rows, "device": str(device), "cpu": platform.processor() or platform.machine(),
-                            "cpu_count": os.cpu_count(),
-                            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                            "config": cfg, "versions": versions()})
+    write_json(
+        cfg["OUT"],
+        {
+            "rows": rows,
+            "device": str(device),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "config": cfg,
+            "versions": versions(),
+        },
+    )
     print(f"wrote {cfg['OUT']}")
 
 

@@ -10,6 +10,7 @@ touches this file and ``capture`` only.
 Histogram bins are fixed (``capture.hist_edges``): a threshold that is not a bin edge is read at the largest
 edge below it (``snap_threshold``), never overstating deadness.
 """
+
 import math
 
 import torch
@@ -104,7 +105,7 @@ class ActivationStats:
         if f"{layer}/chan_m2" in self.tensors:
             return self.moments(f"{layer}/chan")[2]
         mean = self.mean(layer)
-        return (self._get(f"{layer}/sum_sq").double() / self.elements(layer) - mean ** 2).clamp_min(0)
+        return (self._get(f"{layer}/sum_sq").double() / self.elements(layer) - mean**2).clamp_min(0)
 
     def moments(self, prefix):
         """(n, mean, covariance) of a Chan-merged moment triple ``{prefix}_n/_mean/_m2`` (CPU float64; the
@@ -165,6 +166,10 @@ class ActivationStats:
         """Images per class [K] counted for ``layer``."""
         return self._get(f"{layer}/n_class")
 
+    def has_class_hist(self, layer):
+        """Whether per-class histograms of ``layer`` were captured (PER_CLASS=histograms)."""
+        return f"{layer}/hist_class" in self.tensors
+
     def class_hist(self, layer):
         """Histograms of |a| per class and channel [K, C, NB] (int64; PER_CLASS=histograms captures)."""
         return self._get(f"{layer}/hist_class")
@@ -190,23 +195,30 @@ class ActivationStats:
             raise PruneError(f"statistics have no {key}: {why}")
         value = torch.as_tensor(self.tensors[key]).detach().to("cpu", torch.float64)
         if tuple(value.shape) != shape:
-            raise PruneError(f"statistics {key} have shape {tuple(value.shape)}, expected {shape}: "
-                             "captured on another (or differently pruned) model?")
+            raise PruneError(
+                f"statistics {key} have shape {tuple(value.shape)}, expected {shape}: "
+                "captured on another (or differently pruned) model?"
+            )
         return value
 
-    def project_input_moments(self, roles, why="compensation needs a CAPTURE_POINT=project_input capture of "
-                                               "this model (before pruning)"):
+    def project_input_moments(
+        self, roles, why="compensation needs a CAPTURE_POINT=project_input capture of this model (before pruning)"
+    ):
         """(mean, variance) per hidden channel (CPU float64) of a block's project conv input, shapes checked."""
         layer, c = roles["project"], (roles["hidden_channels"],)
         n = self._checked(f"{layer}/n", (), why)
         if n <= 0:
             raise PruneError(f"statistics {layer}/n is {int(n)}: the capture saw no activations of {layer}")
         mean = self._checked(f"{layer}/sum", c, why) / n
-        var = (self._checked(f"{layer}/sum_sq", c, why) / n - mean ** 2).clamp_(min=0.0)
+        var = (self._checked(f"{layer}/sum_sq", c, why) / n - mean**2).clamp_(min=0.0)
         return mean, var
 
-    def pregate_mean(self, block, channels, why="compensation needs a CAPTURE_POINT=project_input capture of "
-                                                "this model (before pruning)"):
+    def pregate_mean(
+        self,
+        block,
+        channels,
+        why="compensation needs a CAPTURE_POINT=project_input capture of this model (before pruning)",
+    ):
         """Per-channel mean (CPU float64) of a block's depthwise activation before the SE gate."""
         total = self._checked(f"{block}/pregate_sum", (channels,), why)
         n = self._checked(f"{block}/pregate_n", (), why)

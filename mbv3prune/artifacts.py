@@ -4,6 +4,7 @@ Every artifact is written to a temporary file in its own directory and renamed i
 killed at any moment leaves the previous artifact intact and readable. Under torchrun only rank 0 writes:
 a write from another rank is a bug, and ``atomic_write`` refuses it.
 """
+
 import glob
 import hashlib
 import importlib.metadata
@@ -40,7 +41,7 @@ def _remove_dead_writers_temps(path):
     directory, name = os.path.split(path)
     host = socket.gethostname()
     for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.{glob.escape(host)}.*.tmp")):
-        pid = os.path.basename(tmp)[len(f".{name}.{host}."):].split(".")[0]
+        pid = os.path.basename(tmp)[len(f".{name}.{host}.") :].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
             os.remove(tmp)
 
@@ -107,9 +108,11 @@ def write_json(path, obj):
 
 def write_text(path, text):
     """Write ``text`` (UTF-8) atomically; returns the path."""
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
     return atomic_write(path, write)
 
 
@@ -126,9 +129,11 @@ def read_json(path, what="JSON file"):
 
 def save_torch(path, obj):
     """``torch.save`` atomically through a file object, so the bytes do not depend on the temporary name."""
+
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
+
     return atomic_write(path, write)
 
 
@@ -150,6 +155,7 @@ def load_tensors(path, what="tensor file"):
 def save_figure(fig, path, dpi=110):
     """Save a matplotlib figure atomically and close it."""
     import matplotlib.pyplot as plt
+
     ext = os.path.splitext(path)[1].lstrip(".") or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=ext, metadata={"Software": None}))
     plt.close(fig)
@@ -181,7 +187,9 @@ def provenance(cfg, inputs=None):
     return {
         "schema_version": SCHEMA_VERSION,
         "config": dict(sorted(cfg.items())),
-        "inputs": {name: {"path": os.fspath(p), "sha256": sha256_file(p)} for name, p in sorted((inputs or {}).items())},
+        "inputs": {
+            name: {"path": os.fspath(p), "sha256": sha256_file(p)} for name, p in sorted((inputs or {}).items())
+        },
         "versions": versions(),
     }
 
@@ -189,8 +197,8 @@ def provenance(cfg, inputs=None):
 def record_timings(run_dir, stage, seconds):
     """Merge a stage's timings into ``RUN_DIR/timings.json`` (kept out of reports so they compare byte for byte)."""
     import time
+
     path = os.path.join(run_dir, "timings.json")
     timings = read_json(path) if os.path.exists(path) else {}
-    timings[stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      **{k: round(v, 3) for k, v in seconds.items()}}
+    timings[stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **{k: round(v, 3) for k, v in seconds.items()}}
     write_json(path, timings)

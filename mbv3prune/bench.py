@@ -5,6 +5,7 @@ A *ranking* is {block: [(prunability, channel), ...]} over the hidden channels o
 ``selection.uniform_ratio`` (the same ratio in every block). Ours come from the activation statistics;
 torch-pruning's from its importance classes evaluated on each block's one dependency group.
 """
+
 import os
 import time
 
@@ -50,8 +51,15 @@ def ours(run, score, threshold=None, class_aware=False, min_class_samples=5):
 
 def random_ranking(run, seed):
     gen = torch.Generator().manual_seed(seed)
-    return {b: list(zip(torch.rand(run.blocks[b]["hidden_channels"], generator=gen).tolist(),
-                        range(run.blocks[b]["hidden_channels"]))) for b in prunable_blocks(run)}
+    return {
+        b: list(
+            zip(
+                torch.rand(run.blocks[b]["hidden_channels"], generator=gen).tolist(),
+                range(run.blocks[b]["hidden_channels"]),
+            )
+        )
+        for b in prunable_blocks(run)
+    }
 
 
 def taylor_gradients(model, loader, device, n_batches):
@@ -74,10 +82,12 @@ def activation_forward(model, loader, device, importance, n_images):
 def tp_importance(name):
     """torch-pruning's importance object for a criterion name (its defaults, group mean reduction and mean
     normalisation, as its global pruning uses)."""
-    importances = {"tp_l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-                   "tp_taylor": tp.importance.GroupTaylorImportance,
-                   "tp_bn_scale": tp.importance.BNScaleImportance,
-                   "tp_activation": tp.importance.ActivationImportance}
+    importances = {
+        "tp_l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "tp_taylor": tp.importance.GroupTaylorImportance,
+        "tp_bn_scale": tp.importance.BNScaleImportance,
+        "tp_activation": tp.importance.ActivationImportance,
+    }
     if name not in importances:
         raise PruneError(f"unknown torch-pruning criterion {name!r}: use one of {', '.join(importances)}")
     return importances[name]()
@@ -94,8 +104,9 @@ def torch_pruning_ranking(run, name, taylor_batches=4, activation_images=128):
     ranking = {}
     for b in prunable_blocks(run):
         hidden = run.blocks[b]["hidden_channels"]
-        group = graph.get_pruning_group(model.get_submodule(run.blocks[b]["expand"]), tp.prune_conv_out_channels,
-                                        list(range(hidden)))
+        group = graph.get_pruning_group(
+            model.get_submodule(run.blocks[b]["expand"]), tp.prune_conv_out_channels, list(range(hidden))
+        )
         with torch.no_grad():
             imp = importance(group)
         if imp is None or imp.numel() != hidden:
@@ -122,7 +133,7 @@ def reduction(run, chosen):
 
 
 def cell(result, step):
-    """"top-1 [CI low, CI high]" in percent for a table ("–" when the step was not measured)."""
+    """ "top-1 [CI low, CI high]" in percent for a table ("–" when the step was not measured)."""
     if step not in result:
         return "–"
     lo, hi = result[step]["ci95"]
@@ -131,8 +142,10 @@ def cell(result, step):
 
 def with_intervals(steps):
     """{step: {top1, ci95, correct}} from recover's {step: accuracy}."""
-    return {step: {"top1": acc["top1"], "ci95": list(bootstrap_interval(acc["correct"])), "correct": acc["correct"]}
-            for step, acc in steps.items()}
+    return {
+        step: {"top1": acc["top1"], "ci95": list(bootstrap_interval(acc["correct"])), "correct": acc["correct"]}
+        for step, acc in steps.items()
+    }
 
 
 def score_baseline(run):
@@ -147,7 +160,10 @@ def prune_and_score(run, chosen, cfg, compensate_fn=None, model=None):
     macs, params = count_macs_params(model, cfg["IMAGE_SIZE"])
     t0 = time.perf_counter()
     steps = recover(model, run.loaders, run.class_names, run.device, cfg, log=lambda *_: None)
-    return {"seconds_to_score": round(time.perf_counter() - t0, 1),
-            "macs_reduction": round(1 - macs / run.total, 6), "params_reduction": round(1 - params / run.params, 6),
-            "kept": {b: run.blocks[b]["hidden_channels"] - len(v) for b, v in chosen.items()},
-            **with_intervals(steps)}
+    return {
+        "seconds_to_score": round(time.perf_counter() - t0, 1),
+        "macs_reduction": round(1 - macs / run.total, 6),
+        "params_reduction": round(1 - params / run.params, 6),
+        "kept": {b: run.blocks[b]["hidden_channels"] - len(v) for b, v in chosen.items()},
+        **with_intervals(steps),
+    }

@@ -5,14 +5,26 @@ A block's roles: ``expand`` (1x1 conv, absent when the block has no expansion), 
 ``project`` (1x1 conv), each conv with the BN (``*_bn``) and activation (``*_act``) that follow it.
 Works on Large, Small, any width_mult, and pruned models.
 """
+
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops import SqueezeExcitation
 
 from .errors import PruneError
 
-ROLES = ("expand", "expand_bn", "expand_act", "depthwise", "depthwise_bn", "depthwise_act",
-         "se", "se_fc1", "se_fc2", "project", "project_bn")
+ROLES = (
+    "expand",
+    "expand_bn",
+    "expand_act",
+    "depthwise",
+    "depthwise_bn",
+    "depthwise_act",
+    "se",
+    "se_fc1",
+    "se_fc2",
+    "project",
+    "project_bn",
+)
 _ACTIVATIONS = (nn.ReLU, nn.Hardswish, nn.ReLU6, nn.SiLU, nn.GELU)
 
 
@@ -29,8 +41,7 @@ def block_roles(prefix, block):
             current = "se"
         elif isinstance(mod, nn.Conv2d) and not (current == "se" and name.startswith(roles["se"] + ".")):
             convs.append((name, mod))
-            current = ("depthwise" if _is_depthwise(mod) else
-                       "project" if "depthwise" in roles else "expand")
+            current = "depthwise" if _is_depthwise(mod) else "project" if "depthwise" in roles else "expand"
             if current in roles:
                 raise PruneError(f"block {prefix}: two {current} convs ({roles[current]}, {name})")
             roles[current] = name

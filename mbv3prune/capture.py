@@ -29,8 +29,8 @@ channel in float32 (over the batch, then over H x W) and then added into the flo
 contributes a float32 rounding error (a few 1e-7 of its sum of |a|), and nothing drifts over batches.
 The threshold is compared in float32. Per block, whatever the capture point, ``{block}/pregate_sum``
 (float64 [C]) and ``{block}/pregate_n`` (int64 []) hold the per-channel sum and count of the depthwise
-activation's output before the SE gate (``activation_stats.ActivationStats.pregate_mean``). A NaN or inf in a captured tensor stops the
-capture with a PruneError naming the first such layer in forward order; the check is free: NaN and inf
+activation's output before the SE gate (``ActivationStats.pregate_mean``). A NaN or inf in a captured tensor
+stops the capture with a PruneError naming the first such layer in forward order; the check is free: NaN and inf
 propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
 
 With ``second_moments=True`` the state also holds Chan-merged moment triples ``{prefix}_n`` (int64 []),
@@ -52,6 +52,7 @@ class's rows stay in cache. Live, ``hist_class`` is int32 while no bin can overf
 On one CPU thread capture costs 1.05-1.25x plain inference without histograms and 1.35-1.55x with everything
 (``benchmarks/capture_overhead.py``); memory does not grow with the number of images.
 """
+
 import contextlib
 import math
 
@@ -59,17 +60,18 @@ import torch
 from tqdm import tqdm
 
 from . import moments
+from .activation_stats import check_threshold
 from .blocks import capture_layer, check_capture_point
 from .errors import PruneError
-from .activation_stats import check_threshold
-DEFAULT_THRESHOLD = 2.0 ** -7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` exactly
+
+DEFAULT_THRESHOLD = 2.0**-7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` exactly
 SUB_BITS = 2  # mantissa bits kept: 2**SUB_BITS histogram bins per octave
 LOW_EXP, HIGH_EXP = -20, 10  # regular bins span [2**LOW_EXP, 2**HIGH_EXP), about 1e-6 .. 1e3
 _SHIFT = 23 - SUB_BITS  # float32 bits >> _SHIFT = (biased exponent, top mantissa bits): monotone in |a|
 _LO_KEY = (LOW_EXP + 127) << SUB_BITS
 _HI_KEY = (HIGH_EXP + 127) << SUB_BITS
 NUM_BINS = _HI_KEY - _LO_KEY + 3  # zero, underflow, regular bins, overflow
-_INT32_MAX = 2 ** 31 - 1
+_INT32_MAX = 2**31 - 1
 LAYER_STATS = ("n", "n_images", "below", "neuron_below", "sum", "sum_abs", "sum_sq", "max_abs", "n_class")
 BLOCK_STATS = ("pregate_sum", "pregate_n")
 GLOBAL_STATS = ("hist_edges", "threshold", "n_batches")
@@ -81,8 +83,11 @@ def per_class_bytes(channels, num_classes, per_class):
     """Bytes the per-class totals of a capture take (``channels``: every captured layer's C), at finalize's
     int64 / float64 (live int32 histograms take half, but finalize makes the int64 copy)."""
     c = sum(channels)
-    return {"histograms": 8 * num_classes * c * NUM_BINS, "counts": 8 * num_classes * c + 8 * c * NUM_BINS,
-            "off": 8 * c * NUM_BINS}[valid_per_class(per_class)]
+    return {
+        "histograms": 8 * num_classes * c * NUM_BINS,
+        "counts": 8 * num_classes * c + 8 * c * NUM_BINS,
+        "off": 8 * c * NUM_BINS,
+    }[valid_per_class(per_class)]
 
 
 def valid_per_class(per_class):
@@ -148,8 +153,14 @@ def describe_layers(blocks, capture_point="project_input"):
     for block, roles in blocks.items():
         proposal = capture_layer(roles, capture_point)
         for module, hook, role in _block_layers(block, roles, capture_point):
-            layers[module] = {"block": block, "module": module, "hook": hook, "role": role,
-                              "proposal": module == proposal, "channels": roles["hidden_channels"]}
+            layers[module] = {
+                "block": block,
+                "module": module,
+                "hook": hook,
+                "role": role,
+                "proposal": module == proposal,
+                "channels": roles["hidden_channels"],
+            }
     return layers
 
 
@@ -160,12 +171,15 @@ def _pregate_module(roles):
 def _register(module, kind, fn):
     """Hook ``fn`` on the module's input (``pre``) or output; the hook returns None, so it never alters them."""
     if kind == "pre":
+
         def pre_hook(mod, args):
             fn(args[0])
+
         return module.register_forward_pre_hook(pre_hook)
 
     def hook(mod, args, out):
         fn(out)
+
     return module.register_forward_hook(hook)
 
 
@@ -178,8 +192,9 @@ def attached_hooks(model, hooks):
         model.eval()
         for name, kind, fn in hooks:
             if name not in modules:
-                raise PruneError(f"layer {name} is not a module of this {type(model).__name__}: "
-                                 "blocks from another model?")
+                raise PruneError(
+                    f"layer {name} is not a module of this {type(model).__name__}: blocks from another model?"
+                )
             handles.append(_register(modules[name], kind, fn))
         yield
     finally:
@@ -196,10 +211,17 @@ def _zeros(shape, dtype, device):
 
 def _new_layer_totals(shape, num_classes, histograms, device, per_class="histograms"):
     c = shape[0]
-    totals = {"n": ((), torch.int64), "n_images": ((), torch.int64), "below": ((c,), torch.int64),
-              "neuron_below": (shape, torch.int64), "sum": ((c,), torch.float64),
-              "sum_abs": ((c,), torch.float64), "sum_sq": ((c,), torch.float64),
-              "max_abs": ((c,), torch.float32), "n_class": ((num_classes,), torch.int64)}
+    totals = {
+        "n": ((), torch.int64),
+        "n_images": ((), torch.int64),
+        "below": ((c,), torch.int64),
+        "neuron_below": (shape, torch.int64),
+        "sum": ((c,), torch.float64),
+        "sum_abs": ((c,), torch.float64),
+        "sum_sq": ((c,), torch.float64),
+        "max_abs": ((c,), torch.float32),
+        "n_class": ((num_classes,), torch.int64),
+    }
     if histograms and per_class == "histograms":
         totals["hist_class"] = ((num_classes, c, NUM_BINS), torch.int32)  # see _Accumulator._hist_class
     elif histograms:
@@ -233,8 +255,10 @@ class _Accumulator:
             self.state.update({f"{layer}/{stat}": t for stat, t in fresh.items()})
         shape = tuple(self.state[f"{layer}/neuron_below"].shape)
         if tuple(x.shape[1:]) != shape:
-            raise PruneError(f"layer {layer}: captured tensor of shape {tuple(x.shape)}, expected (batch, *{shape}): "
-                             "all images of a capture (and of a resumed one) must have the same size")
+            raise PruneError(
+                f"layer {layer}: captured tensor of shape {tuple(x.shape)}, expected (batch, *{shape}): "
+                "all images of a capture (and of a resumed one) must have the same size"
+            )
         return lambda stat: self.state[f"{layer}/{stat}"]
 
     def _hist_offsets(self, channels, device):
@@ -313,16 +337,22 @@ class _Accumulator:
         if not self.batch_max or bool(torch.isfinite(torch.cat([m for _, m in self.batch_max])).all()):
             return
         layer = next(name for name, m in self.batch_max if not bool(torch.isfinite(m).all()))
-        raise PruneError(f"layer {layer}: NaN or inf in the captured activations "
-                         f"(batch {int(self.state['n_batches']) + 1}): check the model's weights and the input")
+        raise PruneError(
+            f"layer {layer}: NaN or inf in the captured activations "
+            f"(batch {int(self.state['n_batches']) + 1}): check the model's weights and the input"
+        )
 
 
 def _hooks(acc, blocks, capture_point):
     """(module, kind, fn) for every captured layer and every block's pre-gate depthwise activation."""
-    hooks = [(name, info["hook"], lambda x, name=name: acc.layer(name, x))
-             for name, info in describe_layers(blocks, capture_point).items()]
-    hooks += [(_pregate_module(roles), "post", lambda x, block=block: acc.pregate(block, x))
-              for block, roles in blocks.items()]
+    hooks = [
+        (name, info["hook"], lambda x, name=name: acc.layer(name, x))
+        for name, info in describe_layers(blocks, capture_point).items()
+    ]
+    hooks += [
+        (_pregate_module(roles), "post", lambda x, block=block: acc.pregate(block, x))
+        for block, roles in blocks.items()
+    ]
     return hooks
 
 
@@ -336,8 +366,11 @@ def expected_keys(blocks, capture_point, histograms=True, per_class="histograms"
 
 
 def _new_state(device, threshold):
-    return {"hist_edges": hist_edges().to(device), "threshold": _zeros((), torch.float64, device).add_(threshold),
-            "n_batches": _zeros((), torch.int64, device)}
+    return {
+        "hist_edges": hist_edges().to(device),
+        "threshold": _zeros((), torch.float64, device).add_(threshold),
+        "n_batches": _zeros((), torch.int64, device),
+    }
 
 
 def _resumed_state(state, keys, threshold, num_classes, device):
@@ -345,8 +378,10 @@ def _resumed_state(state, keys, threshold, num_classes, device):
     given = {k for k in state if not (k.endswith("/hist") and k + "_class" in state)}
     if given != keys:
         odd = sorted(given ^ keys)[0]
-        raise PruneError(f"resume state does not fit this capture: key {odd} is "
-                         f"{'extra' if odd in given else 'missing'} (other model, CAPTURE_POINT or histogram setting?)")
+        raise PruneError(
+            f"resume state does not fit this capture: key {odd} is "
+            f"{'extra' if odd in given else 'missing'} (other model, CAPTURE_POINT or histogram setting?)"
+        )
     if float(state["threshold"]) != threshold:
         raise PruneError(f"resume state was captured at threshold {float(state['threshold'])}, not {threshold}")
     if not torch.equal(state["hist_edges"].cpu(), hist_edges()):
@@ -394,9 +429,22 @@ def _one_batch(model, acc, images, labels, device):
     acc.state["n_batches"].add_(1)
 
 
-def capture(model, batches, blocks, capture_point="project_input", threshold=DEFAULT_THRESHOLD, num_classes=1,
-            device=None, progress=True, state=None, histograms=True, on_batch=None, per_class="histograms",
-            second_moments=False, max_positions=None):
+def capture(
+    model,
+    batches,
+    blocks,
+    capture_point="project_input",
+    threshold=DEFAULT_THRESHOLD,
+    num_classes=1,
+    device=None,
+    progress=True,
+    state=None,
+    histograms=True,
+    on_batch=None,
+    per_class="histograms",
+    second_moments=False,
+    max_positions=None,
+):
     """Run ``model`` over ``(images, labels)`` batches and return ``(stats, layers)``: running totals, no maps.
 
     ``stats`` is a dict of CPU tensors (see the module docstring; loads with ``torch.load(weights_only=True)``),
@@ -412,16 +460,22 @@ def capture(model, batches, blocks, capture_point="project_input", threshold=DEF
     device = _model_device(model, device)
     keys = expected_keys(blocks, capture_point, histograms, per_class, second_moments)
     threshold = check_threshold(threshold)
-    state = (_resumed_state(state, keys, threshold, num_classes, device) if state is not None
-             else _new_state(device, threshold))
+    state = (
+        _resumed_state(state, keys, threshold, num_classes, device)
+        if state is not None
+        else _new_state(device, threshold)
+    )
     acc = _Accumulator(state, threshold, num_classes, histograms, per_class)
     hooks = _hooks(acc, blocks, capture_point)
     if second_moments:
         seed = int(state["n_batches"])  # a resumed capture draws other positions than its first part
-        hooks += moments.CaptureMoments(state, blocks, describe_layers(blocks, capture_point), max_positions,
-                                        seed).hooks(_pregate_module)
+        hooks += moments.CaptureMoments(
+            state, blocks, describe_layers(blocks, capture_point), max_positions, seed
+        ).hooks(_pregate_module)
     with attached_hooks(model, hooks), torch.inference_mode():
-        for images, labels in tqdm(batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True):
+        for images, labels in tqdm(
+            batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True
+        ):
             _one_batch(model, acc, images, _labels(labels, num_classes, device), device)
             if on_batch is not None:
                 on_batch(int(state["n_batches"]), state)
@@ -436,8 +490,11 @@ def finalize(state, copy=True):
 
     ``copy=False`` may return the state's own CPU tensors: only for a state that is no longer updated.
     """
-    stats = {k: v.detach().to("cpu", copy=copy) for k, v in state.items()
-             if not (k.endswith("/hist") and k + "_class" in state)}
+    stats = {
+        k: v.detach().to("cpu", copy=copy)
+        for k, v in state.items()
+        if not (k.endswith("/hist") and k + "_class" in state)
+    }
     for key in [k for k in stats if k.endswith("/hist")]:
         stats[key] = stats[key].long()
     for key in [k for k in stats if k.endswith("/hist_class")]:

@@ -25,14 +25,15 @@ Correlated channels make the prediction wrong by the covariance terms (either si
 
 Everything runs on the model's device, in float64 for float64 models and float32 otherwise.
 """
+
 from collections import namedtuple
 
 import torch
 from torchvision.models.mobilenetv3 import InvertedResidual
 
+from .activation_stats import ActivationStats
 from .errors import PruneError
 from .prune import validate_indices
-from .activation_stats import ActivationStats
 
 VAR_FLOOR = 0.1  # running_var never drops below this fraction of its value before the correction
 
@@ -43,18 +44,25 @@ _Terms = namedtuple("_Terms", "name idx project project_bn fc1 mean var pregate"
 def require_project_input(capture_point):
     """PruneError unless the statistics were captured at the project conv's input."""
     if capture_point != "project_input":
-        raise PruneError(f"compensation needs CAPTURE_POINT=project_input statistics (the project conv's input, "
-                         f"after the SE gate), not {capture_point!r}: the mean of the gated input cannot be "
-                         "recovered from the other capture points")
+        raise PruneError(
+            f"compensation needs CAPTURE_POINT=project_input statistics (the project conv's input, "
+            f"after the SE gate), not {capture_point!r}: the mean of the gated input cannot be "
+            "recovered from the other capture points"
+        )
 
 
 def _block_name(model, roles):
     """Name of the InvertedResidual holding the block's depthwise conv (the key of its pre-gate statistics)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, InvertedResidual) and roles["depthwise"].startswith(n + ".")]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, InvertedResidual) and roles["depthwise"].startswith(n + ".")
+    ]
     if not names:
-        raise PruneError(f"layer {roles['depthwise']} is in no inverted-residual block of this "
-                         f"{type(model).__name__}: roles of another model?")
+        raise PruneError(
+            f"layer {roles['depthwise']} is in no inverted-residual block of this "
+            f"{type(model).__name__}: roles of another model?"
+        )
     return max(names, key=len)
 
 
@@ -77,8 +85,10 @@ def _pointwise(model, name, in_channels):
     if tuple(conv.kernel_size) != (1, 1) or conv.groups != 1:
         raise PruneError(f"layer {name} is not a 1x1 conv: cannot fold a channel mean into it")
     if conv.in_channels != in_channels:
-        raise PruneError(f"layer {name} has {conv.in_channels} input channels, the roles record {in_channels}: "
-                         "compensate before pruning, with roles from find_blocks on this model")
+        raise PruneError(
+            f"layer {name} has {conv.in_channels} input channels, the roles record {in_channels}: "
+            "compensate before pruning, with roles from find_blocks on this model"
+        )
     return conv
 
 
@@ -138,7 +148,7 @@ def _fold_se(t):
 def _fold_variance(t):
     """running_var -= sum_c W[:, c]**2 Var(a_c), floored at VAR_FLOOR * old; returns the largest relative drop."""
     w = _columns(t.project, t.idx)
-    drop = (w ** 2) @ t.var[t.idx].to(w.device, w.dtype)
+    drop = (w**2) @ t.var[t.idx].to(w.device, w.dtype)
     rv = t.project_bn.running_var
     old = rv.to(drop.dtype)
     new = torch.maximum(old - drop, VAR_FLOOR * old)
@@ -151,8 +161,12 @@ def _apply(t, correct_variance):
     """Fold one block's checked terms in; a JSON-able summary of the sizes of the changes."""
     if not t.idx:
         return {"removed": 0, "mean_shift": 0.0, "gate_shift": None, "var_drop": None}
-    return {"removed": len(t.idx), "mean_shift": _fold_project(t), "gate_shift": _fold_se(t),
-            "var_drop": _fold_variance(t) if correct_variance else None}
+    return {
+        "removed": len(t.idx),
+        "mean_shift": _fold_project(t),
+        "gate_shift": _fold_se(t),
+        "var_drop": _fold_variance(t) if correct_variance else None,
+    }
 
 
 def compensate_project(model, roles, removed, stats):
@@ -187,12 +201,14 @@ def compensate(model, blocks, selection, stats, capture_point="project_input", c
     terms = {name: _terms(model, blocks[name], idxs, stats) for name, idxs in selection.items()}
     for name, t in terms.items():
         if t.name != name:
-            raise PruneError(f"block {name}: its roles belong to block {t.name} of this model: "
-                             "blocks of another model?")
+            raise PruneError(
+                f"block {name}: its roles belong to block {t.name} of this model: blocks of another model?"
+            )
     return {name: _apply(t, correct_variance) for name, t in terms.items()}
 
 
 def folder(capture_point="project_input", correct_variance=False):
     """``compensate`` as the ``compensate_fn(model, blocks, selection, stats)`` that pruning and iterative take."""
-    return lambda model, blocks, selection, stats: compensate(model, blocks, selection, stats, capture_point,
-                                                              correct_variance)
+    return lambda model, blocks, selection, stats: compensate(
+        model, blocks, selection, stats, capture_point, correct_variance
+    )

@@ -5,6 +5,7 @@ A script defines its constants, one comment each, then ends with ``config.run(ma
 name or a value of another type is refused with one line listing the valid names, and ``--help`` prints
 every constant with its value and comment. ``DEBUG=True`` shows tracebacks of the project's errors.
 """
+
 import ast
 import io
 import os
@@ -35,9 +36,15 @@ def _declared_names(path):
     if len(rules) < 2:
         return None
     tree = ast.parse("\n".join(lines))
-    return [node.targets[0].id for node in tree.body
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-            and rules[0] < node.lineno < rules[1] and node.targets[0].id.isupper()]
+    return [
+        node.targets[0].id
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and rules[0] < node.lineno < rules[1]
+        and node.targets[0].id.isupper()
+    ]
 
 
 def constant_comments(path):
@@ -86,8 +93,18 @@ def parse_value(raw, default, name):
     raise PruneError(f"--{name}={raw}: expected a {type(default).__name__} like {default!r}")
 
 
-COMMON = ("DATA_DIR", "RUN_DIR", "MODEL_ARCH", "CHECKPOINT", "IMAGE_SIZE", "BATCH_SIZE", "NUM_WORKERS", "DEVICE", "SEED",
-          "DEBUG")  # the README's common constants: every stage accepts them, so one set of flags serves the chain
+COMMON = (
+    "DATA_DIR",
+    "RUN_DIR",
+    "MODEL_ARCH",
+    "CHECKPOINT",
+    "IMAGE_SIZE",
+    "BATCH_SIZE",
+    "NUM_WORKERS",
+    "DEVICE",
+    "SEED",
+    "DEBUG",
+)  # the README's common constants: every stage accepts them, so one set of flags serves the chain
 
 
 def apply_overrides(namespace, argv):

@@ -7,30 +7,38 @@ importance objects, it is called on the statistics: ``propose`` gives the thresh
 block, ``rank`` the prunability of every channel of every prunable block for the global MACs ranking
 (``selection.to_macs_target``) or the same ratio per block (``selection.uniform_ratio``).
 """
+
 import dataclasses
 
 import torch
 
 from . import scores
+from .activation_stats import ActivationStats, check_threshold
 from .blocks import prunable, skip_reason
 from .errors import PruneError
 from .reconstruct import obs_removal
 from .selection import keep_count, min_kept, proposal
-from .activation_stats import ActivationStats, check_threshold
 
-_CONFIG = {"score": "SCORE", "threshold": "THRESHOLD", "deadness_threshold": "DEADNESS_THRESHOLD",
-           "min_keep_ratio": "MIN_KEEP_RATIO", "round_to": "ROUND_TO", "class_aware": "CLASS_AWARE",
-           "min_class_samples": "MIN_CLASS_SAMPLES", "skip_blocks": "SKIP_BLOCKS", "ridge": "RIDGE",
-           "output_units": "OUTPUT_UNITS"}
+_CONFIG = {
+    "score": "SCORE",
+    "threshold": "THRESHOLD",
+    "deadness_threshold": "DEADNESS_THRESHOLD",
+    "min_keep_ratio": "MIN_KEEP_RATIO",
+    "round_to": "ROUND_TO",
+    "class_aware": "CLASS_AWARE",
+    "min_class_samples": "MIN_CLASS_SAMPLES",
+    "skip_blocks": "SKIP_BLOCKS",
+    "ridge": "RIDGE",
+    "output_units": "OUTPUT_UNITS",
+}
 _OPTIONAL = {"ridge": 1e-3, "output_units": False}  # plan fields newer than schema 1's first plans
-_PLAN = ("score", "threshold", "deadness_threshold", "class_aware", "min_class_samples", "min_keep_ratio",
-         "round_to")
+_PLAN = ("score", "threshold", "deadness_threshold", "class_aware", "min_class_samples", "min_keep_ratio", "round_to")
 
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
     score: str = "deadness"  # deadness, mean_abs, contribution or fluctuation (see scores.py)
-    threshold: float = 2.0 ** -7  # |a| below this is inactive (deadness); the cut for the other scores
+    threshold: float = 2.0**-7  # |a| below this is inactive (deadness); the cut for the other scores
     deadness_threshold: float = 0.9  # deadness: a channel inactive more often than this is a candidate
     min_keep_ratio: float = 0.25  # every block keeps at least this fraction of its hidden channels
     round_to: int = 8  # kept hidden channels are a multiple of this
@@ -43,8 +51,10 @@ class Criterion:
     def __post_init__(self):
         scores.check_score(self.score)
         if self.score == "obs" and self.class_aware:
-            raise PruneError("CLASS_AWARE=True with SCORE=obs is refused: the stratified sample already weights "
-                             "every species equally in the covariance obs is computed from")
+            raise PruneError(
+                "CLASS_AWARE=True with SCORE=obs is refused: the stratified sample already weights "
+                "every species equally in the covariance obs is computed from"
+            )
         if not 0 <= self.ridge < float("inf"):
             raise PruneError(f"RIDGE={self.ridge} must be a number >= 0")
         check_threshold(self.threshold)
@@ -52,8 +62,9 @@ class Criterion:
             raise PruneError(f"DEADNESS_THRESHOLD={self.deadness_threshold} must lie in [0, 1]")
         min_kept(1, self.min_keep_ratio)  # range check
         if self.round_to < 1 or self.min_class_samples < 1:
-            raise PruneError(f"ROUND_TO={self.round_to} and MIN_CLASS_SAMPLES={self.min_class_samples} "
-                             "must be at least 1")
+            raise PruneError(
+                f"ROUND_TO={self.round_to} and MIN_CLASS_SAMPLES={self.min_class_samples} must be at least 1"
+            )
         object.__setattr__(self, "skip_blocks", tuple(self.skip_blocks))
 
     @classmethod
@@ -65,8 +76,7 @@ class Criterion:
     @classmethod
     def from_plan(cls, plan, **overrides):
         """The criterion a plan file was made with, then ``overrides`` (e.g. the pruning stage's floors)."""
-        return cls(**{**{k: plan[k] for k in _PLAN}, **{k: plan.get(k, v) for k, v in _OPTIONAL.items()},
-                      **overrides})
+        return cls(**{**{k: plan[k] for k in _PLAN}, **{k: plan.get(k, v) for k, v in _OPTIONAL.items()}, **overrides})
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -94,16 +104,25 @@ class Criterion:
             raise PruneError(f"SCORE=obs needs the model's weights to score {block}")
         stats = ActivationStats.of(stats)
         if not stats.has_second_moments(block):
-            raise PruneError(f"SCORE=obs needs the covariance of {block}'s project input: capture with "
-                             "SECOND_MOMENTS=True (visualize_neuron_activations.py --RECAPTURE=True)")
+            raise PruneError(
+                f"SCORE=obs needs the covariance of {block}'s project input: capture with "
+                "SECOND_MOMENTS=True (visualize_neuron_activations.py --RECAPTURE=True)"
+            )
         _, _, cov = stats.block_moments(block)
         weight = scores.consumer_weight(weights, roles)
         if cov.shape[0] != weight.shape[1]:
-            raise PruneError(f"the covariance of {block} is {cov.shape[0]} wide but its project conv takes "
-                             f"{weight.shape[1]} channels: the stats belong to another model")
+            raise PruneError(
+                f"the covariance of {block} is {cov.shape[0]} wide but its project conv takes "
+                f"{weight.shape[1]} channels: the stats belong to another model"
+            )
         hidden = roles["hidden_channels"]
-        return obs_removal(cov, weight.reshape(weight.shape[0], -1), scores.output_scale(weights, roles), self.ridge,
-                           n_remove=hidden - self.min_kept(hidden))
+        return obs_removal(
+            cov,
+            weight.reshape(weight.shape[0], -1),
+            scores.output_scale(weights, roles),
+            self.ridge,
+            n_remove=hidden - self.min_kept(hidden),
+        )
 
     def removals(self, stats, blocks, weights):
         """{block: [(channel, cost of removing it next)]} in greedy OBS order for every prunable block."""
@@ -125,13 +144,16 @@ class Criterion:
         """Per hidden channel value of the score (not yet oriented), checked against the block's width."""
         if self.score == "obs":
             return self._obs_values(stats, block, roles, weights)
-        consumer = scores.consumer_weight(weights, roles) if self.score in scores.WEIGHTED and weights is not None \
-            else None
+        consumer = (
+            scores.consumer_weight(weights, roles) if self.score in scores.WEIGHTED and weights is not None else None
+        )
         scale = scores.output_scale(weights, roles) if self.output_units and consumer is not None else None
         value = scores.channel_score(stats, layer, self.score, self.threshold, consumer, scale)
         if value.numel() != roles["hidden_channels"]:
-            raise PruneError(f"activation stats for {layer} have {value.numel()} channels, but the block has "
-                             f"{roles['hidden_channels']}: the stats belong to another model")
+            raise PruneError(
+                f"activation stats for {layer} have {value.numel()} channels, but the block has "
+                f"{roles['hidden_channels']}: the stats belong to another model"
+            )
         return value
 
     def alive_for_some_class(self, stats, layer):
@@ -151,8 +173,13 @@ class Criterion:
     def propose_block(self, stats, name, roles, layer, weights=None):
         """One block's proposal: {layer, hidden_channels, candidates, kept, prune[, skipped]}."""
         hidden = roles["hidden_channels"]
-        entry = {"hidden_channels": hidden, **({"layer": layer} if layer else {}), "candidates": 0, "kept": hidden,
-                 "prune": []}
+        entry = {
+            "hidden_channels": hidden,
+            **({"layer": layer} if layer else {}),
+            "candidates": 0,
+            "kept": hidden,
+            "prune": [],
+        }
         reason = skip_reason(name, roles, self.skip_blocks)
         if reason:
             return {**entry, "skipped": reason}
@@ -166,8 +193,9 @@ class Criterion:
         """{block: proposal} for every block; blocks without an expand conv, or skipped, prune nothing and say why."""
         self.check_skips(blocks)
         layers = proposal_map(layers)
-        return {name: self.propose_block(stats, name, roles, layers.get(name), weights)
-                for name, roles in blocks.items()}
+        return {
+            name: self.propose_block(stats, name, roles, layers.get(name), weights) for name, roles in blocks.items()
+        }
 
     def rank(self, stats, blocks, layers, weights=None):
         """{block: [(prunability, channel)]} over every hidden channel of every prunable block (higher = prune
@@ -178,8 +206,9 @@ class Criterion:
                 continue
             prun = scores.oriented(self.values(stats, roles, layers[name], weights, name), self.score)
             if self.class_aware and self.score == "deadness":
-                per_class = ActivationStats.of(stats).class_deadness(layers[name], self.threshold,
-                                                                     self.min_class_samples)
+                per_class = ActivationStats.of(stats).class_deadness(
+                    layers[name], self.threshold, self.min_class_samples
+                )
                 if per_class.shape[0]:
                     prun = torch.minimum(prun, per_class.amin(0).to(prun.device))
             ranking[name] = list(zip(prun.tolist(), range(len(prun))))
@@ -198,6 +227,8 @@ def proposal_map(layers):
     """{block: proposal layer} from either that map or capture's {layer: {"block", "proposal", ...}} description."""
     if all(isinstance(v, str) for v in layers.values()):
         return dict(layers)
-    return {info["block"]: layer for layer, info in layers.items()
-            if isinstance(info, dict) and info.get("proposal") and "block" in info}
-
+    return {
+        info["block"]: layer
+        for layer, info in layers.items()
+        if isinstance(info, dict) and info.get("proposal") and "block" in info
+    }

@@ -7,6 +7,7 @@ Layouts accepted for ``DATA_DIR``:
 When there is ``test/`` but no ``val/``, a seeded stratified 10% of ``train/`` is held out as ``val`` to
 choose checkpoints, and ``test/`` is kept for final scores. Unreadable images are skipped and counted.
 """
+
 import csv
 import os
 import warnings
@@ -92,8 +93,11 @@ def discover(data_dir, seed=0):
             splits["train"], splits["val"] = stratified_split(splits.pop("all", []), FLAT_VAL_FRACTION, seed)
     elif os.path.isdir(os.path.join(data_dir, "train")):
         class_names = _class_dirs(os.path.join(data_dir, "train"))
-        splits = {s: _scan_folder(os.path.join(data_dir, s), class_names)
-                  for s in SPLIT_NAMES if os.path.isdir(os.path.join(data_dir, s))}
+        splits = {
+            s: _scan_folder(os.path.join(data_dir, s), class_names)
+            for s in SPLIT_NAMES
+            if os.path.isdir(os.path.join(data_dir, s))
+        }
     else:
         class_names = _class_dirs(data_dir)
         splits = {}
@@ -106,8 +110,10 @@ def discover(data_dir, seed=0):
 
 def _check(data_dir, splits, class_names):
     if not class_names:
-        raise PruneError(f"DATA_DIR {data_dir} is not a data set: no class folders (expected <class>/<image> "
-                         "or train/<class>/<image>, or a path,label CSV)")
+        raise PruneError(
+            f"DATA_DIR {data_dir} is not a data set: no class folders (expected <class>/<image> "
+            "or train/<class>/<image>, or a path,label CSV)"
+        )
     counts = np.bincount([y for _, y in splits["train"]], minlength=len(class_names))
     if counts.sum() == 0:
         raise PruneError(f"DATA_DIR {data_dir} is empty: no image files ({', '.join(IMAGE_EXTS)})")
@@ -117,8 +123,9 @@ def _check(data_dir, splits, class_names):
     for label, name in enumerate(class_names):
         paths = [p for p, y in splits["train"] if y == label]
         if not any(_readable(p) for p in paths[:20]):
-            raise PruneError(f"class folder {name!r} in {data_dir}: none of its first images is readable "
-                             f"(e.g. {paths[0]})")
+            raise PruneError(
+                f"class folder {name!r} in {data_dir}: none of its first images is readable (e.g. {paths[0]})"
+            )
 
 
 def _readable(path):
@@ -151,15 +158,23 @@ def open_rgb(path):
 def eval_transform(image_size, arch="mobilenet_v3_large"):
     """Resize, centre crop to ``image_size``, ImageNet mean and std (from torchvision's weights metadata)."""
     mean, std = normalization(arch)
-    return T.Compose([T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size),
-                      T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]
+    )
 
 
 def train_transform(image_size, arch="mobilenet_v3_large"):
     """Standard augmentation: random resized crop, horizontal flip, light colour jitter."""
     mean, std = normalization(arch)
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip(),
-                      T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.2, 0.2, 0.2),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 class ImageList(Dataset):
@@ -214,16 +229,26 @@ def make_loader(items, transform, batch_size, num_workers=0, shuffle=False, seed
     dataset = ImageList(items, transform)
     part = distributed.sampler(dataset, shuffle, seed, drop_last) if shard else None
     generator = torch.Generator().manual_seed(seed + (distributed.rank() if shard else 0))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and part is None, sampler=part,
-                      drop_last=drop_last, num_workers=num_workers, collate_fn=collate_skipping, generator=generator,
-                      persistent_workers=False, worker_init_fn=_seed_worker if num_workers else None,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and part is None,
+        sampler=part,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_skipping,
+        generator=generator,
+        persistent_workers=False,
+        worker_init_fn=_seed_worker if num_workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     import random
+
     random.seed(seed)
 
 
@@ -265,6 +290,7 @@ def stratified_sample(items, per_class=None, fraction=None, seed=0):
 
 def _fraction_sample(items, fraction, seed):
     from sklearn.model_selection import train_test_split
+
     if not 0 < fraction <= 1:
         raise PruneError(f"SAMPLE_FRACTION={fraction} must be in (0, 1]")
     counts = defaultdict(int)
@@ -277,6 +303,7 @@ def _fraction_sample(items, fraction, seed):
     try:
         chosen, _ = train_test_split(rest, train_size=fraction, stratify=[y for _, y in rest], random_state=seed)
     except ValueError as err:
-        raise PruneError(f"SAMPLE_FRACTION={fraction} is too small to cover every class ({err}); "
-                         "raise it or use SAMPLES_PER_CLASS") from None
+        raise PruneError(
+            f"SAMPLE_FRACTION={fraction} is too small to cover every class ({err}); raise it or use SAMPLES_PER_CLASS"
+        ) from None
     return sorted(whole + list(chosen), key=lambda it: (it[1], it[0]))

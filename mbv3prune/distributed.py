@@ -14,6 +14,7 @@ A collective waits ``MBV3PRUNE_PG_TIMEOUT_S`` seconds (default 1800, torch's) fo
 
 Without torchrun every function here is a no-op and a stage runs in one process, as it always did.
 """
+
 import atexit
 import datetime
 import os
@@ -52,6 +53,7 @@ def is_main():
 def setup(device_request="auto"):
     """This process's device; under torchrun, also joins the process group (once) and silences ranks > 0."""
     from .models import pick_device
+
     device = pick_device(device_request)
     if not launched():
         return device
@@ -61,11 +63,14 @@ def setup(device_request="auto"):
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             if device.index >= torch.cuda.device_count():
-                raise PruneError(f"torchrun process with LOCAL_RANK={device.index} has no GPU of its own: this machine "
-                                 f"has {torch.cuda.device_count()}; lower --nproc_per_node")
+                raise PruneError(
+                    f"torchrun process with LOCAL_RANK={device.index} has no GPU of its own: this machine "
+                    f"has {torch.cuda.device_count()}; lower --nproc_per_node"
+                )
         elif int(os.environ["WORLD_SIZE"]) > 1:
-            raise PruneError(f"DEVICE={device_request} under torchrun: every process takes cuda:LOCAL_RANK, "
-                             "use DEVICE=auto or cuda")
+            raise PruneError(
+                f"DEVICE={device_request} under torchrun: every process takes cuda:LOCAL_RANK, use DEVICE=auto or cuda"
+            )
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise PruneError(f"DEVICE={device_request} ({device.type}) cannot run under torchrun: use cuda or cpu")
@@ -91,7 +96,7 @@ def barrier():
 
 def shard(items):
     """This rank's part of ``items``: every ``world_size()``-th from ``rank()``. Disjoint, no padding."""
-    return items[rank()::world_size()]
+    return items[rank() :: world_size()]
 
 
 def from_main(fn):
@@ -140,7 +145,7 @@ def _comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-CHUNK = 2 ** 25  # elements per all-reduce (256 MB of int64): the buffer moved to the GPU at once stays bounded
+CHUNK = 2**25  # elements per all-reduce (256 MB of int64): the buffer moved to the GPU at once stays bounded
 
 
 def all_reduce_totals(stats):
@@ -155,6 +160,7 @@ def all_reduce_totals(stats):
     if not active():
         return stats
     from .moments import all_reduce_moments, is_moment_key
+
     groups = {}
     for key in sorted(k for k in stats if k not in _UNREDUCED and not is_moment_key(stats, k)):
         groups.setdefault((key.endswith("/max_abs"), str(stats[key].dtype)), []).append(key)
@@ -182,13 +188,13 @@ def _reduce_together(stats, keys, op):
     """All-reduce the tensors of ``keys`` as one flat buffer, CHUNK elements at a time."""
     flat = torch.cat([stats[k].reshape(-1) for k in keys]) if len(keys) > 1 else stats[keys[0]].reshape(-1).clone()
     for start in range(0, flat.numel(), CHUNK):
-        piece = flat[start:start + CHUNK].to(_comm_device())
+        piece = flat[start : start + CHUNK].to(_comm_device())
         dist.all_reduce(piece, op=op)
-        flat[start:start + CHUNK] = piece.cpu()
+        flat[start : start + CHUNK] = piece.cpu()
     offset = 0
     for k in keys:
         n = stats[k].numel()
-        stats[k] = flat[offset:offset + n].view(stats[k].shape).clone()
+        stats[k] = flat[offset : offset + n].view(stats[k].shape).clone()
         offset += n
 
 
@@ -197,6 +203,7 @@ def sampler(dataset, shuffle, seed, drop_last):
     if not active():
         return None
     from torch.utils.data import DistributedSampler
+
     return DistributedSampler(dataset, world_size(), rank(), shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
@@ -211,6 +218,7 @@ def wrap(model, device):
     if not active():
         return model
     from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

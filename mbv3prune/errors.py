@@ -1,4 +1,5 @@
 """The project's one error type, and the top-level handler that prints it without a traceback."""
+
 import sys
 import traceback
 

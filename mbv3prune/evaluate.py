@@ -1,4 +1,5 @@
 """Accuracy (top-1 and per class), BN recalibration, latency and checkpoint size."""
+
 import os
 import statistics
 import time
@@ -17,8 +18,13 @@ def predict(model, loader, device, skipped, desc="eval"):
     """(predicted labels, true labels, max softmax) over a loader, in eval mode."""
     model.eval()
     preds, labels, conf = [], [], []
-    for images, y in tqdm(batches(loader, skipped, device), total=len(loader), desc=desc, leave=False,
-                          disable=None if distributed.is_main() else True):
+    for images, y in tqdm(
+        batches(loader, skipped, device),
+        total=len(loader),
+        desc=desc,
+        leave=False,
+        disable=None if distributed.is_main() else True,
+    ):
         probs = model(images).float().softmax(dim=1)
         c, p = probs.max(dim=1)
         preds.append(p.cpu()), labels.append(y.cpu()), conf.append(c.cpu())
@@ -33,8 +39,12 @@ def accuracy(model, loader, device, class_names, skipped, desc="eval"):
     for label, name in enumerate(class_names):
         mask = true == label
         per_class[name] = round(float(correct[mask].float().mean()), 6) if mask.any() else None
-    return {"top1": round(float(correct.float().mean()), 6) if len(correct) else None,
-            "n": int(len(correct)), "per_class": per_class, "correct": correct.tolist()}
+    return {
+        "top1": round(float(correct.float().mean()), 6) if len(correct) else None,
+        "n": int(len(correct)),
+        "per_class": per_class,
+        "correct": correct.tolist(),
+    }
 
 
 def bootstrap_interval(correct, n_boot=2000, seed=0, level=0.95):

@@ -3,6 +3,7 @@
 Shared by the pruning stage, its threshold sweep and the benchmarks, so that every criterion is measured
 by the same code.
 """
+
 import copy
 
 from .data import Skipped
@@ -14,8 +15,10 @@ from .train import fit
 
 def latencies(model, image_size, device):
     """Median latency (ms) of one forward pass at batch 1 and at batch 32 (CUDA synchronised)."""
-    return {"latency_ms_b1": latency_ms(model, image_size, 1, device),
-            "latency_ms_b32": latency_ms(model, image_size, 32, device, repeats=5)}
+    return {
+        "latency_ms_b1": latency_ms(model, image_size, 1, device),
+        "latency_ms_b32": latency_ms(model, image_size, 32, device, repeats=5),
+    }
 
 
 def eval_accuracy(model, loaders, class_names, device, desc="eval"):
@@ -38,7 +41,7 @@ def prune_copy(model, blocks, selection, image_size, stats=None, compensate_fn=N
 def check_bn_recalibrate(value):
     """``value`` when it is True, False or "auto", else a PruneError."""
     if not (value is True or value is False or value == "auto"):
-        raise PruneError(f"BN_RECALIBRATE={value!r}: use True, False or \"auto\"")
+        raise PruneError(f'BN_RECALIBRATE={value!r}: use True, False or "auto"')
     return value
 
 
@@ -85,7 +88,17 @@ def recover(pruned, loaders, class_names, device, cfg, log=print):
     if check_bn_recalibrate(cfg["BN_RECALIBRATE"]):
         steps["bn_recalibrated"] = _bn_step(pruned, loaders, class_names, device, cfg)
     if cfg["FINETUNE_EPOCHS"]:
-        fit(pruned, loaders, class_names, device, cfg["FINETUNE_EPOCHS"], cfg["FINETUNE_LR"], log=log,
-            bn_batches=cfg["BN_BATCHES"], warmup_epochs=0, amp=cfg.get("AMP", False))
+        fit(
+            pruned,
+            loaders,
+            class_names,
+            device,
+            cfg["FINETUNE_EPOCHS"],
+            cfg["FINETUNE_LR"],
+            log=log,
+            bn_batches=cfg["BN_BATCHES"],
+            warmup_epochs=0,
+            amp=cfg.get("AMP", False),
+        )
         steps["finetuned"] = eval_accuracy(pruned, loaders, class_names, device, "fine-tuned")
     return steps

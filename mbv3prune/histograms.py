@@ -3,6 +3,7 @@
 Everything here works from the saved statistics, so a new THRESHOLD is tried in seconds, without another
 pass over the images (to the histogram's resolution: 4 bins per octave).
 """
+
 import torch
 
 from .activation_stats import ActivationStats

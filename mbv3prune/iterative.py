@@ -12,6 +12,7 @@ With ``Schedule.quotas`` ({block: channels to remove}, e.g. a one-shot selection
 exactly each block's quota instead of its threshold candidates, ranked by the *consistent* prunability
 min(initial, latest): the same MACs as the one-shot selection, chosen on re-measured activations.
 """
+
 import copy
 import dataclasses
 
@@ -27,6 +28,7 @@ from .selection import most_prunable
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """How the rounds go: blocks per round, most rounds, a MACs target to stop at (0 = none), per-block quotas."""
+
     blocks_per_round: int = 1
     max_rounds: int = 30
     target_macs_reduction: float = 0.0
@@ -77,8 +79,23 @@ def _next_blocks(order, done, initial, latest, blocks, criterion, schedule):
     return picked
 
 
-def run(model, sample_batches, stats, layers, criterion, schedule, *, capture_point, image_size, num_classes,
-        weights=None, compensate_fn=None, score_fn=None, second_moments=False, log=print):
+def run(
+    model,
+    sample_batches,
+    stats,
+    layers,
+    criterion,
+    schedule,
+    *,
+    capture_point,
+    image_size,
+    num_classes,
+    weights=None,
+    compensate_fn=None,
+    score_fn=None,
+    second_moments=False,
+    log=print,
+):
     """Iteratively prune a copy of ``model``: (pruned model, per-round log, {block: removed indices}, values).
 
     ``values``: per block the channels' prunability (deadness for SCORE=deadness) initially and in the
@@ -113,26 +130,44 @@ def run(model, sample_batches, stats, layers, criterion, schedule, *, capture_po
         downstream = {b: r for b, r in blocks.items() if order.index(b) > max(order.index(t) for t in todo)}
         remeasured = [b for b in downstream if b in initial and b not in done]
         if remeasured:
-            fresh, _ = capture(pruned, sample_batches(), {b: blocks[b] for b in remeasured}, capture_point,
-                               criterion.threshold, num_classes, progress=False, second_moments=second_moments)
+            fresh, _ = capture(
+                pruned,
+                sample_batches(),
+                {b: blocks[b] for b in remeasured},
+                capture_point,
+                criterion.threshold,
+                num_classes,
+                progress=False,
+                second_moments=second_moments,
+            )
             latest_stats.update(fresh)
             latest.update(candidates(fresh, {b: blocks[b] for b in remeasured}, layers, criterion, weights))
         macs, params = count_macs_params(pruned, image_size)
         came_alive = {b: c for b, c in _came_alive(initial, latest, remeasured).items() if c}
-        entry = {"round": round_no, "pruned": {b: len(v) for b, v in chosen.items()},
-                 "spared_came_alive": {b: spared[b] for b in todo if spared[b]},
-                 "came_alive_downstream": came_alive, "remeasured": remeasured,
-                 "macs": macs, "params": params, "macs_reduction": round(1 - macs / total, 6),
-                 **({"top1": score_fn(pruned)} if score_fn else {})}
+        entry = {
+            "round": round_no,
+            "pruned": {b: len(v) for b, v in chosen.items()},
+            "spared_came_alive": {b: spared[b] for b in todo if spared[b]},
+            "came_alive_downstream": came_alive,
+            "remeasured": remeasured,
+            "macs": macs,
+            "params": params,
+            "macs_reduction": round(1 - macs / total, 6),
+            **({"top1": score_fn(pruned)} if score_fn else {}),
+        }
         rounds.append(entry)
-        log(f"round {round_no}: pruned {entry['pruned']}, spared {sum(map(len, entry['spared_came_alive'].values()))} "
+        log(
+            f"round {round_no}: pruned {entry['pruned']}, spared {sum(map(len, entry['spared_came_alive'].values()))} "
             f"that came alive, MACs -{100 * entry['macs_reduction']:.1f}%, re-measured {len(remeasured)} blocks"
-            + (f", top-1 {entry['top1']:.4f}" if score_fn else ""))
+            + (f", top-1 {entry['top1']:.4f}" if score_fn else "")
+        )
         if schedule.target_macs_reduction and entry["macs_reduction"] >= schedule.target_macs_reduction:
             log(f"round {round_no}: TARGET_MACS_REDUCTION reached; stopping")
             break
-    values = {"initial_values": {b: v[0].cpu() for b, v in initial.items()},
-              "latest_values": {b: v[0].cpu() for b, v in latest.items()}}
+    values = {
+        "initial_values": {b: v[0].cpu() for b, v in initial.items()},
+        "latest_values": {b: v[0].cpu() for b, v in latest.items()},
+    }
     return pruned, rounds, removed, values
 
 

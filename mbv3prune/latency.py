@@ -13,6 +13,7 @@ matches.
 Width-to-latency is not monotone (kernels are picked per shape): ``latency_steps`` merges a chunk that saves
 no time with the block's next chunk, and ``to_latency_target`` ranks the resulting steps globally.
 """
+
 import copy
 import dataclasses
 import heapq
@@ -41,6 +42,7 @@ SCORE_KINDS = ("prunability", "cost")
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
     """What a latency table is measured on, and how."""
+
     device: str = "cpu"  # where the blocks run: cpu, cuda, cuda:N
     runtime: str = "onnxruntime"  # onnxruntime or eager
     batch_size: int = 1
@@ -54,8 +56,9 @@ class TableSpec:
         if self.runtime not in RUNTIMES:
             raise PruneError(f"unknown LATENCY_RUNTIME {self.runtime!r}: use {' or '.join(RUNTIMES)}")
         if self.batch_size < 1 or self.round_to < 1:
-            raise PruneError(f"latency table needs batch_size >= 1 and round_to >= 1, got {self.batch_size}, "
-                             f"{self.round_to}")
+            raise PruneError(
+                f"latency table needs batch_size >= 1 and round_to >= 1, got {self.batch_size}, {self.round_to}"
+            )
 
 
 def width_grid(hidden, floor, round_to):
@@ -73,8 +76,9 @@ def _grids(blocks, spec):
     grids = {}
     for name, roles in blocks.items():
         if "expand" in roles:
-            grid = width_grid(roles["hidden_channels"], min_kept(roles["hidden_channels"], spec.min_keep_ratio),
-                              spec.round_to)
+            grid = width_grid(
+                roles["hidden_channels"], min_kept(roles["hidden_channels"], spec.min_keep_ratio), spec.round_to
+            )
             if len(grid) > 1:
                 grids[name] = grid
     return grids
@@ -84,8 +88,12 @@ def _grids(blocks, spec):
 def _recording_inputs(model, names):
     """Pre-forward hooks filling {block: input shape without the batch}; always removed."""
     shapes = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _, args, n=n: shapes.__setitem__(n, tuple(args[0].shape[1:]))) for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _, args, n=n: shapes.__setitem__(n, tuple(args[0].shape[1:]))
+        )
+        for n in names
+    ]
     try:
         yield shapes
     finally:
@@ -105,18 +113,30 @@ def table_identity(model, blocks, spec):
     """What a cached table must match to be re-used: device, runtime, batch, size, threads, grid, model widths."""
     device = torch.device(spec.device)
     runtime_version = versions()["torch"] if spec.runtime == "eager" else _onnxruntime_version()
-    return json.loads(json.dumps({
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        (platform.processor() or platform.machine()),
-        "runtime": spec.runtime, "runtime_version": runtime_version,
-        "batch_size": spec.batch_size, "image_size": spec.image_size, "threads": torch.get_num_threads(),
-        "min_keep_ratio": spec.min_keep_ratio, "round_to": spec.round_to,
-        "blocks": sorted(_grids(blocks, spec)), "widths": layer_widths(model)}))
+    return json.loads(
+        json.dumps(
+            {
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else (platform.processor() or platform.machine()),
+                "runtime": spec.runtime,
+                "runtime_version": runtime_version,
+                "batch_size": spec.batch_size,
+                "image_size": spec.image_size,
+                "threads": torch.get_num_threads(),
+                "min_keep_ratio": spec.min_keep_ratio,
+                "round_to": spec.round_to,
+                "blocks": sorted(_grids(blocks, spec)),
+                "widths": layer_widths(model),
+            }
+        )
+    )
 
 
 def _onnxruntime_version():
     import onnxruntime
+
     return onnxruntime.__version__
 
 
@@ -153,8 +173,9 @@ def _calls(modules, input_shape, spec, workdir, tag):
 
 def _time(modules, input_shape, spec, workdir, tag):
     """{key: median ms} of ``modules`` timed round-robin."""
-    ms = interleaved_ms(_calls(modules, input_shape, spec, workdir, tag), spec.repeats, spec.warmup,
-                        synchronizer(spec.device))
+    ms = interleaved_ms(
+        _calls(modules, input_shape, spec, workdir, tag), spec.repeats, spec.warmup, synchronizer(spec.device)
+    )
     return {key: ms[key] for key in modules}
 
 
@@ -166,14 +187,22 @@ def build_table(model, blocks, spec):
         raise PruneError("latency table: no block can lose a chunk of channels (all at their floor)")
     shapes = block_input_shapes(model, list(grids), spec.image_size)
     narrowed = narrowed_blocks(model, blocks, spec)
-    table = {"kind": KIND, "identity": table_identity(model, blocks, spec), "spec": dataclasses.asdict(spec),
-             "blocks": {}}
+    table = {
+        "kind": KIND,
+        "identity": table_identity(model, blocks, spec),
+        "spec": dataclasses.asdict(spec),
+        "blocks": {},
+    }
     with tempfile.TemporaryDirectory(prefix="latency_") as workdir:
-        table["model_ms"] = _time({"model": copy.deepcopy(model).eval()}, (3, spec.image_size, spec.image_size),
-                                  spec, workdir, "model")["model"]
+        table["model_ms"] = _time(
+            {"model": copy.deepcopy(model).eval()}, (3, spec.image_size, spec.image_size), spec, workdir, "model"
+        )["model"]
         for name in tqdm(grids, desc=f"timing blocks ({spec.runtime})", leave=False):
-            table["blocks"][name] = {"hidden": grids[name][0], "input_shape": list(shapes[name]),
-                                     "ms": _time(narrowed.pop(name), shapes[name], spec, workdir, name)}
+            table["blocks"][name] = {
+                "hidden": grids[name][0],
+                "input_shape": list(shapes[name]),
+                "ms": _time(narrowed.pop(name), shapes[name], spec, workdir, name),
+            }
     return table
 
 
@@ -184,7 +213,9 @@ def _int_widths(table, path):
             entry["ms"] = {int(w): float(ms) for w, ms in entry["ms"].items()}
         float(table["model_ms"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise PruneError(f"latency table {path} is malformed ({type(err).__name__}: {err}): delete it to re-measure")
+        raise PruneError(
+            f"latency table {path} is malformed ({type(err).__name__}: {err}): delete it to re-measure"
+        ) from None
     return table
 
 
@@ -209,8 +240,10 @@ def latency_steps(ms, hidden, floor, round_to, limit=None):
     grid = [w for w in width_grid(hidden, floor, round_to) if limit is None or hidden - w <= limit]
     missing = [w for w in grid if w not in ms]
     if missing:
-        raise PruneError(f"latency table has no time for width {missing[0]} of a {hidden}-channel block: "
-                         "measured with another ROUND_TO or MIN_KEEP_RATIO? re-measure it")
+        raise PruneError(
+            f"latency table has no time for width {missing[0]} of a {hidden}-channel block: "
+            "measured with another ROUND_TO or MIN_KEEP_RATIO? re-measure it"
+        )
     steps, current = [], grid[0]
     for w in grid[1:]:
         if ms[w] < ms[current]:
@@ -228,7 +261,7 @@ def _block_steps(ranked, saving_steps, kind):
     score = {c: s for s, c in ranked}
     out, start = [], 0
     for n, saved in saving_steps:
-        chunk = order[start:start + n]
+        chunk = order[start : start + n]
         start += n
         key = -min(score[c] for c in chunk) if kind == "prunability" else sum(score[c] for c in chunk) / saved
         out.append((key, chunk, saved))
@@ -240,8 +273,10 @@ def _table_block(table, name, hidden):
     if entry is None:
         raise PruneError(f"latency table has no block {name}: it was measured for other blocks; re-measure it")
     if entry["hidden"] != hidden:
-        raise PruneError(f"latency table block {name} was measured at {entry['hidden']} channels, the model has "
-                         f"{hidden}: a table of another model; re-measure it")
+        raise PruneError(
+            f"latency table block {name} was measured at {entry['hidden']} channels, the model has "
+            f"{hidden}: a table of another model; re-measure it"
+        )
     return entry["ms"]
 
 

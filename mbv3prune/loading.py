@@ -3,6 +3,7 @@
 The pruning stage and the accuracy benchmarks load a run through ``load_run``, so they see the same model,
 the same checks (statistics measured on this checkpoint, a plan made for these widths) and the same data.
 """
+
 import os
 import warnings
 from types import SimpleNamespace
@@ -21,10 +22,12 @@ from .prune import count_macs_params, macs_per_channel
 def make_loaders(cfg, splits):
     """Loaders: ``eval`` (test, else val), ``val``, ``bn`` (un-augmented train batches), ``train`` (augmented;
     under torchrun each process's own part)."""
-    return {"eval": stage.loader(cfg, splits[eval_split(splits)]),
-            "val": stage.loader(cfg, splits["val"]),
-            "bn": stage.loader(cfg, splits["train"], shuffle=True),
-            "train": stage.loader(cfg, splits["train"], train=True, shuffle=True)}
+    return {
+        "eval": stage.loader(cfg, splits[eval_split(splits)]),
+        "val": stage.loader(cfg, splits["val"]),
+        "bn": stage.loader(cfg, splits["train"], shuffle=True),
+        "train": stage.loader(cfg, splits["train"], train=True, shuffle=True),
+    }
 
 
 def load_structure(path, model):
@@ -36,8 +39,10 @@ def load_structure(path, model):
     actual = find_blocks(model)
     for name in list(actual) + [b for b in blocks if b not in actual]:
         if blocks.get(name) != actual.get(name):
-            raise PruneError(f"block structure {path} describes another model: block {name} differs "
-                             "(re-run mobilenetv3_features.py on this checkpoint)")
+            raise PruneError(
+                f"block structure {path} describes another model: block {name} differs "
+                "(re-run mobilenetv3_features.py on this checkpoint)"
+            )
     return actual
 
 
@@ -46,17 +51,22 @@ def _load_plan(run, cfg, widths):
     run.plan = load_plan(run.plan_path, run.blocks, widths)
     warning = check_plan_matches_model(run.plan, run.meta["arch"], widths, sha256_file(run.checkpoint))
     if warning:
-        warnings.warn(warning)
+        warnings.warn(warning, stacklevel=2)
 
 
 def _load_stats(run, cfg):
-    path = path_or_default(cfg, "STATS", measure.STATS_PT) if "STATS" in cfg else \
-        os.path.join(cfg["RUN_DIR"], measure.STATS_PT)
+    path = (
+        path_or_default(cfg, "STATS", measure.STATS_PT)
+        if "STATS" in cfg
+        else os.path.join(cfg["RUN_DIR"], measure.STATS_PT)
+    )
     run.stats, run.stats_meta = measure.load_checked(path, run.checkpoint)
     size = run.stats_meta["identity"].get("image_size")
     if size != cfg["IMAGE_SIZE"]:
-        raise PruneError(f"{path} was measured at {size} px, not IMAGE_SIZE={cfg['IMAGE_SIZE']}: "
-                         "re-run visualize_neuron_activations.py at this IMAGE_SIZE")
+        raise PruneError(
+            f"{path} was measured at {size} px, not IMAGE_SIZE={cfg['IMAGE_SIZE']}: "
+            "re-run visualize_neuron_activations.py at this IMAGE_SIZE"
+        )
 
 
 def load_run(cfg, *, plan=False, stats=True, structure=False, in_memory=False):
@@ -69,19 +79,26 @@ def load_run(cfg, *, plan=False, stats=True, structure=False, in_memory=False):
     The checkpoint is ``CHECKPOINT`` (when the config has it and sets it) or RUN_DIR/baseline.pt.
     """
     run = SimpleNamespace(cfg=cfg, device=distributed.setup(cfg["DEVICE"]))
-    run.checkpoint = path_or_default(cfg, "CHECKPOINT", "baseline.pt") if "CHECKPOINT" in cfg else \
-        os.path.join(cfg["RUN_DIR"], "baseline.pt")
+    run.checkpoint = (
+        path_or_default(cfg, "CHECKPOINT", "baseline.pt")
+        if "CHECKPOINT" in cfg
+        else os.path.join(cfg["RUN_DIR"], "baseline.pt")
+    )
     run.model, run.meta = models.load_checkpoint(run.checkpoint, cfg["MODEL_ARCH"], cfg.get("ALLOW_PICKLE", False))
-    run.blocks = load_structure(os.path.join(cfg["RUN_DIR"], "mobilenetv3_block_structure.json"), run.model) \
-        if structure else find_blocks(run.model)
+    run.blocks = (
+        load_structure(os.path.join(cfg["RUN_DIR"], "mobilenetv3_block_structure.json"), run.model)
+        if structure
+        else find_blocks(run.model)
+    )
     widths = models.layer_widths(run.model)
     run.plan, run.plan_path, run.stats, run.stats_meta = None, None, None, None
     if plan:
         _load_plan(run, cfg, widths)
     if stats:
         _load_stats(run, cfg)
-    run.capture_point = run.plan["capture_point"] if plan else \
-        run.stats_meta["identity"]["capture_point"] if stats else "project_input"
+    run.capture_point = (
+        run.plan["capture_point"] if plan else run.stats_meta["identity"]["capture_point"] if stats else "project_input"
+    )
     run.layers = describe_layers(run.blocks, run.capture_point)
     run.splits, run.class_names = stage.prepare_data(cfg)
     stage.check_class_names(run.meta, run.class_names, cfg["DATA_DIR"])

@@ -12,6 +12,7 @@ exactly, sums to float rounding; ``n_batches`` counts the batches of all process
 whether to re-use, reads and writes. Partial saves need one process: ``SAVE_EVERY`` is ignored under
 torchrun with several processes, and ``RESUME=True`` is refused there.
 """
+
 import hashlib
 import json
 import os
@@ -32,8 +33,9 @@ STATS_PT, STATS_JSON, PARTIAL = "activation_stats.pt", "activation_stats.json", 
 def sample(cfg, splits):
     """The stratified sample of the training split that every capture of this config measures."""
     per_class = cfg["SAMPLES_PER_CLASS"] if not cfg["SAMPLE_FRACTION"] else None
-    return stratified_sample(splits["train"], per_class=per_class, fraction=cfg["SAMPLE_FRACTION"] or None,
-                             seed=cfg["SEED"])
+    return stratified_sample(
+        splits["train"], per_class=per_class, fraction=cfg["SAMPLE_FRACTION"] or None, seed=cfg["SEED"]
+    )
 
 
 def sample_record(items, data_dir):
@@ -66,8 +68,10 @@ def sample_items(meta, data_dir):
     splits, _ = discover(data_dir, seed=rule["SEED"])
     items = sample({**rule, "DATA_DIR": data_dir}, splits)
     if sample_record(items, data_dir)[1] != meta["sample"]["sha256"]:
-        raise PruneError(f"DATA_DIR {data_dir} no longer gives the {meta['sample']['images']} images the statistics "
-                         "were measured on (its files changed): re-run visualize_neuron_activations.py")
+        raise PruneError(
+            f"DATA_DIR {data_dir} no longer gives the {meta['sample']['images']} images the statistics "
+            "were measured on (its files changed): re-run visualize_neuron_activations.py"
+        )
     return items
 
 
@@ -76,24 +80,30 @@ def per_class_mode(cfg, blocks, num_classes):
     MAX_STATS_MEMORY_GB, else per-class counts and means (said in one line). CLASS_AWARE needs histograms."""
     want, limit = cfg.get("PER_CLASS", "auto"), cfg.get("MAX_STATS_MEMORY_GB", 4.0)
     channels = [info["channels"] for info in C.describe_layers(blocks, cfg["CAPTURE_POINT"]).values()]
-    need = C.per_class_bytes(channels, num_classes, "histograms") / 2 ** 30
+    need = C.per_class_bytes(channels, num_classes, "histograms") / 2**30
     mode = want if want != "auto" else "histograms" if need <= limit else "counts"
     C.valid_per_class(mode)
     if want == "auto" and mode != "histograms":
-        print(f"per-class histograms of {num_classes} classes would take {need:.1f} GB > MAX_STATS_MEMORY_GB={limit}: "
-              "keeping per-class counts and mean |a| instead (PER_CLASS=histograms to force them)")
+        print(
+            f"per-class histograms of {num_classes} classes would take {need:.1f} GB > MAX_STATS_MEMORY_GB={limit}: "
+            "keeping per-class counts and mean |a| instead (PER_CLASS=histograms to force them)"
+        )
     if cfg.get("CLASS_AWARE") and mode != "histograms":
-        raise PruneError(f"CLASS_AWARE=True needs per-class histograms, which PER_CLASS={want} does not keep for "
-                         f"{num_classes} classes ({need:.1f} GB, MAX_STATS_MEMORY_GB={limit}): raise "
-                         "MAX_STATS_MEMORY_GB, set PER_CLASS=histograms, or CLASS_AWARE=False")
+        raise PruneError(
+            f"CLASS_AWARE=True needs per-class histograms, which PER_CLASS={want} does not keep for "
+            f"{num_classes} classes ({need:.1f} GB, MAX_STATS_MEMORY_GB={limit}): raise "
+            "MAX_STATS_MEMORY_GB, set PER_CLASS=histograms, or CLASS_AWARE=False"
+        )
     return mode
 
 
 def check_per_class_histograms(cfg, stats, path):
     """With CLASS_AWARE, saved statistics without per-class histograms are refused in one line."""
     if cfg.get("CLASS_AWARE") and not any(k.endswith("/hist_class") for k in stats):
-        raise PruneError(f"CLASS_AWARE=True needs per-class histograms, but {path} has none (captured with "
-                         "PER_CLASS=counts or off): re-run with RECAPTURE=True PER_CLASS=histograms")
+        raise PruneError(
+            f"CLASS_AWARE=True needs per-class histograms, but {path} has none (captured with "
+            "PER_CLASS=counts or off): re-run with RECAPTURE=True PER_CLASS=histograms"
+        )
 
 
 def load_checked(path, checkpoint):
@@ -101,17 +111,24 @@ def load_checked(path, checkpoint):
     stats = load_tensors(path, "activation statistics")
     meta = read_json(os.path.splitext(path)[0] + ".json", "activation statistics")
     if meta.get("identity", {}).get("checkpoint_sha256") != sha256_file(checkpoint):
-        raise PruneError(f"activation statistics {path} were measured on another checkpoint than {checkpoint}: "
-                         "re-run visualize_neuron_activations.py")
+        raise PruneError(
+            f"activation statistics {path} were measured on another checkpoint than {checkpoint}: "
+            "re-run visualize_neuron_activations.py"
+        )
     return stats, meta
 
 
 def identity(cfg, checkpoint, items, per_class="histograms"):
     """What makes two captures interchangeable."""
     _, digest = sample_record(items, cfg["DATA_DIR"])
-    return {"checkpoint_sha256": sha256_file(checkpoint), "sample_sha256": digest,
-            "capture_point": cfg["CAPTURE_POINT"], "image_size": cfg["IMAGE_SIZE"], "per_class": per_class,
-            **({"second_moments": True} if cfg.get("SECOND_MOMENTS") else {})}
+    return {
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "sample_sha256": digest,
+        "capture_point": cfg["CAPTURE_POINT"],
+        "image_size": cfg["IMAGE_SIZE"],
+        "per_class": per_class,
+        **({"second_moments": True} if cfg.get("SECOND_MOMENTS") else {}),
+    }
 
 
 def stale_reason(run_dir, ident):
@@ -133,8 +150,10 @@ def _resume_state(cfg, ident, num_classes):
         return None, 0, Skipped(), P.PartialSaves(partial, num_classes)
     saved = read_json(partial + ".json", "partial capture").get("identity")
     if saved != {**ident, "batch_size": cfg["BATCH_SIZE"], "threshold": cfg["THRESHOLD"]}:
-        raise PruneError(f"partial capture {partial} was made with another checkpoint, sample, capture point, "
-                         "batch size or threshold: run without RESUME=True to start over")
+        raise PruneError(
+            f"partial capture {partial} was made with another checkpoint, sample, capture point, "
+            "batch size or threshold: run without RESUME=True to start over"
+        )
     state, done, skipped, saves = P.load(partial)
     print(f"resuming the capture after {int(state['n_batches'])} batches ({done} images) from {partial}")
     return state, done, skipped, saves
@@ -188,10 +207,20 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
             saves.save(live, consumed, skipped)
 
     try:
-        stats, layers = C.capture(model, _counted(batches(loader, skipped, device), readable, saves), blocks,
-                                  cfg["CAPTURE_POINT"], cfg["THRESHOLD"], num_classes, device,
-                                  progress=distributed.is_main(), state=state, on_batch=on_batch, per_class=per_class,
-                                  second_moments=cfg.get("SECOND_MOMENTS", False))
+        stats, layers = C.capture(
+            model,
+            _counted(batches(loader, skipped, device), readable, saves),
+            blocks,
+            cfg["CAPTURE_POINT"],
+            cfg["THRESHOLD"],
+            num_classes,
+            device,
+            progress=distributed.is_main(),
+            state=state,
+            on_batch=on_batch,
+            per_class=per_class,
+            second_moments=cfg.get("SECOND_MOMENTS", False),
+        )
     except PruneError:
         if readable[0] or distributed.world_size() == 1:
             raise
@@ -219,11 +248,19 @@ def _zeros_where_empty(stats, threshold, items):
 def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=None):
     """Write activation_stats.pt and .json atomically, then drop the partial save."""
     pt = save_tensors(os.path.join(cfg["RUN_DIR"], STATS_PT), stats)
-    meta = {"schema_version": 1, "kind": "mbv3prune-activation-stats", "identity": ident,
-            "threshold": cfg["THRESHOLD"], "layers": layers, "widths": widths,
-            "skipped_images": {"count": skipped.count, "first": skipped.paths},
-            "per_class": ident.get("per_class", "histograms"), "sample": sample_meta(cfg, items),
-            **(extra or {}), "provenance": provenance(cfg, {"checkpoint": checkpoint})}
+    meta = {
+        "schema_version": 1,
+        "kind": "mbv3prune-activation-stats",
+        "identity": ident,
+        "threshold": cfg["THRESHOLD"],
+        "layers": layers,
+        "widths": widths,
+        "skipped_images": {"count": skipped.count, "first": skipped.paths},
+        "per_class": ident.get("per_class", "histograms"),
+        "sample": sample_meta(cfg, items),
+        **(extra or {}),
+        "provenance": provenance(cfg, {"checkpoint": checkpoint}),
+    }
     js = write_json(os.path.join(cfg["RUN_DIR"], STATS_JSON), meta)
     P.remove(os.path.join(cfg["RUN_DIR"], PARTIAL))
     return pt, js
@@ -231,8 +268,9 @@ def save(cfg, stats, layers, items, ident, checkpoint, widths, skipped, extra=No
 
 def load(run_dir):
     """(stats tensors, stats JSON) saved by ``save``."""
-    return load_tensors(os.path.join(run_dir, STATS_PT), "activation statistics"), \
-        read_json(os.path.join(run_dir, STATS_JSON), "activation statistics")
+    return load_tensors(os.path.join(run_dir, STATS_PT), "activation statistics"), read_json(
+        os.path.join(run_dir, STATS_JSON), "activation statistics"
+    )
 
 
 def _capture_reason(cfg, ident, force):
@@ -265,8 +303,9 @@ def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, de
     stats, layers, skipped = run_capture(cfg, model, blocks, items, len(class_names), device, ident, per_class)
     if not distributed.is_main():
         return None, None, []
-    record_timings(cfg["RUN_DIR"], "capture", {"seconds": time.perf_counter() - t0, "images": len(items),
-                                               "processes": world})
+    record_timings(
+        cfg["RUN_DIR"], "capture", {"seconds": time.perf_counter() - t0, "images": len(items), "processes": world}
+    )
     if skipped.count:
         print(skipped.summary())
     wrote = save(cfg, stats, layers, items, ident, checkpoint, widths, skipped)

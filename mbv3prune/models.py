@@ -5,6 +5,7 @@ explicitly (torchvision's config would recompute SE widths wrongly after pruning
 config that produced it and package versions; it loads with ``torch.load(..., weights_only=True)``.
 ``load_model(path)`` gives a ready model in a notebook.
 """
+
 import os
 import pickle
 import re
@@ -20,8 +21,10 @@ from .errors import PruneError
 ARCHS = ("mobilenet_v3_large", "mobilenet_v3_small")
 FORMAT = "mbv3prune-checkpoint"
 _LAST_FEATURE = {"mobilenet_v3_large": "features.16.0.weight", "mobilenet_v3_small": "features.12.0.weight"}
-_WEIGHTS = {"mobilenet_v3_large": "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
-            "mobilenet_v3_small": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}
+_WEIGHTS = {
+    "mobilenet_v3_large": "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
+    "mobilenet_v3_small": "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
+}
 
 
 def check_arch(arch):
@@ -75,8 +78,17 @@ def layer_widths(model):
 def _resized(m, w):
     """A fresh copy of layer ``m`` with the widths ``w`` (same kernel, stride, padding, bias, eps...)."""
     if isinstance(m, nn.Conv2d):
-        return nn.Conv2d(w["in"], w["out"], m.kernel_size, m.stride, m.padding, m.dilation, w["groups"],
-                         m.bias is not None, m.padding_mode)
+        return nn.Conv2d(
+            w["in"],
+            w["out"],
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            w["groups"],
+            m.bias is not None,
+            m.padding_mode,
+        )
     if isinstance(m, nn.BatchNorm2d):
         return nn.BatchNorm2d(w["features"], m.eps, m.momentum, m.affine, m.track_running_stats)
     return nn.Linear(w["in"], w["out"], m.bias is not None)
@@ -139,8 +151,10 @@ def save_checkpoint(path, model, arch, class_names, config=None, extra=None):
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights")  # looked at first
 _FIRST_KEY = "features.0.0.weight"  # every MobileNetV3 state_dict has it, after any wrapper prefix
-_HEADS = ({"classifier.weight", "classifier.bias"},
-          {"classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"})
+_HEADS = (
+    {"classifier.weight", "classifier.bias"},
+    {"classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"},
+)
 
 
 def _unsupported_global(err):
@@ -158,13 +172,18 @@ def _torch_load(path, allow_pickle):
             raise PruneError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
         if not allow_pickle:
             name = _unsupported_global(err)
-            what = "is a whole-model pickle" if name.startswith(("torch.nn.", "torchvision.models.")) else \
-                f"holds a pickled Python object ({name})"
-            raise PruneError(f"checkpoint {path} {what}, which can run arbitrary code when loaded: "
-                             "set ALLOW_PICKLE=True if you trust the file") from None
+            what = (
+                "is a whole-model pickle"
+                if name.startswith(("torch.nn.", "torchvision.models."))
+                else f"holds a pickled Python object ({name})"
+            )
+            raise PruneError(
+                f"checkpoint {path} {what}, which can run arbitrary code when loaded: "
+                "set ALLOW_PICKLE=True if you trust the file"
+            ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise PruneError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
-    warnings.warn(f"loading pickled objects of {path} with weights_only=False (ALLOW_PICKLE=True)")
+    warnings.warn(f"loading pickled objects of {path} with weights_only=False (ALLOW_PICKLE=True)", stacklevel=2)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # unpickling a foreign file can raise anything
@@ -172,8 +191,9 @@ def _torch_load(path, allow_pickle):
 
 
 def _is_mbv3_state_dict(obj):
-    return isinstance(obj, dict) and any(isinstance(k, str) and k.endswith(_FIRST_KEY) and
-                                         isinstance(v, torch.Tensor) for k, v in obj.items())
+    return isinstance(obj, dict) and any(
+        isinstance(k, str) and k.endswith(_FIRST_KEY) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
 
 
 def _state_dicts(obj, depth=0):
@@ -192,10 +212,12 @@ def _strip_wrapper(state_dict, path):
     """The state_dict without its wrapper prefix (``module.``, ``_orig_mod.``, a Lightning attribute, any mix)."""
     prefixes = sorted({k[: -len(_FIRST_KEY)] for k in state_dict if k.endswith(_FIRST_KEY)})
     if len(prefixes) > 1:
-        raise PruneError(f"checkpoint {path} holds several MobileNetV3 state_dicts (under "
-                         f"{', '.join(p or '(no prefix)' for p in prefixes)}): save the one to prune on its own")
+        raise PruneError(
+            f"checkpoint {path} holds several MobileNetV3 state_dicts (under "
+            f"{', '.join(p or '(no prefix)' for p in prefixes)}): save the one to prune on its own"
+        )
     prefix = prefixes[0]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
 
 
 def _plain_state_dict(obj, path):
@@ -205,8 +227,9 @@ def _plain_state_dict(obj, path):
     if found is not None:
         return _strip_wrapper(found, path)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PruneError(f"checkpoint {path} is not a torchvision MobileNetV3 state_dict "
-                         f"(no key ending in {_FIRST_KEY})")
+        raise PruneError(
+            f"checkpoint {path} is not a torchvision MobileNetV3 state_dict (no key ending in {_FIRST_KEY})"
+        )
     raise PruneError(f"checkpoint {path} holds no MobileNetV3 state_dict (no key ending in {_FIRST_KEY})")
 
 
@@ -216,8 +239,10 @@ def head_classes(state_dict, path):
     if keys not in _HEADS:
         closest = _HEADS[1] if keys & _HEADS[1] else _HEADS[0]
         name = (sorted(keys - _HEADS[0] - _HEADS[1]) or sorted(closest - keys) or sorted(keys))[0]
-        raise PruneError(f"checkpoint {path} has a classifier this project cannot rebuild (key {name}): use "
-                         "nn.Linear(C, K) or torchvision's Linear, Hardswish, Dropout, Linear")
+        raise PruneError(
+            f"checkpoint {path} has a classifier this project cannot rebuild (key {name}): use "
+            "nn.Linear(C, K) or torchvision's Linear, Hardswish, Dropout, Linear"
+        )
     last = "classifier.weight" if "classifier.weight" in keys else "classifier.3.weight"
     return state_dict[last].shape[0]
 
@@ -226,7 +251,9 @@ def infer_arch(state_dict, path):
     for arch, key in _LAST_FEATURE.items():
         if key in state_dict and "features.1.block.0.0.weight" in state_dict:
             return arch
-    raise PruneError(f"checkpoint {path} is not a torchvision MobileNetV3 state_dict (no {' or '.join(_LAST_FEATURE.values())})")
+    raise PruneError(
+        f"checkpoint {path} is not a torchvision MobileNetV3 state_dict (no {' or '.join(_LAST_FEATURE.values())})"
+    )
 
 
 def widths_from_state_dict(arch, state_dict, num_classes):
@@ -268,12 +295,18 @@ def load_imagenet(arch):
     """torchvision's ImageNet weights from the local cache; never downloads."""
     path, weights = imagenet_weights_path(arch)
     if not os.path.exists(path):
-        raise PruneError(f"ImageNet weights for {arch} are not in the local torch cache: put {os.path.basename(path)} "
-                         f"(from {weights.url}) at {path}")
+        raise PruneError(
+            f"ImageNet weights for {arch} are not in the local torch cache: put {os.path.basename(path)} "
+            f"(from {weights.url}) at {path}"
+        )
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     model = model_from_state_dict(arch, state_dict, None, 1000, path)
-    return model, {"arch": arch, "class_names": list(weights.meta["categories"]), "format": "torchvision-imagenet",
-                   "path": path}
+    return model, {
+        "arch": arch,
+        "class_names": list(weights.meta["categories"]),
+        "format": "torchvision-imagenet",
+        "path": path,
+    }
 
 
 def load_checkpoint(path, arch=None, allow_pickle=False):
@@ -298,8 +331,15 @@ def load_checkpoint(path, arch=None, allow_pickle=False):
         num_classes = head_classes(state_dict, path)
         class_names = [f"class_{i}" for i in range(num_classes)]
         widths = widths_from_state_dict(ckpt_arch, state_dict, num_classes)
-        meta = {"format": "state_dict", "arch": ckpt_arch, "num_classes": num_classes, "class_names": class_names,
-                "widths": widths, "config": {}, "extra": {}}
+        meta = {
+            "format": "state_dict",
+            "arch": ckpt_arch,
+            "num_classes": num_classes,
+            "class_names": class_names,
+            "widths": widths,
+            "config": {},
+            "extra": {},
+        }
     if arch is not None and check_arch(arch) != ckpt_arch:
         raise PruneError(f"checkpoint {path} is a {ckpt_arch}, but MODEL_ARCH={arch}")
     model = model_from_state_dict(ckpt_arch, state_dict, widths, len(class_names), path)

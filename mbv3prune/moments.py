@@ -16,6 +16,7 @@ A capture keeps a moment as three state tensors ``{prefix}_n``, ``{prefix}_mean`
 (``MOMENT_SUFFIXES``). They must NOT be summed across torchrun ranks: ``all_reduce_moments`` merges them
 exactly (two all_reduce passes), and ``distributed.all_reduce_totals`` must leave them alone.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -46,7 +47,7 @@ def batch_moments(z, cols=None, diagonal=False, mean=None, n=None, inplace=False
     if diagonal:
         m2 = (zc * zc).sum(0)
     else:
-        right = zc if cols is None else zc[:, zc.shape[1] - cols:]
+        right = zc if cols is None else zc[:, zc.shape[1] - cols :]
         m2 = zc.T @ right
     acc = _accumulate_device(z.device)
     m2 = m2.to(acc, torch.float64)
@@ -59,7 +60,7 @@ def _outer(delta, m2):
     """outer(delta, delta[cols]) in the layout of ``m2`` ([dim], [dim, dim] or [dim, cols])."""
     if m2.dim() == 1:
         return delta * delta
-    return delta[:, None] * delta[None, delta.numel() - m2.shape[1]:]
+    return delta[:, None] * delta[None, delta.numel() - m2.shape[1] :]
 
 
 def merge_(n, mean, m2, bn, bmean, bm2):
@@ -72,7 +73,7 @@ def merge_(n, mean, m2, bn, bmean, bm2):
     if m2.dim() == 1:
         m2.add_(delta * delta, alpha=na * nb / (na + nb))
     else:
-        m2.addr_(delta, delta[delta.numel() - m2.shape[1]:], alpha=na * nb / (na + nb))
+        m2.addr_(delta, delta[delta.numel() - m2.shape[1] :], alpha=na * nb / (na + nb))
     mean.add_(delta, alpha=nb / (na + nb))
     n.add_(nb)
     return n, mean, m2
@@ -82,8 +83,11 @@ def zeros(dim, cols=None, diagonal=False, device="cpu"):
     """Empty running moments (n, mean, M2) for vectors of ``dim`` (see ``batch_moments`` for cols, diagonal)."""
     device = _accumulate_device(device)
     shape = (dim,) if diagonal else (dim, dim if cols is None else cols)
-    return (torch.zeros((), dtype=torch.int64, device=device), torch.zeros(dim, dtype=torch.float64, device=device),
-            torch.zeros(shape, dtype=torch.float64, device=device))
+    return (
+        torch.zeros((), dtype=torch.int64, device=device),
+        torch.zeros(dim, dtype=torch.float64, device=device),
+        torch.zeros(shape, dtype=torch.float64, device=device),
+    )
 
 
 class Moments:
@@ -155,8 +159,9 @@ def all_reduce_(n, mean, m2):
 
 def moment_prefixes(stats):
     """Prefixes p with ``p_n``, ``p_mean`` and ``p_m2`` all in ``stats``, sorted."""
-    return sorted(k[: -len("_m2")] for k in stats
-                  if k.endswith("_m2") and f"{k[:-3]}_n" in stats and f"{k[:-3]}_mean" in stats)
+    return sorted(
+        k[: -len("_m2")] for k in stats if k.endswith("_m2") and f"{k[:-3]}_n" in stats and f"{k[:-3]}_mean" in stats
+    )
 
 
 def is_moment_key(stats, key):

@@ -7,6 +7,7 @@ intra-op threads as torch uses (``torch.get_num_threads()``) and one inter-op th
 onnxruntime timings compare like for like. On CUDA a session needs onnxruntime's CUDA provider (the
 ``onnxruntime-gpu`` package) and is fed by I/O binding, so no host copy is timed.
 """
+
 import contextlib
 import copy
 import io
@@ -38,9 +39,15 @@ def export_onnx(model, path, input_shape):
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-            program = torch.onnx.export(module, (example_batch(input_shape, 2),), dynamo=True, verbose=False,
-                                        input_names=[INPUT], output_names=[OUTPUT],
-                                        dynamic_shapes=({0: batch},))
+            program = torch.onnx.export(
+                module,
+                (example_batch(input_shape, 2),),
+                dynamo=True,
+                verbose=False,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_shapes=({0: batch},),
+            )
     except Exception as err:  # the exporter raises many types
         raise PruneError(f"ONNX export to {path} failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     return atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
@@ -49,18 +56,22 @@ def export_onnx(model, path, input_shape):
 def runs_on(device):
     """Whether this onnxruntime can run sessions on ``device`` (CPU always; CUDA with onnxruntime-gpu)."""
     import onnxruntime as ort
+
     device = torch.device(device)
     return device.type == "cpu" or (device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers())
 
 
 def _providers(device):
     import onnxruntime as ort
+
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
     if runs_on(device):
         return [("CUDAExecutionProvider", {"device_id": device.index or 0})]
-    raise PruneError(f"onnxruntime here cannot run on {device} (providers: {', '.join(ort.get_available_providers())})"
-                     ": install onnxruntime-gpu for CUDA, or time in eager (LATENCY_RUNTIME=eager)")
+    raise PruneError(
+        f"onnxruntime here cannot run on {device} (providers: {', '.join(ort.get_available_providers())})"
+        ": install onnxruntime-gpu for CUDA, or time in eager (LATENCY_RUNTIME=eager)"
+    )
 
 
 def session(path, device="cpu", threads=None, spin=True):
@@ -71,6 +82,7 @@ def session(path, device="cpu", threads=None, spin=True):
     spinning session on a loaded 2-core machine): ``interleaved_latency`` times one runtime at a time.
     """
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -114,8 +126,10 @@ def max_difference(model, path, input_shape, batch_sizes=(1, 3), atol=1e-4, rtol
         diff = np.abs(got - expected)
         worst = max(worst, float(diff.max()))
         if (diff > atol + rtol * np.abs(expected)).any():
-            raise PruneError(f"ONNX file {path}: onnxruntime's output differs from eager by up to {diff.max():.3g} "
-                             f"at batch {b} (tolerance atol={atol}, rtol={rtol})")
+            raise PruneError(
+                f"ONNX file {path}: onnxruntime's output differs from eager by up to {diff.max():.3g} "
+                f"at batch {b} (tolerance atol={atol}, rtol={rtol})"
+            )
     return worst
 
 
@@ -127,25 +141,32 @@ def interleaved_latency(entries, input_shape, device="cpu", batch_sizes=(1, 32),
     runtimes are not interleaved with each other: each one's idle threads spin-wait and would slow the other.
     """
     device = torch.device(device)
-    runners = {label: (copy.deepcopy(model).to(device).eval(), session(path, device))
-               for label, (model, path) in entries.items()}
+    runners = {
+        label: (copy.deepcopy(model).to(device).eval(), session(path, device))
+        for label, (model, path) in entries.items()
+    }
     out = {label: {"eager": {}, "onnxruntime": {}} for label in entries}
     for b in batch_sizes:
         x = example_batch(input_shape, b, device=device)
         for runtime in ("eager", "onnxruntime"):
-            calls = {label: eager_call(module, x) if runtime == "eager" else session_call(sess, x)
-                     for label, (module, sess) in runners.items()}
+            calls = {
+                label: eager_call(module, x) if runtime == "eager" else session_call(sess, x)
+                for label, (module, sess) in runners.items()
+            }
             for label, ms in interleaved_ms(calls, repeats, warmup, synchronizer(device)).items():
                 out[label][runtime][b] = ms
     return out
+
+
 def runtime_latency(model, path, input_shape, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5):
     """{"eager": {batch: ms}, "onnxruntime": {batch: ms}, "threads": n}: medians of repeats on ``device``."""
     ms = interleaved_latency({"model": (model, path)}, input_shape, device, batch_sizes, repeats, warmup)["model"]
     return {**ms, "threads": torch.get_num_threads()}
 
 
-def export_checked(model, path, image_size, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5,
-                   atol=1e-4, rtol=1e-4):
+def export_checked(
+    model, path, image_size, device="cpu", batch_sizes=(1, 32), repeats=50, warmup=5, atol=1e-4, rtol=1e-4
+):
     """Export an image model to ``path``, check it against eager, time both runtimes; the record for a report:
 
     {"path", "max_abs_diff", "latency_ms": {"eager": {batch: ms}, "onnxruntime": {batch: ms}, "threads": n}}.
@@ -153,5 +174,8 @@ def export_checked(model, path, image_size, device="cpu", batch_sizes=(1, 32), r
     shape = (3, image_size, image_size)
     export_onnx(model, path, shape)
     diff = max_difference(model, path, shape, atol=atol, rtol=rtol)
-    return {"path": str(path), "max_abs_diff": diff,
-            "latency_ms": runtime_latency(model, path, shape, device, batch_sizes, repeats, warmup)}
+    return {
+        "path": str(path),
+        "max_abs_diff": diff,
+        "latency_ms": runtime_latency(model, path, shape, device, batch_sizes, repeats, warmup),
+    }

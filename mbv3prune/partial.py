@@ -8,6 +8,7 @@ save whole). When the rows written since the last full snapshot would pass the c
 full snapshot instead (and the row files are dropped), so the disk holds at most about twice the totals and
 a save's cost is bounded by the images between saves, amortised, not by the classes.
 """
+
 import glob
 import json
 import os
@@ -20,8 +21,14 @@ from .data import Skipped
 from .errors import PruneError
 
 PER_CLASS_SUFFIXES = ("/hist_class", "/sum_abs_class", "/n_class")  # totals with one row per class
-_META = ("resume/items_done", "resume/skipped_count", "resume/skipped_paths", "resume/row_files",
-         "resume/rows_since_full", "resume/num_classes")
+_META = (
+    "resume/items_done",
+    "resume/skipped_count",
+    "resume/skipped_paths",
+    "resume/row_files",
+    "resume/rows_since_full",
+    "resume/num_classes",
+)
 
 
 def _per_class(key):
@@ -70,18 +77,24 @@ class PartialSaves:
 
     def _meta(self, items_done, skipped):
         paths = torch.frombuffer(bytearray(json.dumps(skipped.paths).encode()), dtype=torch.uint8).clone()
-        return {"resume/items_done": torch.tensor(items_done), "resume/skipped_count": torch.tensor(skipped.count),
-                "resume/skipped_paths": paths, "resume/row_files": torch.tensor(self.row_files),
-                "resume/rows_since_full": torch.tensor(self.rows_since_full),
-                "resume/num_classes": torch.tensor(self.num_classes)}
+        return {
+            "resume/items_done": torch.tensor(items_done),
+            "resume/skipped_count": torch.tensor(skipped.count),
+            "resume/skipped_paths": paths,
+            "resume/row_files": torch.tensor(self.row_files),
+            "resume/rows_since_full": torch.tensor(self.rows_since_full),
+            "resume/num_classes": torch.tensor(self.num_classes),
+        }
 
 
 def load(base):
     """(capture state, items done, Skipped so far, PartialSaves to continue with) of a partial save."""
     state = load_tensors(base, "partial capture")
     if any(k not in state for k in _META):
-        raise PruneError(f"partial capture {base} does not record how many images it consumed (made by an older "
-                         "version): run without RESUME=True to start over")
+        raise PruneError(
+            f"partial capture {base} does not record how many images it consumed (made by an older "
+            "version): run without RESUME=True to start over"
+        )
     skipped = Skipped()
     skipped.count = int(state.pop("resume/skipped_count"))
     skipped.paths = json.loads(bytes(state.pop("resume/skipped_paths").tolist()).decode())

@@ -6,13 +6,16 @@ block the proposal: hidden channels, candidates, kept, the indices to prune and 
 ``load_plan`` checks every field and names the first one at fault; ``check_plan_matches_model`` refuses a
 plan made for another architecture or widths.
 """
+
 import math
 
+import torch
+
+from .activation_stats import ActivationStats
 from .artifacts import read_json, write_json
 from .errors import PruneError
 from .scores import SCORES
 from .selection import FLOOR, min_kept
-from .activation_stats import ActivationStats
 
 PLAN_KIND = "mbv3prune-plan"
 PLAN_SCHEMA_VERSION = 1
@@ -31,9 +34,15 @@ def plan_layers(stats, proposals, threshold, min_class_samples):
         layer = entry.get("layer")
         if layer is None or not stats.has(layer):
             continue
-        low, high = stats.class_deadness_range(layer, threshold, min_class_samples)
-        out[layer] = {"channel_deadness": _rounded(stats.deadness(layer, threshold)),
-                      "class_deadness_min": _rounded(low), "class_deadness_max": _rounded(high)}
+        if stats.has_class_hist(layer):
+            low, high = stats.class_deadness_range(layer, threshold, min_class_samples)
+        else:  # PER_CLASS counts / off (thousands of species): no per-class range to show
+            low = high = torch.full((stats.channels(layer),), math.nan, dtype=torch.float64)
+        out[layer] = {
+            "channel_deadness": _rounded(stats.deadness(layer, threshold)),
+            "class_deadness_min": _rounded(low),
+            "class_deadness_max": _rounded(high),
+        }
     return out
 
 
@@ -65,11 +74,23 @@ def write_plan(path, plan):
 
 # --- validating a plan file -------------------------------------------------------------------------------
 
-_TOP = (("schema_version", "int"), ("kind", "str"), ("model", "dict"), ("capture_point", "str"),
-        ("threshold", "number"), ("deadness_threshold", "number"), ("score", "str"), ("class_aware", "bool"),
-        ("min_class_samples", "int"), ("min_keep_ratio", "number"), ("round_to", "int"), ("layers", "dict"),
-        ("blocks", "dict"), ("provenance", "dict"))
-_MAX_CHANNELS = 2 ** 31 - 1
+_TOP = (
+    ("schema_version", "int"),
+    ("kind", "str"),
+    ("model", "dict"),
+    ("capture_point", "str"),
+    ("threshold", "number"),
+    ("deadness_threshold", "number"),
+    ("score", "str"),
+    ("class_aware", "bool"),
+    ("min_class_samples", "int"),
+    ("min_keep_ratio", "number"),
+    ("round_to", "int"),
+    ("layers", "dict"),
+    ("blocks", "dict"),
+    ("provenance", "dict"),
+)
+_MAX_CHANNELS = 2**31 - 1
 _LAYER_LISTS = ("channel_deadness", "class_deadness_min", "class_deadness_max")
 
 
@@ -100,8 +121,9 @@ def _get(path, obj, key, kind, where=""):
     if key not in obj:
         raise _bad(path, at, "is missing")
     if not _is_kind(obj[key], kind):
-        raise _bad(path, at, f"must be {kind.rstrip('?')}{' or null' if kind.endswith('?') else ''}, "
-                             f"not {_short(obj[key])}")
+        raise _bad(
+            path, at, f"must be {kind.rstrip('?')}{' or null' if kind.endswith('?') else ''}, not {_short(obj[key])}"
+        )
     return obj[key]
 
 
@@ -173,8 +195,9 @@ def _check_block_name(path, name, hidden, blocks):
         raise _bad(path, f"blocks.{name}", f"is not a block of this model (blocks: {', '.join(blocks)})")
     roles = blocks[name] if isinstance(blocks, dict) else None
     if isinstance(roles, dict) and roles.get("hidden_channels", hidden) != hidden:
-        raise _bad(path, f"blocks.{name}.hidden_channels", f"is {hidden}, but the model's block has "
-                                                          f"{roles['hidden_channels']}")
+        raise _bad(
+            path, f"blocks.{name}.hidden_channels", f"is {hidden}, but the model's block has {roles['hidden_channels']}"
+        )
 
 
 def _check_block(path, plan, name, entry, blocks):
@@ -191,8 +214,12 @@ def _check_block(path, plan, name, entry, blocks):
         raise _bad(path, f"{where}.kept", f"is {kept}, but hidden_channels - len(prune) = {hidden - len(prune)}")
     floor = min_kept(hidden, plan["min_keep_ratio"])
     if kept < floor:
-        raise _bad(path, where, f"keeps {kept} of {hidden} channels, below the floor of {floor} "
-                                f"({FLOOR} channels and min_keep_ratio {plan['min_keep_ratio']})")
+        raise _bad(
+            path,
+            where,
+            f"keeps {kept} of {hidden} channels, below the floor of {floor} "
+            f"({FLOOR} channels and min_keep_ratio {plan['min_keep_ratio']})",
+        )
     if "skipped" in entry and _get(path, entry, "skipped", "str", where) and prune:
         raise _bad(path, f"{where}.prune", "must be empty in a skipped block")
     _check_block_layer(path, plan, where, entry, hidden)
@@ -225,8 +252,11 @@ def load_plan(path, blocks=None, widths=None):
         _check_block(path, plan, name, entry, blocks)
     layer = first_width_difference(plan["model"]["widths"], widths) if widths is not None else None
     if layer is not None:
-        raise _bad(path, f"model.widths.{layer}", f"is {_short(plan['model']['widths'].get(layer))}, "
-                                                  f"but the model has {_short(widths.get(layer))}")
+        raise _bad(
+            path,
+            f"model.widths.{layer}",
+            f"is {_short(plan['model']['widths'].get(layer))}, but the model has {_short(widths.get(layer))}",
+        )
     return plan
 
 
@@ -237,9 +267,13 @@ def check_plan_matches_model(plan, arch, widths, checkpoint_sha256, name="prunin
         raise PruneError(f"{name} was made for {model['arch']}, but the model is {arch}")
     layer = first_width_difference(model["widths"], widths)
     if layer is not None:
-        raise PruneError(f"{name} was made for a model whose layer {layer} has widths "
-                         f"{model['widths'].get(layer)}, but this model's {layer} has {widths.get(layer)}")
+        raise PruneError(
+            f"{name} was made for a model whose layer {layer} has widths "
+            f"{model['widths'].get(layer)}, but this model's {layer} has {widths.get(layer)}"
+        )
     if model.get("checkpoint_sha256") != checkpoint_sha256:
-        return (f"{name} was made from checkpoint sha256 {str(model.get('checkpoint_sha256'))[:12]}..., not "
-                f"{str(checkpoint_sha256)[:12]}...: same architecture and widths, so it still applies")
+        return (
+            f"{name} was made from checkpoint sha256 {str(model.get('checkpoint_sha256'))[:12]}..., not "
+            f"{str(checkpoint_sha256)[:12]}...: same architecture and widths, so it still applies"
+        )
     return None

@@ -1,4 +1,5 @@
 """Every figure of the project, one function each (matplotlib without a display, written atomically)."""
+
 import math
 
 import matplotlib
@@ -26,8 +27,14 @@ def magnitude_histogram(counts, edges, title, threshold, suggested, path):
     ax.set_xlabel("|activation| (log scale)")
     ax.set_ylabel("fraction of activations")
     ax.set_title(title, fontsize=9)
-    ax.text(0.01, 0.97, f"exact zeros: {100 * counts[0] / total:.1f}%\nbelow 1e-6: {100 * counts[1] / total:.1f}%",
-            transform=ax.transAxes, va="top", fontsize=8)
+    ax.text(
+        0.01,
+        0.97,
+        f"exact zeros: {100 * counts[0] / total:.1f}%\nbelow 1e-6: {100 * counts[1] / total:.1f}%",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+    )
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -62,7 +69,7 @@ def tile(maps, pad=1):
     mosaic = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), np.nan)
     for i in range(c):
         r, q = divmod(i, cols)
-        mosaic[r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = maps[i]
+        mosaic[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = maps[i]
     return mosaic, cols
 
 
@@ -71,8 +78,10 @@ def deadness_grid(fraction, title, path):
     mosaic, cols = tile(np.asarray(fraction, dtype=np.float64))
     fig, ax = plt.subplots(figsize=(8, 8 * mosaic.shape[0] / mosaic.shape[1] + 0.8))
     im = ax.imshow(mosaic, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"{title}\n{fraction.shape[0]} channels, {cols} per row, each {fraction.shape[1]}x{fraction.shape[2]}",
-                 fontsize=9)
+    ax.set_title(
+        f"{title}\n{fraction.shape[0]} channels, {cols} per row, each {fraction.shape[1]}x{fraction.shape[2]}",
+        fontsize=9,
+    )
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.03, label="fraction of images with |a| < THRESHOLD")
     fig.tight_layout()
@@ -83,8 +92,13 @@ def deadness_histogram(per_layer, deadness_threshold, path):
     """Histogram of channel deadness over all layers, one stacked colour per layer."""
     fig, ax = plt.subplots(figsize=(8, 4))
     values = [np.asarray(v, dtype=np.float64) for v in per_layer.values()]
-    ax.hist(values, bins=np.linspace(0, 1, 41), stacked=True, label=list(per_layer), color=plt.get_cmap("viridis")(
-        np.linspace(0, 1, len(values))))
+    ax.hist(
+        values,
+        bins=np.linspace(0, 1, 41),
+        stacked=True,
+        label=list(per_layer),
+        color=plt.get_cmap("viridis")(np.linspace(0, 1, len(values))),
+    )
     ax.axvline(deadness_threshold, color="#c44e52", lw=1.5, label=f"DEADNESS_THRESHOLD {deadness_threshold}")
     ax.set_xlabel("channel deadness (fraction of activations below THRESHOLD)")
     ax.set_ylabel("channels")
@@ -114,8 +128,9 @@ def single_overlay(image, heat, title, path):
 
 def before_after_panel(image, rows, layers, path):
     """Rows = models ({label, prediction, heats per layer}), columns = the image and one overlay per layer."""
-    fig, axes = plt.subplots(len(rows), len(layers) + 1, figsize=(2.3 * (len(layers) + 1), 2.5 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(layers) + 1, figsize=(2.3 * (len(layers) + 1), 2.5 * len(rows)), squeeze=False
+    )
     for r, row in enumerate(rows):
         axes[r, 0].imshow(image)
         axes[r, 0].set_title(f"{row['label']}\n{row['prediction']}", fontsize=7)
@@ -168,12 +183,15 @@ def deadness_rounds(initial, latest, cut, path, score="deadness"):
         ax.scatter(x[moved], y[moved], s=8, color="#c44e52", label=f"{int(moved.sum())} crossed")
         ax.axvline(cut, color="grey", lw=0.6, ls=":")
         ax.axhline(cut, color="grey", lw=0.6, ls=":")
-        top = max(1.0, float(x.max(initial=0)), float(y.max(initial=0))) if not lower else \
-            max(float(x.max(initial=0)), float(y.max(initial=0)), cut) * 1.05
+        top = (
+            max(1.0, float(x.max(initial=0)), float(y.max(initial=0)))
+            if not lower
+            else max(float(x.max(initial=0)), float(y.max(initial=0)), cut) * 1.05
+        )
         ax.plot([0, top], [0, top], color="grey", lw=0.5)
         ax.set_title(name, fontsize=8)
         ax.legend(fontsize=6, loc="upper left")
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.supxlabel(f"{score}, first measurement (cut {cut:g})")
     fig.supylabel(f"{score}, last measurement before pruning")
@@ -181,13 +199,17 @@ def deadness_rounds(initial, latest, cut, path, score="deadness"):
     return save_figure(fig, path)
 
 
-def criteria_comparison(results, allocations, path, steps=(("pruned", "no fine-tuning"),
-                                                          ("bn_recalibrated", "BN recalibrated"),
-                                                          ("finetuned", "fine-tuned"))):
+def criteria_comparison(
+    results,
+    allocations,
+    path,
+    steps=(("pruned", "no fine-tuning"), ("bn_recalibrated", "BN recalibrated"), ("finetuned", "fine-tuned")),
+):
     """Top-1 against MACs removed: a line per criterion (random: mean of its seeds, min-max band), a panel per
     allocation (rows) and recovery step (columns); 95% bootstrap intervals as error bars."""
-    fig, axes = plt.subplots(len(allocations), len(steps), figsize=(5 * len(steps), 4 * len(allocations)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(allocations), len(steps), figsize=(5 * len(steps), 4 * len(allocations)), squeeze=False, sharey=True
+    )
     baseline = results.get("baseline", {}).get("top1")
     names = sorted({n for a in allocations for n in _criteria_curves(results, a)})
     palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "#8c6d31", "#637939", "#7b4173"]
@@ -201,11 +223,23 @@ def criteria_comparison(results, allocations, path, steps=(("pruned", "no fine-t
                     continue
                 xs = [100 * x for x, _ in pts]
                 ys = [100 * r["top1"] for _, r in pts]
-                err = [[100 * (r["top1"] - r["ci95"][0]) for _, r in pts],
-                       [100 * (r["ci95"][1] - r["top1"]) for _, r in pts]]
+                err = [
+                    [100 * (r["top1"] - r["ci95"][0]) for _, r in pts],
+                    [100 * (r["ci95"][1] - r["top1"]) for _, r in pts],
+                ]
                 style = ":" if name == "random" else "--" if name.startswith("tp_") else "-"
-                ax.errorbar(xs, ys, yerr=err, fmt="o" + style, ms=3, lw=1.2, capsize=2, color=colors[name],
-                            label=name, alpha=0.9)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err,
+                    fmt="o" + style,
+                    ms=3,
+                    lw=1.2,
+                    capsize=2,
+                    color=colors[name],
+                    label=name,
+                    alpha=0.9,
+                )
             if not ax.has_data():
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
             if baseline is not None:
@@ -238,7 +272,9 @@ def _criteria_curves(results, allocation):
         mean = {"macs_reduction": float(np.mean([r["macs_reduction"] for r in runs]))}
         for step in {s for r in runs for s, v in r.items() if isinstance(v, dict) and "top1" in v}:
             have = [r[step] for r in runs if step in r]  # fine-tuned: the first seed only
-            mean[step] = {"top1": float(np.mean([h["top1"] for h in have])),
-                          "ci95": [min(h["ci95"][0] for h in have), max(h["ci95"][1] for h in have)]}
+            mean[step] = {
+                "top1": float(np.mean([h["top1"] for h in have])),
+                "ci95": [min(h["ci95"][0] for h in have), max(h["ci95"][1] for h in have)],
+            }
         curves.setdefault("random", []).append((mean["macs_reduction"], mean))
     return curves

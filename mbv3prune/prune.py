@@ -14,6 +14,7 @@ one per bias add, BatchNorm 2 per element, ReLU/ReLU6 1 per element, pooling 1 p
 Hardswish, Hardsigmoid, the SE multiply and the residual add are not counted. ``block_macs`` uses the
 same counter, so the blocks' values plus the stem, last conv and classifier add up to ``count_macs_params``.
 """
+
 import copy
 from numbers import Integral
 
@@ -25,8 +26,15 @@ from .errors import PruneError
 from .plan import min_kept
 
 # role -> whether torch-pruning prunes its output ("out") or input ("in") channels in a block's group
-GROUP_ROLES = {"expand": "out", "expand_bn": "out", "depthwise": "out", "depthwise_bn": "out",
-               "se_fc1": "in", "se_fc2": "out", "project": "in"}
+GROUP_ROLES = {
+    "expand": "out",
+    "expand_bn": "out",
+    "depthwise": "out",
+    "depthwise_bn": "out",
+    "se_fc1": "in",
+    "se_fc2": "out",
+    "project": "in",
+}
 
 
 def _example_input(model, image_size, random=False):
@@ -45,7 +53,8 @@ def build_graph(model, image_size=64):
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=_example_input(model, image_size, random=True), verbose=False)
+                model, example_inputs=_example_input(model, image_size, random=True), verbose=False
+            )
     finally:
         for m, training in modes.items():
             m.training = training
@@ -78,16 +87,20 @@ def _check_block_indices(name, roles, idxs):
     """``idxs`` as a sorted list of ints, or PruneError naming the block and the bad value."""
     idxs = _as_list(name, idxs)
     if idxs and not prunable(roles):
-        raise PruneError(f"block {name} has no expand conv: its depthwise channels are the stem's output "
-                         "channels, tied to the stem and the residual path, so it cannot be pruned")
+        raise PruneError(
+            f"block {name} has no expand conv: its depthwise channels are the stem's output "
+            "channels, tied to the stem and the residual path, so it cannot be pruned"
+        )
     n, seen = roles["hidden_channels"], set()
     for i in idxs:
         _check_index(name, i, n, seen)
         seen.add(int(i))
     floor = min_kept(n, 0.0)
     if n - len(seen) < floor:
-        raise PruneError(f"block {name}: removing {len(seen)} of {n} channels would leave {n - len(seen)}, under its "
-                         f"floor of {floor} (plan.FLOOR; later stages need it): remove at most {n - floor}")
+        raise PruneError(
+            f"block {name}: removing {len(seen)} of {n} channels would leave {n - len(seen)}, under its "
+            f"floor of {floor} (plan.FLOOR; later stages need it): remove at most {n - floor}"
+        )
     return sorted(seen)
 
 
@@ -109,15 +122,20 @@ def _check_widths(model, roles, name):
         raise PruneError(f"block {name}: the model has no layer {roles['expand']}: roles of another model?") from None
     n = roles["hidden_channels"]
     if expand.out_channels != n or dw.out_channels != n:
-        raise PruneError(f"block {name}: roles record {n} hidden channels but the model has {dw.out_channels}: "
-                         "re-run find_blocks on the current model")
+        raise PruneError(
+            f"block {name}: roles record {n} hidden channels but the model has {dw.out_channels}: "
+            "re-run find_blocks on the current model"
+        )
 
 
 def _group_members(graph, model, group):
     """{(module name, "out" | "in")} of the model layers a group prunes (tracing-only ops left out)."""
     names = {id(m): n for n, m in model.named_modules()}
-    return {(names[id(dep.target.module)], "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in")
-            for dep, _ in group if id(dep.target.module) in names}
+    return {
+        (names[id(dep.target.module)], "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in")
+        for dep, _ in group
+        if id(dep.target.module) in names
+    }
 
 
 def _check_members(graph, model, group, roles, name):
@@ -127,8 +145,10 @@ def _check_members(graph, model, group, roles, name):
     if found != expected:
         extra = sorted(f"{n} ({k})" for n, k in found - expected)
         missing = sorted(f"{n} ({k})" for n, k in expected - found)
-        raise PruneError(f"block {name}: torch-pruning couples unexpected layers {extra} / misses {missing}; "
-                         "its hidden channels are not independent of the rest of the model")
+        raise PruneError(
+            f"block {name}: torch-pruning couples unexpected layers {extra} / misses {missing}; "
+            "its hidden channels are not independent of the rest of the model"
+        )
 
 
 def block_group(graph, model, roles, idxs, name=None):
@@ -156,13 +176,17 @@ def prune_blocks(model, blocks, plan, image_size=64):
     groups = {}
     if todo:
         graph = build_graph(model, image_size)
-        groups = {name: block_group(graph, model, blocks[name], todo[name], name)
-                  for name in blocks if name in todo}
+        groups = {name: block_group(graph, model, blocks[name], todo[name], name) for name in blocks if name in todo}
     for group in groups.values():
         group.prune()
-    return {name: {"before": blocks[name]["hidden_channels"],
-                   "after": blocks[name]["hidden_channels"] - len(idxs),
-                   "removed": idxs} for name, idxs in plan.items()}
+    return {
+        name: {
+            "before": blocks[name]["hidden_channels"],
+            "after": blocks[name]["hidden_channels"] - len(idxs),
+            "removed": idxs,
+        }
+        for name, idxs in plan.items()
+    }
 
 
 def count_macs_params(model, image_size):
@@ -175,8 +199,7 @@ def count_macs_params(model, image_size):
 def block_macs(model, blocks, image_size):
     """{block: MACs of that block on one (1, 3, S, S) image}, in ``count_macs_params``'s convention."""
     with torch.no_grad():
-        _, _, layer_macs, _ = tp.utils.count_ops_and_params(model, _example_input(model, image_size),
-                                                            layer_wise=True)
+        _, _, layer_macs, _ = tp.utils.count_ops_and_params(model, _example_input(model, image_size), layer_wise=True)
     return {name: int(layer_macs[model.get_submodule(name)]) for name in blocks}
 
 
@@ -188,8 +211,11 @@ def macs_per_channel(model, blocks, image_size):
     removing k channels removes exactly k times this. Blocks without an expand conv, or with one hidden
     channel left, cannot lose a channel and are left out.
     """
-    plan = {name: [roles["hidden_channels"] - 1] for name, roles in blocks.items()
-            if prunable(roles) and roles["hidden_channels"] > 1}
+    plan = {
+        name: [roles["hidden_channels"] - 1]
+        for name, roles in blocks.items()
+        if prunable(roles) and roles["hidden_channels"] > 1
+    }
     probe = copy.deepcopy(model)
     prune_blocks(probe, blocks, plan, image_size)
     before, after = block_macs(model, plan, image_size), block_macs(probe, plan, image_size)

@@ -7,6 +7,7 @@ chunks until the MACs fall by ``TARGET_MACS_REDUCTION``. ``iterative`` prunes bl
 order, re-measuring downstream blocks after each round (``iterative.run``). Each returns
 (pruned model, {block: removed indices}, how it was chosen, extra report fields).
 """
+
 import os
 
 from . import distributed, iterative, measure, plots, reconstruct, selection, stage
@@ -32,8 +33,10 @@ def check_mode(cfg):
     if cfg["RECONSTRUCT"] not in RECONSTRUCTIONS:
         raise PruneError(f"unknown RECONSTRUCT {cfg['RECONSTRUCT']!r}: use one of {', '.join(RECONSTRUCTIONS)}")
     if cfg["RECONSTRUCT"] != "none" and (cfg["CORRECT_VARIANCE"] or not cfg["COMPENSATE"]):
-        raise PruneError(f"RECONSTRUCT={cfg['RECONSTRUCT']} refits the kept weights (mean and variance included): "
-                         "CORRECT_VARIANCE=True and COMPENSATE=False go with RECONSTRUCT=none only")
+        raise PruneError(
+            f"RECONSTRUCT={cfg['RECONSTRUCT']} refits the kept weights (mean and variance included): "
+            "CORRECT_VARIANCE=True and COMPENSATE=False go with RECONSTRUCT=none only"
+        )
 
 
 def needs_stats(cfg):
@@ -47,8 +50,14 @@ def criterion(run, cfg):
     overrides = {"ridge": cfg["RIDGE"]} if "RIDGE" in cfg else {}
     if "OUTPUT_UNITS" in cfg:
         overrides["output_units"] = cfg["OUTPUT_UNITS"]
-    return Criterion.from_plan(run.plan, score=score, min_keep_ratio=cfg["MIN_KEEP_RATIO"], round_to=cfg["ROUND_TO"],
-                               skip_blocks=cfg["SKIP_BLOCKS"], **overrides)
+    return Criterion.from_plan(
+        run.plan,
+        score=score,
+        min_keep_ratio=cfg["MIN_KEEP_RATIO"],
+        round_to=cfg["ROUND_TO"],
+        skip_blocks=cfg["SKIP_BLOCKS"],
+        **overrides,
+    )
 
 
 def refit_batches(run, cfg):
@@ -65,8 +74,9 @@ def compensator(run, cfg):
     """What is folded in before every prune: the refit (RECONSTRUCT sequential or oneshot), else the mean
     compensation (None with COMPENSATE=False)."""
     if cfg["RECONSTRUCT"] == "sequential":
-        return reconstruct.folder("sequential", run.model, refit_batches(run, cfg), cfg["RIDGE"],
-                                  cfg["RESIDUAL_TARGET"])
+        return reconstruct.folder(
+            "sequential", run.model, refit_batches(run, cfg), cfg["RIDGE"], cfg["RESIDUAL_TARGET"]
+        )
     if cfg["RECONSTRUCT"] == "oneshot":
         return reconstruct.folder("oneshot", ridge=cfg["RIDGE"])
     if not cfg["COMPENSATE"]:
@@ -91,11 +101,21 @@ def to_macs_target(run, crit, target, max_overshoot=None):
     if crit.score == "obs":
         removals = crit.removals(run.stats, {b: r for b, r in run.blocks.items() if b in run.per_channel}, run.model)
         steps = selection.costed_steps(removals, run.blocks, run.per_channel, crit.min_keep_ratio, crit.round_to)
-        return selection.to_macs_target(None, run.blocks, run.per_channel, run.total, target, crit.min_keep_ratio,
-                                        crit.round_to, max_overshoot, steps=steps)
+        return selection.to_macs_target(
+            None,
+            run.blocks,
+            run.per_channel,
+            run.total,
+            target,
+            crit.min_keep_ratio,
+            crit.round_to,
+            max_overshoot,
+            steps=steps,
+        )
     ranking = crit.rank(run.stats, run.blocks, run.layers, run.model)
-    return selection.to_macs_target(ranking, run.blocks, run.per_channel, run.total, target, crit.min_keep_ratio,
-                                    crit.round_to, max_overshoot)
+    return selection.to_macs_target(
+        ranking, run.blocks, run.per_channel, run.total, target, crit.min_keep_ratio, crit.round_to, max_overshoot
+    )
 
 
 def predicted_reduction(run, chosen):
@@ -109,12 +129,15 @@ def prune_one_shot(run, cfg, crit):
     chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
     extra = {"target_macs_reduction": target if mode == "target_macs" else None}
     if mode == "threshold" and predicted_reduction(run, chosen) < MIN_USEFUL_REDUCTION:
-        print(f"the plan removes only {100 * predicted_reduction(run, chosen):.1f}% of MACs "
-              f"(< {100 * MIN_USEFUL_REDUCTION:.0f}%): few channels are dead at its thresholds")
+        print(
+            f"the plan removes only {100 * predicted_reduction(run, chosen):.1f}% of MACs "
+            f"(< {100 * MIN_USEFUL_REDUCTION:.0f}%): few channels are dead at its thresholds"
+        )
         if cfg["FALLBACK_TARGET"]:
             mode, target = "target_macs", cfg["FALLBACK_TARGET"]
-            print(f"FALLBACK_TARGET={target}: pruning the most prunable channels to {100 * target:.0f}% of MACs "
-                  "instead")
+            print(
+                f"FALLBACK_TARGET={target}: pruning the most prunable channels to {100 * target:.0f}% of MACs instead"
+            )
             chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
             extra = {"target_macs_reduction": target, "fallback": "plan removed < 10% of MACs"}
     pruned, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensator(run, cfg))
@@ -126,18 +149,45 @@ def prune_iteratively(run, cfg, crit):
     sample_loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
     schedule = iterative.Schedule(cfg["BLOCKS_PER_ROUND"], cfg["MAX_ROUNDS"], cfg["TARGET_MACS_REDUCTION"])
     pruned, rounds, chosen, measured = iterative.run(
-        run.model, lambda: batches(sample_loader, Skipped(), run.device), run.stats, run.layers, crit, schedule,
-        capture_point=run.capture_point, image_size=cfg["IMAGE_SIZE"], num_classes=len(run.class_names),
-        weights=run.model, compensate_fn=compensator(run, cfg),
+        run.model,
+        lambda: batches(sample_loader, Skipped(), run.device),
+        run.stats,
+        run.layers,
+        crit,
+        schedule,
+        capture_point=run.capture_point,
+        image_size=cfg["IMAGE_SIZE"],
+        num_classes=len(run.class_names),
+        weights=run.model,
+        compensate_fn=compensator(run, cfg),
         second_moments=crit.score == "obs" or cfg["RECONSTRUCT"] == "oneshot",
-        score_fn=lambda m: eval_accuracy(m, run.loaders, run.class_names, run.device, "round")["top1"])
-    figures = [] if not distributed.is_main() else [
-        plots.deadness_rounds(measured["initial_values"], measured["latest_values"],
-                              crit.deadness_threshold if crit.score == "deadness" else crit.threshold,
-                              os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"), crit.score)]
+        score_fn=lambda m: eval_accuracy(m, run.loaders, run.class_names, run.device, "round")["top1"],
+    )
+    figures = (
+        []
+        if not distributed.is_main()
+        else [
+            plots.deadness_rounds(
+                measured["initial_values"],
+                measured["latest_values"],
+                crit.deadness_threshold if crit.score == "deadness" else crit.threshold,
+                os.path.join(cfg["RUN_DIR"], "deadness_rounds.png"),
+                crit.score,
+            )
+        ]
+    )
     how = f"iterative: consistently {crit.cut()}, {len(rounds)} rounds"
-    return pruned, chosen, how, {"mode": "iterative", "rounds": rounds, "figures": figures,
-                                 "target_macs_reduction": cfg["TARGET_MACS_REDUCTION"] or None}
+    return (
+        pruned,
+        chosen,
+        how,
+        {
+            "mode": "iterative",
+            "rounds": rounds,
+            "figures": figures,
+            "target_macs_reduction": cfg["TARGET_MACS_REDUCTION"] or None,
+        },
+    )
 
 
 def prune(run, cfg, crit):
@@ -158,13 +208,24 @@ def sweep(run, cfg, crit):
         pruned, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensator(run, cfg))
         steps = recover(pruned, run.loaders, run.class_names, run.device, sweep_cfg)
         macs, _ = count_macs_params(pruned, cfg["IMAGE_SIZE"])
-        points.append({"value": value, "macs_reduction": round(1 - macs / run.total, 6),
-                       "top1_pruned": steps["pruned"]["top1"],
-                       "top1_bn_recalibrated": steps["bn_recalibrated"]["top1"]})
-        print(f"sweep {value}: MACs -{100 * points[-1]['macs_reduction']:.1f}%, top-1 "
-              f"{points[-1]['top1_bn_recalibrated']:.4f} after BN recalibration")
+        points.append(
+            {
+                "value": value,
+                "macs_reduction": round(1 - macs / run.total, 6),
+                "top1_pruned": steps["pruned"]["top1"],
+                "top1_bn_recalibrated": steps["bn_recalibrated"]["top1"],
+            }
+        )
+        print(
+            f"sweep {value}: MACs -{100 * points[-1]['macs_reduction']:.1f}%, top-1 "
+            f"{points[-1]['top1_bn_recalibrated']:.4f} after BN recalibration"
+        )
     xlabel = "TARGET_MACS_REDUCTION" if cfg["PRUNE_MODE"] == "target_macs" else "DEADNESS_THRESHOLD"
-    figure = plots.sweep([p["value"] for p in points], [p["top1_bn_recalibrated"] for p in points],
-                         [p["macs_reduction"] for p in points], xlabel,
-                         os.path.join(cfg["RUN_DIR"], "pruning_sweep.png"))
+    figure = plots.sweep(
+        [p["value"] for p in points],
+        [p["top1_bn_recalibrated"] for p in points],
+        [p["macs_reduction"] for p in points],
+        xlabel,
+        os.path.join(cfg["RUN_DIR"], "pruning_sweep.png"),
+    )
     return points, figure

@@ -25,6 +25,7 @@ error in the project conv output z costs sum_o d_o dz_o**2 with d_o = s_o**2 (``
 Everything is computed in float64 on the CPU (the matrices are at most a few thousand wide) and written
 back in each layer's dtype and device.
 """
+
 import copy
 from collections import namedtuple
 
@@ -51,7 +52,7 @@ def _f64(t):
 def output_weights(bn):
     """d_o = gamma_o**2 / (running_var_o + eps) of a BatchNorm (CPU float64): project output in block units."""
     gamma = _f64(bn.weight) if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
-    return gamma ** 2 / (_f64(bn.running_var) + bn.eps)
+    return gamma**2 / (_f64(bn.running_var) + bn.eps)
 
 
 def _ridge_lambda(cov, ridge):
@@ -97,26 +98,30 @@ def obs_removal(cov, weight, d, ridge=0.0, removable=None, n_remove=None):
     cov, w, d = _f64(cov), _f64(weight).clone(), _f64(d)
     c = cov.shape[0]
     if cov.shape != (c, c) or w.shape[1] != c or d.shape != (w.shape[0],):
-        raise PruneError(f"obs_removal: cov {tuple(cov.shape)}, weight {tuple(w.shape)} and d {tuple(d.shape)} "
-                         "do not fit (cov [C, C], weight [out, C], d [out])")
+        raise PruneError(
+            f"obs_removal: cov {tuple(cov.shape)}, weight {tuple(w.shape)} and d {tuple(d.shape)} "
+            "do not fit (cov [C, C], weight [out, C], d [out])"
+        )
     variance = _weighted_variance(cov, w, d)
     h_inv, info = torch.linalg.inv_ex(cov + _ridge_lambda(cov, ridge) * torch.eye(c, dtype=torch.float64))
     if int(info) != 0 or not bool(torch.isfinite(h_inv).all()):
-        raise PruneError(f"obs_removal: the covariance of {c} channels is singular (dead or duplicate channels): "
-                         "use RIDGE > 0")
-    free = (torch.ones(c, dtype=torch.bool) if removable is None
-            else torch.as_tensor(removable, dtype=torch.bool).clone())
+        raise PruneError(
+            f"obs_removal: the covariance of {c} channels is singular (dead or duplicate channels): use RIDGE > 0"
+        )
+    free = (
+        torch.ones(c, dtype=torch.bool) if removable is None else torch.as_tensor(removable, dtype=torch.bool).clone()
+    )
     steps = min(int(free.sum()), c - 1) if n_remove is None else int(n_remove)
     if steps > min(int(free.sum()), c - 1):
         raise PruneError(f"obs_removal: cannot remove {steps} of {c} channels ({int(free.sum())} removable, one kept)")
     order, costs = [], []
     for _ in range(steps):
         diag = h_inv.diagonal()
-        cost = (d[:, None] * w ** 2).sum(0) / diag.clamp(min=torch.finfo(torch.float64).tiny)
+        cost = (d[:, None] * w**2).sum(0) / diag.clamp(min=torch.finfo(torch.float64).tiny)
         j = int(torch.where(free, cost, torch.inf).argmin())
         row = h_inv[j] / h_inv[j, j]
-        w -= w[:, j:j + 1] * row
-        h_inv -= h_inv[:, j:j + 1] * row
+        w -= w[:, j : j + 1] * row
+        h_inv -= h_inv[:, j : j + 1] * row
         w[:, j], h_inv[j], h_inv[:, j] = 0.0, 0.0, 0.0
         free[j] = False
         order.append(j)
@@ -141,8 +146,10 @@ def refit(weight, cov_xy, cov_yy, kept, ridge=0.0):
     w, s, cyy = _f64(weight), _f64(cov_xy), _f64(cov_yy)
     k = torch.as_tensor(list(kept), dtype=torch.long)
     if s.shape != (w.shape[1], cyy.shape[0]) or cyy.shape[0] != cyy.shape[1] or w.shape[1] < cyy.shape[0]:
-        raise PruneError(f"refit: weight {tuple(w.shape)}, cov_xy {tuple(s.shape)} and cov_yy {tuple(cyy.shape)} "
-                         "do not fit (weight [out, dx], cov_xy [dx, C], cov_yy [C, C], dx >= C)")
+        raise PruneError(
+            f"refit: weight {tuple(w.shape)}, cov_xy {tuple(s.shape)} and cov_yy {tuple(cyy.shape)} "
+            "do not fit (weight [out, dx], cov_xy [dx, C], cov_yy [C, C], dx >= C)"
+        )
     a = cyy[k][:, k]
     lam = _ridge_lambda(a, ridge)
     b = w @ s[:, k] + lam * w[:, k]
@@ -158,6 +165,7 @@ def mean_residual(weight, new_weight, mean_x, mean_y, kept):
 def oneshot_moments(stats, block, roles):
     """``BlockMoments`` of a block from a ``second_moments=True`` capture of the original model (S = C~)."""
     from .moments import block_moments
+
     _, mean, cov = block_moments(stats, block, "project")
     project = FitMoments(mean, mean, cov, cov)
     se = None
@@ -206,8 +214,10 @@ def _checked_layers(model, roles, moments):
         if layer is None or fit is None:
             continue
         if tuple(layer.kernel_size) != (1, 1) or layer.groups != 1 or layer.in_channels != c:
-            raise PruneError(f"layer {name}: not an unpruned 1x1 conv of {c} inputs: "
-                             "refit before pruning, with roles from find_blocks on this model")
+            raise PruneError(
+                f"layer {name}: not an unpruned 1x1 conv of {c} inputs: "
+                "refit before pruning, with roles from find_blocks on this model"
+            )
         if tuple(fit.cov_yy.shape) != (c, c):
             raise PruneError(f"layer {name}: moments of {fit.cov_yy.shape[0]} channels, the block has {c}")
     if fc1 is not None and fc1.bias is None:
@@ -351,8 +361,9 @@ def _pass(original, pruned, batches, roles, block, kept, kind, residual_target):
     return FitMoments(mean[:dx], mean_y, cov_xy, cov_yy)
 
 
-def sequential_refit(original, batches_fn, selection, ridge=0.0, residual_target=False, exact_gate=True,
-                     image_size=64, log=None):
+def sequential_refit(
+    original, batches_fn, selection, ridge=0.0, residual_target=False, exact_gate=True, image_size=64, log=None
+):
     """Refit and prune a copy of ``original`` block by block in forward order; returns (pruned model, report).
 
     ``batches_fn()`` yields batches (images, or (images, labels)) on the models' device, the same each call.
@@ -378,8 +389,9 @@ def sequential_refit(original, batches_fn, selection, ridge=0.0, residual_target
         removed = selection.get(block) or []
         if not removed:
             continue
-        report[block] = _refit_block(original, model, batches_fn, block, roles, removed, ridge, residual_target,
-                                     exact_gate)
+        report[block] = _refit_block(
+            original, model, batches_fn, block, roles, removed, ridge, residual_target, exact_gate
+        )
         if log is not None:
             log(f"sequential refit {block}: {len(removed)} removed")
     errors = block_errors(original, model, batches_fn(), list(blocks))
@@ -462,7 +474,12 @@ def folder(mode, original=None, batches_fn=None, ridge=0.0, residual_target=Fals
 
     def fold(model, blocks, selection, stats):
         selection = validate_indices(blocks, selection)
-        return {block: _refit_block(original, model, batches_fn, block, roles, selection[block], ridge,
-                                    residual_target, exact_gate)
-                for block, roles in blocks.items() if selection.get(block)}
+        return {
+            block: _refit_block(
+                original, model, batches_fn, block, roles, selection[block], ridge, residual_target, exact_gate
+            )
+            for block, roles in blocks.items()
+            if selection.get(block)
+        }
+
     return fold

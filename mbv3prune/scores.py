@@ -26,11 +26,12 @@ std(a) x ||w||) for contribution (fluctuation), and an allowed relative error fo
 sqrt(sum_o d_o W[o, c]**2) with d_o = gamma_o**2 / (running_var_o + eps): the change in the block's output,
 comparable across blocks (fluctuation**2 is then obs's cost with a diagonal covariance).
 """
+
 import torch
 from torch import nn
 
-from .errors import PruneError
 from .activation_stats import ActivationStats
+from .errors import PruneError
 
 SCORES = ("deadness", "mean_abs", "contribution", "fluctuation", "obs")
 WEIGHTED = ("contribution", "fluctuation")  # scores that need the consumer (project conv) weights

@@ -2,10 +2,12 @@
 
 Every selection keeps the per-block floors (``MIN_KEEP_RATIO``, ``FLOOR`` channels) and rounds every
 block's kept count to a multiple of ``ROUND_TO``. A *proposal* (threshold mode) prunes a block's candidates,
-most prunable first, down to the floors; ``from_plan`` takes exactly a plan's indices. In ``target_macs`` mode the channels of all blocks are ranked by one score and
-taken most prunable first; a block gives up channels in whole ``ROUND_TO`` chunks (its next chunk's score
-is the score of its least prunable channel), so the rounding never undoes the ranking.
+most prunable first, down to the floors; ``from_plan`` takes exactly a plan's indices. In ``target_macs``
+mode the channels of all blocks are ranked by one score and taken most prunable first; a block gives up
+channels in whole ``ROUND_TO`` chunks (its next chunk's score is the score of its least prunable channel, or,
+for obs, the chunk's summed cost per MAC saved), so the rounding never undoes the ranking.
 """
+
 import heapq
 import math
 import warnings
@@ -59,11 +61,16 @@ def from_plan(plan, blocks, skip_blocks=(), min_keep_ratio=0.25, round_to=8):
         hidden = blocks[name]["hidden_channels"]
         kept = hidden - len(idxs)
         if kept < min_kept(hidden, min_keep_ratio):
-            raise PruneError(f"plan block {name} keeps {kept} of {hidden} channels, below the floor of "
-                             f"{min_kept(hidden, min_keep_ratio)} (MIN_KEEP_RATIO={min_keep_ratio}, 8 channels)")
+            raise PruneError(
+                f"plan block {name} keeps {kept} of {hidden} channels, below the floor of "
+                f"{min_kept(hidden, min_keep_ratio)} (MIN_KEEP_RATIO={min_keep_ratio}, 8 channels)"
+            )
         if kept % round_to:
-            warnings.warn(f"plan block {name} keeps {kept} channels, not a multiple of ROUND_TO={round_to}: "
-                          "pruned as the plan says")
+            warnings.warn(
+                f"plan block {name} keeps {kept} channels, not a multiple of ROUND_TO={round_to}: "
+                "pruned as the plan says",
+                stacklevel=2,
+            )
         selection[name] = idxs
     return selection
 
@@ -74,7 +81,7 @@ def _chunks(order, hidden, floor, round_to):
     size = hidden % round_to or round_to
     steps, start = [], 0
     while start + size <= limit:
-        steps.append(order[start:start + size])
+        steps.append(order[start : start + size])
         start, size = start + size, round_to
     return steps
 
@@ -90,8 +97,10 @@ def ranked_steps(ranking, blocks, min_keep_ratio=0.25, round_to=8):
         hidden = blocks[name]["hidden_channels"]
         channels = [c for _, c in sorted(ranked, key=lambda r: (-r[0], r[1]))]
         score = {c: p for p, c in ranked}
-        steps[name] = [(min(score[c] for c in step), step) for step in
-                       _chunks(channels, hidden, min_kept(hidden, min_keep_ratio), round_to)]
+        steps[name] = [
+            (min(score[c] for c in step), step)
+            for step in _chunks(channels, hidden, min_kept(hidden, min_keep_ratio), round_to)
+        ]
     return steps
 
 
@@ -106,8 +115,17 @@ def costed_steps(removals, blocks, per_channel_macs, min_keep_ratio=0.25, round_
     return steps
 
 
-def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_keep_ratio=0.25, round_to=8,
-                   max_overshoot=None, steps=None):
+def to_macs_target(
+    ranking,
+    blocks,
+    per_channel_macs,
+    total_macs,
+    target,
+    min_keep_ratio=0.25,
+    round_to=8,
+    max_overshoot=None,
+    steps=None,
+):
     """{block: indices} removing at least ``target`` (a fraction) of ``total_macs``, most prunable chunks first.
 
     ``ranking``: {block: [(prunability, channel), ...]} over the block's channels that may be removed (or
@@ -120,16 +138,19 @@ def to_macs_target(ranking, blocks, per_channel_macs, total_macs, target, min_ke
     if not 0 < target < 1:
         raise PruneError(f"TARGET_MACS_REDUCTION={target} must lie in (0, 1)")
     if steps is None:
-        steps = ranked_steps({b: r for b, r in ranking.items() if b in per_channel_macs}, blocks, min_keep_ratio,
-                             round_to)
+        steps = ranked_steps(
+            {b: r for b, r in ranking.items() if b in per_channel_macs}, blocks, min_keep_ratio, round_to
+        )
     heap = [(-chunks[0][0], order, name, 0) for order, (name, chunks) in enumerate(steps.items()) if chunks]
     heapq.heapify(heap)
     selection, removed = {}, 0
     while heap and removed < target * total_macs:
         _, order, name, i = heapq.heappop(heap)
         step = steps[name][i][1]
-        if max_overshoot is not None and removed + len(step) * per_channel_macs[name] > \
-                (target + max_overshoot) * total_macs:
+        if (
+            max_overshoot is not None
+            and removed + len(step) * per_channel_macs[name] > (target + max_overshoot) * total_macs
+        ):
             continue
         selection.setdefault(name, []).extend(step)
         removed += len(step) * per_channel_macs[name]

@@ -1,4 +1,5 @@
 """What every stage script does the same way: data set up, loaders, summary tables, the closing lines."""
+
 import os
 
 from . import data as D
@@ -13,6 +14,7 @@ def prepare_data(cfg):
     (under torchrun by rank 0, while the other ranks wait)."""
     if os.path.normpath(cfg["DATA_DIR"]) == os.path.normpath(DEMO_DATA_DIR):
         from .synthetic import ensure
+
         if distributed.is_main():
             ensure(DEMO_DATA_DIR)
         distributed.barrier()
@@ -27,19 +29,30 @@ def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):
     augment = train if augment is None else augment
     transform = D.train_transform(cfg["IMAGE_SIZE"], arch) if augment else D.eval_transform(cfg["IMAGE_SIZE"], arch)
     drop_last = train and len(items) > cfg["BATCH_SIZE"] * distributed.world_size()
-    return D.make_loader(items, transform, cfg["BATCH_SIZE"], cfg["NUM_WORKERS"], shuffle=shuffle,
-                         seed=cfg["SEED"], drop_last=drop_last, shard=train)
+    return D.make_loader(
+        items,
+        transform,
+        cfg["BATCH_SIZE"],
+        cfg["NUM_WORKERS"],
+        shuffle=shuffle,
+        seed=cfg["SEED"],
+        drop_last=drop_last,
+        shard=train,
+    )
 
 
 def check_class_names(meta, class_names, data_dir):
     """The checkpoint must classify the data set's classes (names when recorded, else the count)."""
     names = meta["class_names"]
     if len(names) != len(class_names):
-        raise PruneError(f"checkpoint {meta['path']} has {len(names)} classes but DATA_DIR {data_dir} has "
-                         f"{len(class_names)}")
+        raise PruneError(
+            f"checkpoint {meta['path']} has {len(names)} classes but DATA_DIR {data_dir} has {len(class_names)}"
+        )
     if meta.get("format") != "state_dict" and list(names) != list(class_names):
-        raise PruneError(f"checkpoint {meta['path']} was trained on classes {names[:4]}..., "
-                         f"DATA_DIR {data_dir} has {class_names[:4]}...")
+        raise PruneError(
+            f"checkpoint {meta['path']} was trained on classes {names[:4]}..., "
+            f"DATA_DIR {data_dir} has {class_names[:4]}..."
+        )
 
 
 def table(rows, headers):
@@ -47,8 +60,9 @@ def table(rows, headers):
     cells = [[str(h) for h in headers]] + [[_fmt(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
-             for r in cells]
+    lines = [
+        "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip() for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

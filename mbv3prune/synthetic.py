@@ -14,6 +14,7 @@ torchvision's ImageFolder layout (``train/<class>/<i>.png``, ``val/<class>/<i>.p
 directory beside ``out_dir``, writes ``manifest.json`` last and renames the directory into place;
 ``ensure`` reuses a set whose manifest matches and regenerates anything else.
 """
+
 import functools
 import hashlib
 import io
@@ -37,14 +38,26 @@ _OURS = {"train", "val", MANIFEST}  # what a directory may hold for generate() t
 
 # One palette for every class: an image's background, clutter and object colours are all drawn from it.
 PALETTE = (
-    (34, 40, 49), (232, 226, 208), (120, 84, 52), (198, 162, 100), (60, 112, 58), (152, 192, 92),
-    (46, 88, 152), (122, 172, 212), (172, 48, 48), (232, 132, 60), (238, 202, 72), (122, 70, 142),
-    (212, 142, 172), (128, 128, 128),
+    (34, 40, 49),
+    (232, 226, 208),
+    (120, 84, 52),
+    (198, 162, 100),
+    (60, 112, 58),
+    (152, 192, 92),
+    (46, 88, 152),
+    (122, 172, 212),
+    (172, 48, 48),
+    (232, 132, 60),
+    (238, 202, 72),
+    (122, 70, 142),
+    (212, 142, 172),
+    (128, 128, 128),
 )
 _LUMA = np.array(PALETTE, float) @ (0.299, 0.587, 0.114)
 
 
 # ---------------------------------------------------------------- geometry
+
 
 def _rotate(pts, angle):
     """Points (N, 2) rotated by ``angle`` radians about the origin."""
@@ -52,7 +65,7 @@ def _rotate(pts, angle):
     return np.asarray(pts, float) @ np.array([[c, s], [-s, c]])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _circle(n):
     """``n`` points round the unit circle (cached: ellipses are drawn by the thousand)."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
@@ -108,17 +121,18 @@ class _Pen:
 
 # ---------------------------------------------------------------- the species
 
+
 def _fern_leaf(pen, rng, c):
     """A frond: a curved rachis with tapering pairs of separate leaflets, each with a midvein."""
     bend, pairs = rng.uniform(-0.3, 0.3), rng.integers(7, 12)
     longest, slant, thin = rng.uniform(0.45, 0.7), rng.uniform(0.6, 1.1), rng.uniform(0.13, 0.22)
     t = np.linspace(-1, 1, 30)
-    pen.line(np.stack([bend * t ** 2, t], 1), c[1], 0.06)
+    pen.line(np.stack([bend * t**2, t], 1), c[1], 0.06)
     for k, y in enumerate(np.linspace(-0.75, 0.82, pairs)):
         length = longest * (1 - 0.7 * k / pairs)
         for side in (-1, 1):
             direction = np.pi / 2 - side * slant
-            base = np.array([bend * y ** 2, y])
+            base = np.array([bend * y**2, y])
             tip = base + length * np.array([np.cos(direction), np.sin(direction)])
             pen.fill(_ellipse(*(base + tip) / 2, length / 2, length * thin, direction, n=16), c[0])
             pen.line([base, tip], c[1], 0.035)
@@ -191,7 +205,7 @@ def _bird_feather(pen, rng, c):
     """A feather: a curved shaft with a bare quill and a vane crossed by oblique barbs."""
     bend, width, asym = rng.uniform(-0.25, 0.25), rng.uniform(0.28, 0.42), rng.uniform(0.6, 1.0)
     t = np.linspace(-0.55, 0.98, 26)
-    shaft = np.stack([bend * (t ** 2 - 1), t], 1)
+    shaft = np.stack([bend * (t**2 - 1), t], 1)
     half = width * np.sin(np.pi * (t + 0.55) / 1.55) ** 0.6
     right, left = shaft + np.stack([half, 0 * t], 1), shaft - np.stack([half * asym, 0 * t], 1)
     pen.fill(np.concatenate([right, left[::-1]]), c[0])
@@ -200,7 +214,7 @@ def _bird_feather(pen, rng, c):
         for side, w in ((1, half), (-1, half * asym)):
             pen.line([shaft[i], shaft[i] + [side * w[i + 2] * 0.95, slope]], c[1], 0.03)
     q = np.linspace(-1, 0.98, 30)
-    pen.line(np.stack([bend * (q ** 2 - 1), q], 1), c[2], 0.045)
+    pen.line(np.stack([bend * (q**2 - 1), q], 1), c[2], 0.045)
 
 
 def _starfish_arm(pen, rng, c):
@@ -248,6 +262,7 @@ def _caterpillar_body(pen, rng, c):
 
 def _coral_branch(pen, rng, c):
     """A coral: a trunk forking three times into thinner branches with knobbed tips."""
+
     def grow(start, angle, length, width, depth):
         end = start + length * np.array([np.cos(angle), np.sin(angle)])
         pen.line([start, end], c[0], width)
@@ -256,19 +271,27 @@ def _coral_branch(pen, rng, c):
             return
         for turn in (-1, 1):
             grow(end, angle + turn * rng.uniform(0.3, 0.7), length * rng.uniform(0.65, 0.8), width * 0.7, depth - 1)
+
     grow(np.array([0.0, -1.0]), np.pi / 2 + rng.uniform(-0.2, 0.2), rng.uniform(0.5, 0.65), 0.16, 3)
 
 
 SPECIES = {
-    "fern_leaf": _fern_leaf, "daisy_petal": _daisy_petal, "moth_wing": _moth_wing,
-    "snail_shell": _snail_shell, "striped_beetle": _striped_beetle, "bird_feather": _bird_feather,
-    "starfish_arm": _starfish_arm, "jellyfish_bell": _jellyfish_bell,
-    "caterpillar_body": _caterpillar_body, "coral_branch": _coral_branch,
+    "fern_leaf": _fern_leaf,
+    "daisy_petal": _daisy_petal,
+    "moth_wing": _moth_wing,
+    "snail_shell": _snail_shell,
+    "striped_beetle": _striped_beetle,
+    "bird_feather": _bird_feather,
+    "starfish_arm": _starfish_arm,
+    "jellyfish_bell": _jellyfish_bell,
+    "caterpillar_body": _caterpillar_body,
+    "coral_branch": _coral_branch,
 }
 CLASSES = tuple(SPECIES)  # ``num_classes=N`` uses the first N
 
 
 # ---------------------------------------------------------------- one image
+
 
 def _colour(rng, base):
     """A palette colour jittered by up to 18 per channel."""
@@ -319,8 +342,9 @@ def render(class_name, seed=0, split="train", index=0, size=72):
     canvas = size * _SUPERSAMPLE
     image, base = _background(rng, canvas)
     centre = canvas / 2 + rng.uniform(-0.07, 0.07, 2) * canvas
-    pen = _Pen(ImageDraw.Draw(image), centre, rng.uniform(0.32, 0.42) * canvas,
-               rng.uniform(-0.6, 0.6), rng.choice([-1.0, 1.0]))
+    pen = _Pen(
+        ImageDraw.Draw(image), centre, rng.uniform(0.32, 0.42) * canvas, rng.uniform(-0.6, 0.6), rng.choice([-1.0, 1.0])
+    )
     SPECIES[class_name](pen, rng, _object_colours(rng, base))
     small = np.asarray(image.resize((size, size), Image.BOX), np.float32)
     noisy = small + rng.normal(0, rng.uniform(1, 5), small.shape)
@@ -336,17 +360,29 @@ def png_bytes(image):
 
 # ---------------------------------------------------------------- the data set
 
+
 def _params(seed, num_classes, train_per_class, val_per_class, size):
     """The validated generation parameters, as recorded in the manifest."""
-    checks = {"seed": (seed, 0), "num_classes": (num_classes, 2), "train_per_class": (train_per_class, 1),
-              "val_per_class": (val_per_class, 1), "size": (size, 16)}
+    checks = {
+        "seed": (seed, 0),
+        "num_classes": (num_classes, 2),
+        "train_per_class": (train_per_class, 1),
+        "val_per_class": (val_per_class, 1),
+        "size": (size, 16),
+    }
     for name, (value, low) in checks.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise PruneError(f"synthetic data {name}={value!r}: expected an integer >= {low}")
     if num_classes > len(CLASSES):
         raise PruneError(f"synthetic data num_classes={num_classes}: at most {len(CLASSES)} classes exist")
-    return {"generator_version": GENERATOR_VERSION, "seed": seed, "num_classes": num_classes,
-            "train_per_class": train_per_class, "val_per_class": val_per_class, "size": size}
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "num_classes": num_classes,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "size": size,
+    }
 
 
 def _check_replaceable(out_dir):
@@ -373,8 +409,14 @@ def _manifest(params, names, digests):
     """The manifest: parameters, class names in ImageFolder order, counts and one sha256 over every file."""
     combined = hashlib.sha256("".join(f"{rel} {digests[rel]}\n" for rel in sorted(digests)).encode())
     counts = {split: {n: params[f"{split}_per_class"] for n in names} for split in SPLITS}
-    return {"format": FORMAT, "params": params, "classes": names, "counts": counts,
-            "files": len(digests), "sha256": combined.hexdigest()}
+    return {
+        "format": FORMAT,
+        "params": params,
+        "classes": names,
+        "counts": counts,
+        "files": len(digests),
+        "sha256": combined.hexdigest(),
+    }
 
 
 def _move_into_place(tmp, out_dir):
@@ -389,8 +431,14 @@ def _move_into_place(tmp, out_dir):
     shutil.rmtree(old)
 
 
-def generate(out_dir, seed=0, num_classes=DEFAULTS["num_classes"], train_per_class=DEFAULTS["train_per_class"],
-             val_per_class=DEFAULTS["val_per_class"], size=DEFAULTS["size"]):
+def generate(
+    out_dir,
+    seed=0,
+    num_classes=DEFAULTS["num_classes"],
+    train_per_class=DEFAULTS["train_per_class"],
+    val_per_class=DEFAULTS["val_per_class"],
+    size=DEFAULTS["size"],
+):
     """Draw the set into ``out_dir`` (ImageFolder layout, manifest last, renamed into place); return the manifest."""
     params = _params(seed, num_classes, train_per_class, val_per_class, size)
     out_dir = os.path.abspath(os.fspath(out_dir))

@@ -4,6 +4,7 @@ A *call* is a function of no arguments that runs one forward pass (eager PyTorch
 see ``onnx_export.session_call``). ``interleaved_ms`` times several calls round-robin in one process, so a
 change of CPU frequency or a neighbour's load during the measurement falls on all of them alike.
 """
+
 import statistics
 import time
 
@@ -52,4 +53,5 @@ def eager_call(module, x):
     def call():
         with torch.inference_mode():
             return module(x)
+
     return call

@@ -13,6 +13,7 @@ same, unsharded batches in every process, so every process keeps identical weigh
 best epoch without communicating. On CUDA, ``amp`` trains under autocast (bf16 where supported, else fp16
 with loss scaling).
 """
+
 import contextlib
 import copy
 import math
@@ -100,8 +101,9 @@ def _step(loss, optimizer, scaler):
 def _substitute(images, size, device):
     """Two black images at ``size``: the zero-weight batch of a rank whose own batch was wholly unreadable."""
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return torch.zeros(2, 3, *size, device=device).contiguous(memory_format=fmt), torch.zeros(2, dtype=torch.long,
-                                                                                                 device=device)
+    return torch.zeros(2, 3, *size, device=device).contiguous(memory_format=fmt), torch.zeros(
+        2, dtype=torch.long, device=device
+    )
 
 
 def _step_loss(model, images, labels, loss_fn, device, autocast):
@@ -123,8 +125,21 @@ def _step_loss(model, images, labels, loss_fn, device, autocast):
     return summed * weight, float(summed) / len(labels) if own else None
 
 
-def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, label_smoothing, device, skipped, desc,
-                    freeze_bn=False, precision=None):
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    step,
+    total_steps,
+    warmup,
+    lr,
+    label_smoothing,
+    device,
+    skipped,
+    desc,
+    freeze_bn=False,
+    precision=None,
+):
     """One epoch of training; returns (mean loss over all processes, next step).
 
     ``freeze_bn``: BN layers in eval mode. ``precision``: ``mixed_precision``'s pair (None: full precision).
@@ -136,8 +151,13 @@ def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, lab
     autocast, scaler = precision or (contextlib.nullcontext(), None)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
     losses = []
-    bar = tqdm(batches(loader, skipped, device, keep_empty=True), total=len(loader), desc=desc, leave=False,
-               disable=None if distributed.is_main() else True)
+    bar = tqdm(
+        batches(loader, skipped, device, keep_empty=True),
+        total=len(loader),
+        desc=desc,
+        leave=False,
+        disable=None if distributed.is_main() else True,
+    )
     for images, labels in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total_steps, warmup, lr) * group.get("lr_scale", 1.0)
@@ -152,9 +172,23 @@ def train_one_epoch(model, loader, optimizer, step, total_steps, warmup, lr, lab
     return distributed.mean(np.mean(losses) if losses else float("nan")), step
 
 
-def fit(model, loaders, class_names, device, epochs, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
-        warmup_epochs=1, bn_batches=20, log=print, freeze_bn=False, amp=False, freeze_backbone_epochs=0,
-        backbone_lr_scale=1.0):
+def fit(
+    model,
+    loaders,
+    class_names,
+    device,
+    epochs,
+    lr=2e-3,
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    warmup_epochs=1,
+    bn_batches=20,
+    log=print,
+    freeze_bn=False,
+    amp=False,
+    freeze_backbone_epochs=0,
+    backbone_lr_scale=1.0,
+):
     """Train ``model`` and keep the weights with the best eval-mode val top-1.
 
     ``loaders``: {"train": augmented, "bn": un-augmented training batches, "val": validation}; under torchrun
@@ -180,13 +214,32 @@ def fit(model, loaders, class_names, device, epochs, lr=2e-3, weight_decay=0.05,
         if freeze_backbone_epochs and epoch == freeze_backbone_epochs + 1:
             net = distributed.wrap(set_backbone_frozen(model, False), device)  # DDP registers the new grads
         distributed.set_epoch(loaders["train"], epoch)
-        loss, step = train_one_epoch(net, loaders["train"], optimizer, step, total, warmup, lr, label_smoothing,
-                                     device, skipped, f"epoch {epoch}/{epochs}", freeze_bn or frozen, precision)
+        loss, step = train_one_epoch(
+            net,
+            loaders["train"],
+            optimizer,
+            step,
+            total,
+            warmup,
+            lr,
+            label_smoothing,
+            device,
+            skipped,
+            f"epoch {epoch}/{epochs}",
+            freeze_bn or frozen,
+            precision,
+        )
         if not frozen:
             recalibrate_bn(model, loaders["bn"], device, skipped, max_batches=bn_batches)
         val = accuracy(model, loaders["val"], device, class_names, skipped, desc="val")
-        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_top1": val["top1"],
-                        **({"backbone_frozen": True} if frozen else {})})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": round(loss, 6),
+                "val_top1": val["top1"],
+                **({"backbone_frozen": True} if frozen else {}),
+            }
+        )
         log(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val top-1 {val['top1']:.4f}" + ("  head only" * frozen))
         if val["top1"] > best_acc:
             best_acc, best = val["top1"], copy.deepcopy(model.state_dict())

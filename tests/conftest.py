@@ -1,4 +1,5 @@
 """Shared fixtures: tiny image folders, so the suite runs fast on a 2-core CPU (helpers: tests/helpers.py)."""
+
 import pytest
 
 from tests.helpers import write_images
@@ -7,11 +8,13 @@ from tests.helpers import write_images
 @pytest.fixture
 def image_folder(tmp_path):
     """An ImageFolder with train/ and val/, three classes, a few 40-px images each."""
+
     def make(classes=("ant", "bee", "moth"), n_train=4, n_val=2):
         for c, name in enumerate(classes):
             write_images(tmp_path / "train" / name, n_train, seed=c)
             write_images(tmp_path / "val" / name, n_val, seed=100 + c)
         return str(tmp_path)
+
     return make
 
 

@@ -1,4 +1,5 @@
 """Helpers the tests share: tiny image folders and models, and running a stage script (fixtures: conftest.py)."""
+
 import os
 import subprocess
 import sys
@@ -20,10 +21,13 @@ def write_images(folder, n, seed, size=40, mode="RGB"):
         ext = "jpg" if mode == "CMYK" else "png"
         im.save(os.path.join(folder, f"{i:03d}.{ext}"))
 
+
 def run_script(script, *args, cwd=ROOT):
     """Run a stage script in a subprocess; returns the CompletedProcess (never raises on failure)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
 
 def run_stage(script, *args):
     """Run a stage script in this process (fresh module namespace): (exit status, stdout, stderr)."""
@@ -32,6 +36,7 @@ def run_stage(script, *args):
     import runpy
 
     from mbv3prune import config
+
     namespace = runpy.run_path(os.path.join(ROOT, script), run_name="stage_under_test")
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -42,11 +47,14 @@ def run_stage(script, *args):
             code = exc.code
     return code, out.getvalue(), err.getvalue()
 
+
 def randomized_model(arch, seed=0, size=32):
     """A 3-class model in eval mode: random biases and BN affine terms, BN statistics measured on random images
     (so channels differ everywhere and the input still reaches the output)."""
     import torch
+
     from mbv3prune import models
+
     torch.manual_seed(seed)
     model = models.build_model(arch, 3)
     gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
 """The accuracy benchmarks end to end on a tiny run: matched MACs, every step scored, resumable, tables written."""
+
 import json
 import os
 
@@ -19,8 +20,13 @@ def ok(script, *args):
 def run(tiny_data, tmp_path_factory):
     """A run directory with a baseline and its activation statistics (32 px, one epoch)."""
     run_dir = str(tmp_path_factory.mktemp("bench_run"))
-    args = [f"--RUN_DIR={run_dir}", f"--MODEL_ARCH={ARCH}", f"--DATA_DIR={tiny_data}", "--IMAGE_SIZE=32",
-            "--NUM_WORKERS=0"]
+    args = [
+        f"--RUN_DIR={run_dir}",
+        f"--MODEL_ARCH={ARCH}",
+        f"--DATA_DIR={tiny_data}",
+        "--IMAGE_SIZE=32",
+        "--NUM_WORKERS=0",
+    ]
     ok("train_model.py", *args, "--EPOCHS=1", "--BN_BATCHES=1")
     ok("visualize_neuron_activations.py", *args)
     return run_dir, args
@@ -29,16 +35,35 @@ def run(tiny_data, tmp_path_factory):
 def test_compare_criteria_matches_macs_scores_every_step_and_resumes(run, tmp_path):
     run_dir, args = run
     script = os.path.join(ROOT, "benchmarks", "compare_criteria.py")
-    bench_args = [*args, "--TARGETS=[0.3]", '--FT_POINTS=[["global", 0.3]]', "--FINETUNE_EPOCHS=1",
-                  '--CRITERIA=["deadness", "deadness_iterative", "fluctuation", "tp_l1", "tp_taylor", '
-                  '"tp_bn_scale", "tp_activation", "random"]', "--RANDOM_SEEDS=[0, 1]",
-                  "--ITERATIVE_SAMPLES_PER_CLASS=2", "--TAYLOR_BATCHES=1", "--ACTIVATION_IMAGES=8",
-                  f"--FIGURE={tmp_path / 'fig.png'}", f"--TABLE={tmp_path / 'table.md'}", "--BN_BATCHES=1"]
+    bench_args = [
+        *args,
+        "--TARGETS=[0.3]",
+        '--FT_POINTS=[["global", 0.3]]',
+        "--FINETUNE_EPOCHS=1",
+        '--CRITERIA=["deadness", "deadness_iterative", "fluctuation", "tp_l1", "tp_taylor", '
+        '"tp_bn_scale", "tp_activation", "random"]',
+        "--RANDOM_SEEDS=[0, 1]",
+        "--ITERATIVE_SAMPLES_PER_CLASS=2",
+        "--TAYLOR_BATCHES=1",
+        "--ACTIVATION_IMAGES=8",
+        f"--FIGURE={tmp_path / 'fig.png'}",
+        f"--TABLE={tmp_path / 'table.md'}",
+        "--BN_BATCHES=1",
+    ]
     ok(script, *bench_args)
     saved = json.load(open(os.path.join(run_dir, "criteria_comparison.json")))
     results = saved["results"]
-    names = ["deadness", "deadness_iterative", "fluctuation", "tp_l1", "tp_taylor", "tp_bn_scale", "tp_activation",
-             "random_s0", "random_s1"]
+    names = [
+        "deadness",
+        "deadness_iterative",
+        "fluctuation",
+        "tp_l1",
+        "tp_taylor",
+        "tp_bn_scale",
+        "tp_activation",
+        "random_s0",
+        "random_s1",
+    ]
     uniform = {results[f"uniform/0.3/{n}"]["macs_reduction"] for n in names}
     assert len(uniform) == 1  # the same per-block counts for every criterion
     for n in names:
@@ -56,10 +81,16 @@ def test_compare_criteria_matches_macs_scores_every_step_and_resumes(run, tmp_pa
 
 def test_prune_modes_compares_threshold_and_iterative_with_and_without_compensation(run, tmp_path):
     run_dir, args = run
-    ok(os.path.join(ROOT, "benchmarks", "prune_modes.py"), *args,
-       '--SETTINGS={"deadness": {"threshold": 0.0078125, "deadness_threshold": 0.3}, "mean_abs": {"threshold": 0.5}}',
-       '--COMPENSATION=["none", "mean"]', '--FINETUNE_COMPENSATION=["mean"]', "--FINETUNE_EPOCHS=1",
-       "--BN_BATCHES=1", f"--TABLE={tmp_path / 'modes.md'}")
+    ok(
+        os.path.join(ROOT, "benchmarks", "prune_modes.py"),
+        *args,
+        '--SETTINGS={"deadness": {"threshold": 0.0078125, "deadness_threshold": 0.3}, "mean_abs": {"threshold": 0.5}}',
+        '--COMPENSATION=["none", "mean"]',
+        '--FINETUNE_COMPENSATION=["mean"]',
+        "--FINETUNE_EPOCHS=1",
+        "--BN_BATCHES=1",
+        f"--TABLE={tmp_path / 'modes.md'}",
+    )
     results = json.load(open(os.path.join(run_dir, "prune_modes.json")))["results"]
     for score in ("deadness", "mean_abs"):
         for mode in ("threshold", "iterative"):
@@ -68,8 +99,10 @@ def test_prune_modes_compares_threshold_and_iterative_with_and_without_compensat
                 assert {"pruned", "bn_recalibrated"} <= set(r) and ("finetuned" in r) == (variant == "mean")
                 assert r["removed_channels"] >= 0 and (mode == "threshold") == ("rounds" not in r)
         # iterative prunes only channels that were candidates in the first measurement too: never more
-        assert results[f"{score}/iterative/none"]["removed_channels"] <= results[f"{score}/threshold/none"][
-            "removed_channels"]
+        assert (
+            results[f"{score}/iterative/none"]["removed_channels"]
+            <= results[f"{score}/threshold/none"]["removed_channels"]
+        )
     assert "| mean_abs (< 0.5) | iterative | mean |" in open(tmp_path / "modes.md").read()
 
 
@@ -77,6 +110,7 @@ def test_statistics_of_another_checkpoint_are_refused_naming_the_file(run, tmp_p
     from mbv3prune import measure, models
     from mbv3prune.errors import PruneError
     from tests.helpers import randomized_model
+
     run_dir, _ = run
     other = str(tmp_path / "other.pt")
     models.save_checkpoint(other, randomized_model(ARCH), ARCH, ["ant", "bee", "moth"])

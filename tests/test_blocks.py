@@ -43,6 +43,7 @@ def test_every_depthwise_conv_is_depthwise(arch):
 
 def test_width_mult_and_resized_models():
     import torchvision
+
     model = torchvision.models.mobilenet_v3_large(width_mult=0.5, num_classes=3)
     blocks = find_blocks(model)
     assert blocks["features.4"]["hidden_channels"] == model.get_submodule("features.4.block.1.0").out_channels

@@ -1,4 +1,5 @@
 """Streaming capture: provably dead and active channels, stats against stored maps, histograms, classes, resume."""
+
 import copy
 import functools
 
@@ -8,7 +9,6 @@ import torchvision
 
 from mbv3prune import capture as cap
 from mbv3prune.activation_stats import ActivationStats, deadness_from_hist, snap_threshold
-
 from mbv3prune.artifacts import load_tensors, save_tensors
 from mbv3prune.blocks import CAPTURE_POINTS, find_blocks
 from mbv3prune.errors import PruneError
@@ -31,8 +31,10 @@ def one_thread():
 
 def make_batches(n_batches=3, batch=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, SIZE, SIZE, generator=gen), torch.randint(0, K, (batch,), generator=gen))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(batch, 3, SIZE, SIZE, generator=gen), torch.randint(0, K, (batch,), generator=gen))
+        for _ in range(n_batches)
+    ]
 
 
 def make_model(arch="mobilenet_v3_small", seed=0):
@@ -40,7 +42,7 @@ def make_model(arch="mobilenet_v3_small", seed=0):
     return copy.deepcopy(_calibrated_model(arch, seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrated_model(arch, seed):
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)(num_classes=K)
@@ -117,10 +119,14 @@ def test_conv_output_does_not_see_bn_deadness(name):
 def stored_maps(model, blocks, point, batches):
     """The captured tensors, kept whole (the test's independent reference), plus the pre-gate activations."""
     maps, pregate = {}, {}
-    hooks = [(name, info["hook"], lambda x, name=name: maps.setdefault(name, []).append(x.detach().clone()))
-             for name, info in cap.describe_layers(blocks, point).items()]
-    hooks += [(roles["depthwise_act"], "post", lambda x, b=b: pregate.setdefault(b, []).append(x.detach().clone()))
-              for b, roles in blocks.items()]
+    hooks = [
+        (name, info["hook"], lambda x, name=name: maps.setdefault(name, []).append(x.detach().clone()))
+        for name, info in cap.describe_layers(blocks, point).items()
+    ]
+    hooks += [
+        (roles["depthwise_act"], "post", lambda x, b=b: pregate.setdefault(b, []).append(x.detach().clone()))
+        for b, roles in blocks.items()
+    ]
     with cap.attached_hooks(model, hooks), torch.no_grad():
         for images, _ in batches:
             model(images)
@@ -150,7 +156,7 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
         assert torch.equal(stats[f"{layer}/neuron_below"], (a < threshold).sum(0))
         assert torch.equal(stats[f"{layer}/max_abs"], a.amax(dims))
         scale = x64.abs().sum(dims) + 1e-30
-        for stat, ref in (("sum", x64.sum(dims)), ("sum_abs", x64.abs().sum(dims)), ("sum_sq", (x64 ** 2).sum(dims))):
+        for stat, ref in (("sum", x64.sum(dims)), ("sum_abs", x64.abs().sum(dims)), ("sum_sq", (x64**2).sum(dims))):
             err = (stats[f"{layer}/{stat}"] - ref).abs()
             assert (err <= 1e-5 * (scale if stat != "sum_sq" else ref + 1e-30)).all(), (layer, stat)
         bins = reference_bins(a, edges)
@@ -161,7 +167,9 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
         assert torch.equal(stats[f"{layer}/n_class"], torch.bincount(labels, minlength=K))
     for block, x in pregate.items():
         assert int(stats[f"{block}/pregate_n"]) == x[:, 0].numel()
-        torch.testing.assert_close(ActivationStats(stats).pregate_mean(block, x.shape[1]), x.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ActivationStats(stats).pregate_mean(block, x.shape[1]), x.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_bin_index_is_exact_at_every_edge():
@@ -171,8 +179,15 @@ def test_bin_index_is_exact_at_every_edge():
     spread = torch.logspace(-45, 38, 5001).float()
     values = torch.cat([torch.zeros(1), inner, below_edges, spread, torch.tensor([torch.finfo(torch.float32).max])])
     assert torch.equal(cap.bin_index(values).long(), reference_bins(values, edges))
-    assert cap.bin_index(torch.tensor([0.0, 1e-30, 5e-7, 1e-6, 1.0, 2e3, float("inf")])).tolist() == \
-        [0, 1, 1, 2, reference_bins(torch.tensor([1.0]), edges).item(), cap.NUM_BINS - 1, cap.NUM_BINS - 1]
+    assert cap.bin_index(torch.tensor([0.0, 1e-30, 5e-7, 1e-6, 1.0, 2e3, float("inf")])).tolist() == [
+        0,
+        1,
+        1,
+        2,
+        reference_bins(torch.tensor([1.0]), edges).item(),
+        cap.NUM_BINS - 1,
+        cap.NUM_BINS - 1,
+    ]
     assert len(edges) == cap.NUM_BINS + 1 and bool((edges[1:] > edges[:-1]).all())
     assert edges[2] < 1.01e-6 and edges[-2] > 0.99e3
 
@@ -280,6 +295,7 @@ def test_on_batch_checkpoint_resumes_to_the_same_result():
         seen.append(i)
         if i == 3:
             checkpoints[i] = cap.finalize(state)
+
     whole, _ = run(model, batches, on_batch=on_batch)
     assert seen == [1, 2, 3, 4]
     resumed, _ = run(model, batches[3:], state=checkpoints[3])

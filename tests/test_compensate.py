@@ -8,6 +8,7 @@ removed channels' (constant) pooled values through fc1. Both the project-BN and 
 exact, and the input still reaches the output. The realistic case keeps fc2 whole (the gate varies): only the
 mean is kept, so compensation must shrink the change a lot (at the block output), not remove it.
 """
+
 import copy
 import functools
 
@@ -18,8 +19,8 @@ from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.compensate import VAR_FLOOR, compensate, compensate_block, compensate_project
 from mbv3prune.errors import PruneError
-from tests.helpers import randomized_model
 from mbv3prune.prune import prune_blocks
+from tests.helpers import randomized_model
 
 SIZE = 32
 TOL = 1e-4  # max |logit change| of a lossless removal
@@ -27,11 +28,16 @@ REMOVED = [1, 4, 6]
 CONST = 2.0  # depthwise BN output of a constant channel
 KINDS = {"relu_se": ("ReLU", True), "hardswish_se": ("Hardswish", True), "no_se": (None, False)}
 # Small has no prunable ReLU block with SE: its only one, features.1, has no expand conv
-CASES = [("mobilenet_v3_large", "relu_se"), ("mobilenet_v3_large", "hardswish_se"), ("mobilenet_v3_large", "no_se"),
-         ("mobilenet_v3_small", "hardswish_se"), ("mobilenet_v3_small", "no_se")]
+CASES = [
+    ("mobilenet_v3_large", "relu_se"),
+    ("mobilenet_v3_large", "hardswish_se"),
+    ("mobilenet_v3_large", "no_se"),
+    ("mobilenet_v3_small", "hardswish_se"),
+    ("mobilenet_v3_small", "no_se"),
+]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrated(arch):
     """A float64 3-class model (conftest.randomized_model)."""
     return randomized_model(arch, 0, SIZE).double()
@@ -44,14 +50,15 @@ def _model(arch):
 def _pick(blocks, kind):
     """The first prunable block of a kind (activation, SE)."""
     act, se = KINDS[kind]
-    return next(n for n, r in blocks.items()
-                if "expand" in r and r["has_se"] == se and act in (None, r["activation"]))
+    return next(n for n, r in blocks.items() if "expand" in r and r["has_se"] == se and act in (None, r["activation"]))
 
 
 def _batches(seed, n=2, size=4):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, SIZE, SIZE, generator=gen, dtype=torch.float64), torch.zeros(size, dtype=torch.int64))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 3, SIZE, SIZE, generator=gen, dtype=torch.float64), torch.zeros(size, dtype=torch.int64))
+        for _ in range(n)
+    ]
 
 
 def _images(batches):
@@ -91,8 +98,11 @@ def _run(model, x, layer=None, pre=False):
     seen, handle = {}, None
     if layer is not None:
         module = model.get_submodule(layer)
-        handle = (module.register_forward_pre_hook(lambda m, args: seen.setdefault("t", args[0])) if pre else
-                  module.register_forward_hook(lambda m, args, out: seen.setdefault("t", out)))
+        handle = (
+            module.register_forward_pre_hook(lambda m, args: seen.setdefault("t", args[0]))
+            if pre
+            else module.register_forward_hook(lambda m, args, out: seen.setdefault("t", out))
+        )
     with torch.no_grad():
         out = model(x)
     if handle is not None:
@@ -118,7 +128,7 @@ def test_constant_channels_are_removed_losslessly(arch, kind):
     stats = _stats(model, blocks, _batches(1))
     project = roles["project"]
     mean = stats[f"{project}/sum"] / stats[f"{project}/n"]
-    var = stats[f"{project}/sum_sq"] / stats[f"{project}/n"] - mean ** 2
+    var = stats[f"{project}/sum_sq"] / stats[f"{project}/n"] - mean**2
     assert torch.all(mean[REMOVED].abs() > 0.1) and var[REMOVED].abs().max() < 1e-5  # the setup's premise
     x = _images(_batches(2))  # other images than the captured ones
     ref = _run(model, x)[0]
@@ -176,18 +186,20 @@ def _predicted_drop(model, roles, idx, stats):
     layer = roles["project"]
     n = stats[f"{layer}/n"].double()
     mean = stats[f"{layer}/sum"] / n
-    var = stats[f"{layer}/sum_sq"] / n - mean ** 2
+    var = stats[f"{layer}/sum_sq"] / n - mean**2
     w = model.get_submodule(layer).weight.detach()[:, idx, 0, 0]
-    return (w ** 2 * var[idx]).sum(1)
+    return (w**2 * var[idx]).sum(1)
 
 
-@pytest.mark.parametrize("arch,kind", [("mobilenet_v3_large", "relu_se"), ("mobilenet_v3_small", "hardswish_se"),
-                                       ("mobilenet_v3_small", "no_se")])
+@pytest.mark.parametrize(
+    "arch,kind",
+    [("mobilenet_v3_large", "relu_se"), ("mobilenet_v3_small", "hardswish_se"), ("mobilenet_v3_small", "no_se")],
+)
 def test_variance_correction_lowers_running_var_by_the_prediction(arch, kind):
     model, blocks, name, batches = _recalibrated(arch, kind)
     roles = blocks[name]
     n = roles["hidden_channels"]
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:n // 2].tolist()  # half of them
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 2].tolist()  # half of them
     stats, x = _stats(model, blocks, batches), _images(batches)
     old = model.get_submodule(roles["project_bn"]).running_var.clone()
     expected = torch.maximum(old - _predicted_drop(model, roles, idx, stats), VAR_FLOOR * old)
@@ -226,8 +238,11 @@ def test_float32_model_keeps_its_dtypes_and_matches_float64():
     single = copy.deepcopy(model).float()
     compensate_block(model, roles, REMOVED, stats, correct_variance=True)
     compensate_block(single, roles, REMOVED, stats, correct_variance=True)
-    for layer, key in ((roles["project_bn"], "running_mean"), (roles["project_bn"], "running_var"),
-                       (roles["se_fc1"], "bias")):
+    for layer, key in (
+        (roles["project_bn"], "running_mean"),
+        (roles["project_bn"], "running_var"),
+        (roles["se_fc1"], "bias"),
+    ):
         got, want = getattr(single.get_submodule(layer), key), getattr(model.get_submodule(layer), key)
         assert got.dtype == torch.float32
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), f"{layer}.{key}"
@@ -263,10 +278,12 @@ def _bad_stats(blocks, se, plain, stats):
     """(stats, what the error must name) for each kind of bad statistics; each spoils block ``plain`` or ``se``."""
     project, se_project = blocks[plain]["project"], blocks[se]["project"]
     short = dict(stats, **{f"{project}/sum": stats[f"{project}/sum"][:-1]})
-    return [({k: v for k, v in stats.items() if k != f"{project}/sum"}, f"{project}/sum"),
-            ({k: v for k, v in stats.items() if k != f"{se_project}/sum_sq"}, f"{se_project}/sum_sq"),
-            ({k: v for k, v in stats.items() if k != f"{se}/pregate_sum"}, f"{se}/pregate_sum"),
-            (short, f"{project}/sum")]
+    return [
+        ({k: v for k, v in stats.items() if k != f"{project}/sum"}, f"{project}/sum"),
+        ({k: v for k, v in stats.items() if k != f"{se_project}/sum_sq"}, f"{se_project}/sum_sq"),
+        ({k: v for k, v in stats.items() if k != f"{se}/pregate_sum"}, f"{se}/pregate_sum"),
+        (short, f"{project}/sum"),
+    ]
 
 
 def test_bad_statistics_raise_naming_the_key_and_change_nothing(captured):

@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mbv3prune.config import apply_overrides, constant_comments, help_text, parse_value
 from mbv3prune.errors import PruneError
@@ -7,14 +8,24 @@ from tests.helpers import run_script
 
 
 def namespace():
-    return {"__file__": __file__, "RUN_DIR": "runs/demo", "EPOCHS": 3, "LR": 0.1, "DEBUG": False,
-            "SWEEP": [0.5, 0.9], "CHECKPOINT": "", "OPTIONAL": None, "lowercase": 1}
+    return {
+        "__file__": __file__,
+        "RUN_DIR": "runs/demo",
+        "EPOCHS": 3,
+        "LR": 0.1,
+        "DEBUG": False,
+        "SWEEP": [0.5, 0.9],
+        "CHECKPOINT": "",
+        "OPTIONAL": None,
+        "lowercase": 1,
+    }
 
 
 def test_overrides_parse_literals_and_bare_words():
     ns = namespace()
-    cfg = apply_overrides(ns, ["--EPOCHS=7", "--LR=1", "--DEBUG=True", "--RUN_DIR=runs/x", "--SWEEP=[0.1]",
-                               "--OPTIONAL=(1, 2)"])
+    cfg = apply_overrides(
+        ns, ["--EPOCHS=7", "--LR=1", "--DEBUG=True", "--RUN_DIR=runs/x", "--SWEEP=[0.1]", "--OPTIONAL=(1, 2)"]
+    )
     assert cfg["EPOCHS"] == 7 and cfg["LR"] == 1.0 and isinstance(cfg["LR"], float)
     assert cfg["DEBUG"] is True and cfg["RUN_DIR"] == "runs/x" and cfg["SWEEP"] == [0.1]
     assert cfg["OPTIONAL"] == (1, 2) and ns["EPOCHS"] == 7
@@ -25,15 +36,18 @@ def test_string_constant_takes_numbers_as_text():
     assert apply_overrides(namespace(), ["--RUN_DIR=123"])["RUN_DIR"] == "123"
 
 
-@pytest.mark.parametrize("arg, fragment", [
-    ("--NOPE=1", "unknown constant --NOPE"),
-    ("--EPOCHS=1.5", "--EPOCHS=1.5: expected a int"),
-    ("--EPOCHS=True", "expected a int"),
-    ("--DEBUG=1", "expected a bool"),
-    ("--SWEEP=0.5", "expected a list"),
-    ("EPOCHS=3", "not of the form --NAME=value"),
-    ("--EPOCHS", "not of the form"),
-])
+@pytest.mark.parametrize(
+    "arg, fragment",
+    [
+        ("--NOPE=1", "unknown constant --NOPE"),
+        ("--EPOCHS=1.5", "--EPOCHS=1.5: expected a int"),
+        ("--EPOCHS=True", "expected a int"),
+        ("--DEBUG=1", "expected a bool"),
+        ("--SWEEP=0.5", "expected a list"),
+        ("EPOCHS=3", "not of the form --NAME=value"),
+        ("--EPOCHS", "not of the form"),
+    ],
+)
 def test_bad_overrides_are_refused_naming_valid_names(arg, fragment):
     with pytest.raises(PruneError) as err:
         apply_overrides(namespace(), [arg])

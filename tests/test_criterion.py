@@ -1,4 +1,5 @@
 """The Criterion object with SCORE=obs and output units: joint choice, its links to fluctuation, its refusals."""
+
 import pytest
 import torch
 
@@ -19,8 +20,14 @@ def moment_stats(roles, cov, block=BLOCK, mean=None, var_layer=True):
     stats = {f"{block}/cov_n": torch.tensor(n), f"{block}/cov_mean": mean, f"{block}/cov_m2": cov * n}
     if var_layer:  # the per-channel view the magnitude scores read
         layer = roles["project"]
-        stats.update({f"{layer}/n": torch.tensor(n), f"{layer}/sum": mean * n,
-                      f"{layer}/sum_abs": mean.abs() * n, f"{layer}/sum_sq": (cov.diagonal() + mean ** 2) * n})
+        stats.update(
+            {
+                f"{layer}/n": torch.tensor(n),
+                f"{layer}/sum": mean * n,
+                f"{layer}/sum_abs": mean.abs() * n,
+                f"{layer}/sum_sq": (cov.diagonal() + mean**2) * n,
+            }
+        )
     return stats
 
 
@@ -37,9 +44,14 @@ def test_obs_with_a_diagonal_covariance_ranks_as_fluctuation_squared_in_output_u
     stats = moment_stats(roles, torch.diag(var))
     obs = Criterion("obs", 1.0, ridge=0.0, min_keep_ratio=0.0, round_to=1)
     order = obs.obs(stats, BLOCK, roles, model).order
-    fluct = scores.channel_score(stats, roles["project"], "fluctuation", consumer=scores.consumer_weight(model, roles),
-                                 scale=scores.output_scale(model, roles))
-    expected = torch.argsort(fluct ** 2, stable=True).tolist()
+    fluct = scores.channel_score(
+        stats,
+        roles["project"],
+        "fluctuation",
+        consumer=scores.consumer_weight(model, roles),
+        scale=scores.output_scale(model, roles),
+    )
+    expected = torch.argsort(fluct**2, stable=True).tolist()
     assert order == expected[: len(order)]
     via_criterion = Criterion("fluctuation", 1.0, output_units=True).values(stats, roles, roles["project"], model)
     torch.testing.assert_close(via_criterion, fluct)
@@ -87,9 +99,19 @@ def test_obs_is_refused_without_second_moments_or_with_class_awareness(small):
 
 def test_bn_recalibrate_auto_keeps_the_statistics_only_when_val_improves(tiny_data):
     from mbv3prune import data, stage
+
     model = models.build_model("mobilenet_v3_small", 3).eval()
-    cfg = {"DATA_DIR": tiny_data, "IMAGE_SIZE": 32, "BATCH_SIZE": 6, "NUM_WORKERS": 0, "SEED": 0,
-           "MODEL_ARCH": "mobilenet_v3_small", "BN_RECALIBRATE": "auto", "BN_BATCHES": 2, "FINETUNE_EPOCHS": 0}
+    cfg = {
+        "DATA_DIR": tiny_data,
+        "IMAGE_SIZE": 32,
+        "BATCH_SIZE": 6,
+        "NUM_WORKERS": 0,
+        "SEED": 0,
+        "MODEL_ARCH": "mobilenet_v3_small",
+        "BN_RECALIBRATE": "auto",
+        "BN_BATCHES": 2,
+        "FINETUNE_EPOCHS": 0,
+    }
     splits, names = data.discover(tiny_data, seed=0)
     loaders = {k: stage.loader(cfg, splits[v]) for k, v in (("eval", "val"), ("val", "val"), ("bn", "train"))}
     before = {k: v.clone() for k, v in model.state_dict().items()}

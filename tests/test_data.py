@@ -37,11 +37,14 @@ def test_flat_folder_and_csv(tmp_path):
     assert names == ["a", "b"] and len(splits["train"]) + len(splits["val"]) == 10
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda p: None, "does not exist"),
-    (lambda p: os.makedirs(p), "is not a data set"),
-    (lambda p: os.makedirs(os.path.join(p, "train", "a")), "is empty"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: os.makedirs(p), "is not a data set"),
+        (lambda p: os.makedirs(os.path.join(p, "train", "a")), "is empty"),
+    ],
+)
 def test_bad_data_dirs(tmp_path, make, fragment):
     path = str(tmp_path / "d")
     make(path)

@@ -1,5 +1,6 @@
 """Several processes under torchrun, on the CPU with gloo: the capture equals one process's, DDP training at
 2 x batch 4 equals one process at batch 8, and only rank 0 writes."""
+
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ from mbv3prune.errors import PruneError
 from mbv3prune.train import seed_everything
 from tests.helpers import ROOT, randomized_model, write_images
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
 ARCH = "mobilenet_v3_small"
 COMMON = [f"--MODEL_ARCH={ARCH}", "--IMAGE_SIZE=32", "--NUM_WORKERS=0", "--DEVICE=cpu"]
 
@@ -29,9 +32,22 @@ def torchrun(nproc, script, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     env[distributed.TIMEOUT_ENV] = "60"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", os.path.join(ROOT, script), *args],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, script),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"torchrun {script} exited {result.returncode}: {result.stderr[-3000:]}"
     return result.stdout
 
@@ -40,8 +56,14 @@ def single(*args):
     """The capture stage in one plain process (no torchrun) with one thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "visualize_neuron_activations.py"), *args],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "visualize_neuron_activations.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -61,15 +83,21 @@ def test_shard_is_disjoint_covers_every_item_once_and_pads_nothing(monkeypatch, 
 def test_reduce_in_a_one_process_group_keeps_totals_and_dtypes(monkeypatch, chunk):
     model = randomized_model(ARCH)
     gen = torch.Generator().manual_seed(0)
-    stats, _ = capture(model, [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0]))],
-                       find_blocks(model), num_classes=3, progress=False)
+    stats, _ = capture(
+        model,
+        [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0]))],
+        find_blocks(model),
+        num_classes=3,
+        progress=False,
+    )
     expected = {k: v.clone() for k, v in stats.items()}
     sizes = []
     if chunk:  # thousands of classes: no buffer passes CHUNK elements
         monkeypatch.setattr(distributed, "CHUNK", chunk)
         reduce = dist.all_reduce
-        monkeypatch.setattr(dist, "all_reduce",
-                            lambda t, op=dist.ReduceOp.SUM: (sizes.append(t.numel()), reduce(t, op=op)))
+        monkeypatch.setattr(
+            dist, "all_reduce", lambda t, op=dist.ReduceOp.SUM: (sizes.append(t.numel()), reduce(t, op=op))
+        )
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         reduced = distributed.all_reduce_totals(stats)
@@ -106,8 +134,9 @@ def test_channels_last_capture_equals_contiguous_to_rounding():
     results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         model = randomized_model(ARCH).to(memory_format=fmt)
-        stats, _ = capture(model, [(x.to(memory_format=fmt), y) for x, y in data], find_blocks(model),
-                           num_classes=3, progress=False)
+        stats, _ = capture(
+            model, [(x.to(memory_format=fmt), y) for x, y in data], find_blocks(model), num_classes=3, progress=False
+        )
         results.append(stats)
     plain, last = results
     for k, v in plain.items():
@@ -125,8 +154,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_capture_under_torchrun_equals_one_process(tiny_data, checkpoint, tmp_path):
-    args = [f"--DATA_DIR={tiny_data}", f"--CHECKPOINT={checkpoint}", *COMMON, "--BATCH_SIZE=3",
-            "--SAMPLES_PER_CLASS=6"]
+    args = [f"--DATA_DIR={tiny_data}", f"--CHECKPOINT={checkpoint}", *COMMON, "--BATCH_SIZE=3", "--SAMPLES_PER_CLASS=6"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     single(f"--RUN_DIR={one}", *args)  # one thread like each torchrun process: the same float rounding
     out = torchrun(2, "visualize_neuron_activations.py", f"--RUN_DIR={two}", *args)
@@ -149,8 +177,15 @@ def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
     for c, name in enumerate(["ant", "bee", "moth"]):
         write_images(data / "train" / name, 11, seed=c, size=32)  # 33 images: 4 steps at 8 (or 2 x 4)
         write_images(data / "val" / name, 2, seed=100 + c, size=32)
-    args = [f"--DATA_DIR={data}", *COMMON, "--EPOCHS=1", "--BN_BATCHES=1", "--FREEZE_BN=True", "--AUGMENT=False",
-            "--DROPOUT=0.0"]
+    args = [
+        f"--DATA_DIR={data}",
+        *COMMON,
+        "--EPOCHS=1",
+        "--BN_BATCHES=1",
+        "--FREEZE_BN=True",
+        "--AUGMENT=False",
+        "--DROPOUT=0.0",
+    ]
     torchrun(1, "train_model.py", f"--RUN_DIR={tmp_path / 'one'}", "--BATCH_SIZE=8", *args)
     out = torchrun(2, "train_model.py", f"--RUN_DIR={tmp_path / 'two'}", "--BATCH_SIZE=4", *args)
     assert out.count("wrote:") == 1 and "2 processes x 4 images per batch" in out
@@ -207,6 +242,7 @@ def test_ddp_with_unreadable_batches_equals_one_process(tmp_path):
     3 and 4 images. Two processes at batch 4 still take the steps of one process at batch 8: no deadlock, each
     step the mean over its readable images."""
     from torch.utils.data import DistributedSampler
+
     data = tmp_path / "data"
     names = ["ant", "bee", "moth"]
     for c, name in enumerate(names):
@@ -219,8 +255,15 @@ def test_ddp_with_unreadable_batches_equals_one_process(tmp_path):
         parts.append(list(sampler))
     for index in parts[1][:4] + parts[0][4:5]:
         _spoil(data / "train" / names[index // 11] / f"{index % 11:03d}.png")
-    args = [f"--DATA_DIR={data}", *COMMON, "--EPOCHS=1", "--BN_BATCHES=1", "--FREEZE_BN=True", "--AUGMENT=False",
-            "--DROPOUT=0.0"]
+    args = [
+        f"--DATA_DIR={data}",
+        *COMMON,
+        "--EPOCHS=1",
+        "--BN_BATCHES=1",
+        "--FREEZE_BN=True",
+        "--AUGMENT=False",
+        "--DROPOUT=0.0",
+    ]
     torchrun(1, "train_model.py", f"--RUN_DIR={tmp_path / 'one'}", "--BATCH_SIZE=8", *args)
     torchrun(2, "train_model.py", f"--RUN_DIR={tmp_path / 'two'}", "--BATCH_SIZE=4", *args)
     (one, _), (two, _) = (models.load_checkpoint(str(tmp_path / d / "baseline.pt")) for d in ("one", "two"))
@@ -232,7 +275,14 @@ def test_ddp_with_unreadable_batches_equals_one_process(tmp_path):
 def test_a_step_without_images_on_any_rank_is_skipped_alone(monkeypatch):
     """One process: a wholly unreadable batch is no step (and no substitute)."""
     from mbv3prune import train
+
     model = randomized_model(ARCH)
-    loss, own = train._step_loss(model, torch.empty(0), torch.empty(0, dtype=torch.long), torch.nn.CrossEntropyLoss(
-        reduction="sum"), torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    loss, own = train._step_loss(
+        model,
+        torch.empty(0),
+        torch.empty(0, dtype=torch.long),
+        torch.nn.CrossEntropyLoss(reduction="sum"),
+        torch.device("cpu"),
+        torch.autocast("cpu", enabled=False),
+    )
     assert loss is None and own is None

@@ -1,9 +1,11 @@
 """Integration on the real flower photos in ../shared (skipped when they are absent)."""
+
 import os
 
 import pytest
 
-from mbv3prune import capture, data as D
+from mbv3prune import capture
+from mbv3prune import data as D
 from mbv3prune.blocks import find_blocks
 from mbv3prune.models import build_model
 from tests.helpers import FLOWERS
@@ -25,7 +27,8 @@ def test_stratified_capture_covers_every_species():
     model = build_model("mobilenet_v3_small", len(names)).eval()
     loader = D.make_loader(items, D.eval_transform(32, "mobilenet_v3_small"), batch_size=8)
     skipped = D.Skipped()
-    stats, layers = capture.capture(model, D.batches(loader, skipped), find_blocks(model), num_classes=12,
-                                    progress=False)
+    stats, layers = capture.capture(
+        model, D.batches(loader, skipped), find_blocks(model), num_classes=12, progress=False
+    )
     layer = next(iter(layers))
     assert skipped.count == 0 and stats[f"{layer}/n_class"].tolist() == [2] * 12

@@ -1,12 +1,13 @@
 """Dynamic deadness: pruning block k wakes a channel of block k+1; iterative mode must spare it."""
+
 import pytest
 import torch
 
 from mbv3prune import capture, iterative
-from mbv3prune.criterion import Criterion
-from mbv3prune.selection import most_prunable
 from mbv3prune.blocks import find_blocks
+from mbv3prune.criterion import Criterion
 from mbv3prune.models import build_model
+from mbv3prune.selection import most_prunable
 
 K, NEXT, C0, J, M = "features.2", "features.3", 5, 7, 9  # Small: features.2 -> features.3, neither with SE
 THRESHOLD = capture.DEFAULT_THRESHOLD
@@ -54,9 +55,19 @@ CRITERION = Criterion("deadness", THRESHOLD, 0.9, min_keep_ratio=0.25, round_to=
 
 def run(model, stats, layers, compensate_fn=None, **schedule):
     """iterative.run on the wired model's sample with CRITERION and the Schedule of ``schedule``."""
-    return iterative.run(model, sample, stats, layers, CRITERION, iterative.Schedule(**{"max_rounds": 20, **schedule}),
-                         capture_point="project_input", image_size=32, num_classes=3, compensate_fn=compensate_fn,
-                         log=lambda *_: None)
+    return iterative.run(
+        model,
+        sample,
+        stats,
+        layers,
+        CRITERION,
+        iterative.Schedule(**{"max_rounds": 20, **schedule}),
+        capture_point="project_input",
+        image_size=32,
+        num_classes=3,
+        compensate_fn=compensate_fn,
+        log=lambda *_: None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +107,7 @@ def test_iterative_spares_it_and_never_prunes_a_channel_dead_in_one_measurement_
 
 def test_compensation_keeps_the_downstream_channel_dead(setup):
     from mbv3prune.compensate import compensate
+
     model, blocks, stats, layers = setup
     fold = lambda m, b, chosen, s: compensate(m, b, chosen, s)
     _, rounds, removed, values = run(model, stats, layers, fold)

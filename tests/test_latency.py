@@ -1,6 +1,7 @@
 """Tests of mbv3prune.latency: the width grid, the narrowed blocks, the cached table, and the latency-target
 selection on INJECTED tables (merging of chunks that save no time, stop at target, floors, ROUND_TO, cost per
 ms). Timing runs only to check the table's structure and its cache; no speed is asserted."""
+
 import random
 
 import pytest
@@ -43,7 +44,7 @@ def test_width_grid_gives_the_kept_counts_of_the_macs_chunks():
     for hidden, ratio, round_to in [(72, 0.25, 8), (100, 0.3, 8), (240, 0.25, 16), (20, 0.0, 8)]:
         floor = min_kept(hidden, ratio)
         chunks = selection._chunks(list(range(hidden)), hidden, floor, round_to)
-        kept = [hidden - sum(map(len, chunks[:i + 1])) for i in range(len(chunks))]
+        kept = [hidden - sum(map(len, chunks[: i + 1])) for i in range(len(chunks))]
         assert latency.width_grid(hidden, floor, round_to) == [hidden] + kept
 
 
@@ -96,9 +97,8 @@ def test_prunability_ranks_as_the_macs_target_does_when_time_is_linear_in_macs()
     blocks = _blocks(**hidden)
     ranking = {n: _ranking(h, [rng.random() for _ in range(h)]) for n, h in hidden.items()}
     per_channel = {"a": 300, "b": 50, "c": 120, "d": 900}  # MACs of one channel
-    total = 10 ** 6
-    table = _table(2.0, **{n: _linear(h, min_kept(h), 8, 2.0 * per_channel[n] / total, 0.3)
-                           for n, h in hidden.items()})
+    total = 10**6
+    table = _table(2.0, **{n: _linear(h, min_kept(h), 8, 2.0 * per_channel[n] / total, 0.3) for n, h in hidden.items()})
     for target in (0.05, 0.1, 0.2):
         by_macs, macs_red = selection.to_macs_target(ranking, blocks, per_channel, total, target)
         by_time, time_red = latency.to_latency_target(ranking, blocks, table, target)
@@ -112,16 +112,22 @@ def test_floors_and_round_to_hold_on_random_tables(kind, seed):
     round_to, ratio = rng.choice([4, 8, 16]), rng.choice([0.1, 0.25, 0.5])
     hidden = {f"b{i}": rng.randrange(9, 200) for i in range(5)}
     blocks = _blocks(**hidden)
-    table = _table(50.0, **{n: {w: rng.uniform(0.5, 2.0) for w in latency.width_grid(h, min_kept(h, ratio), round_to)}
-                            for n, h in hidden.items()})
+    table = _table(
+        50.0,
+        **{
+            n: {w: rng.uniform(0.5, 2.0) for w in latency.width_grid(h, min_kept(h, ratio), round_to)}
+            for n, h in hidden.items()
+        },
+    )
     ranking = {n: _ranking(h, [rng.random() for _ in range(h)]) for n, h in hidden.items()}
     chosen, red = latency.to_latency_target(ranking, blocks, table, 0.9, ratio, round_to, kind=kind)
     for name, idxs in chosen.items():
         kept = hidden[name] - len(idxs)
         assert kept >= min_kept(hidden[name], ratio) and kept % round_to == 0 and len(set(idxs)) == len(idxs)
         assert table["blocks"][name]["ms"][kept] < table["blocks"][name]["ms"][hidden[name]]  # each block saves
-    saved = sum(table["blocks"][n]["ms"][hidden[n]] - table["blocks"][n]["ms"][hidden[n] - len(v)]
-                for n, v in chosen.items())
+    saved = sum(
+        table["blocks"][n]["ms"][hidden[n]] - table["blocks"][n]["ms"][hidden[n] - len(v)] for n, v in chosen.items()
+    )
     assert red == pytest.approx(saved / 50.0)
 
 
@@ -133,8 +139,9 @@ def test_a_table_of_another_model_is_refused_and_a_block_at_its_floor_skipped():
     with pytest.raises(PruneError, match="no block a"):
         latency.to_latency_target(ranking, blocks, _table(1.0, b={32: 1.0}), 0.1)
     at_floor = {"a": _ranking(32, [0.0] * 32), "c": _ranking(8, [0.0] * 8)}  # c has nothing to give: not in tables
-    assert latency.to_latency_target(at_floor, _blocks(a=32, c=8), _table(1.0, a={32: 1.0, 24: 0.5, 16: 0.4, 8: 0.3}),
-                                     0.1)[0] == {"a": list(range(8))}
+    assert latency.to_latency_target(
+        at_floor, _blocks(a=32, c=8), _table(1.0, a={32: 1.0, 24: 0.5, 16: 0.4, 8: 0.3}), 0.1
+    )[0] == {"a": list(range(8))}
     with pytest.raises(PruneError, match="TARGET_LATENCY_REDUCTION"):
         latency.to_latency_target(ranking, blocks, _table(1.0, a={32: 1.0}), 1.5)
     with pytest.raises(PruneError, match="LATENCY_RUNTIME"):
@@ -147,7 +154,9 @@ def test_timing_medians_are_positive_and_interleaved_calls_all_run():
     def bump(name):
         def call():
             counts[name] += 1
+
         return call
+
     ms = interleaved_ms({n: bump(n) for n in counts}, repeats=5, warmup=2)
     assert counts == {"a": 7, "b": 7} and all(v >= 0 for v in ms.values())
     assert median_ms(lambda: sum(range(1000)), repeats=3, warmup=0) > 0
@@ -190,8 +199,12 @@ def test_eager_table_is_cached_and_reused_only_on_the_same_identity(small, tmp_p
         assert list(entry["ms"]) == latency.width_grid(h, min_kept(h), 64) and min(entry["ms"].values()) > 0
     again, reused = latency.load_or_build(path, model, blocks, spec)
     assert reused and again["blocks"] == table["blocks"] and again["model_ms"] == table["model_ms"]
-    _, reused = latency.load_or_build(path, model, blocks, latency.TableSpec(
-        image_size=SIZE, round_to=64, runtime="eager", repeats=2, warmup=0, batch_size=2))
+    _, reused = latency.load_or_build(
+        path,
+        model,
+        blocks,
+        latency.TableSpec(image_size=SIZE, round_to=64, runtime="eager", repeats=2, warmup=0, batch_size=2),
+    )
     assert not reused
     assert read_json(path)["identity"]["batch_size"] == 2  # the new table replaced the old one
 
@@ -202,6 +215,8 @@ def test_onnxruntime_table_of_two_blocks(small, tmp_path):
     spec = latency.TableSpec(image_size=SIZE, round_to=32, repeats=2, warmup=1)
     table = latency.build_table(model, two, spec)
     assert table["identity"]["runtime"] == "onnxruntime" and table["identity"]["threads"] == torch.get_num_threads()
-    assert {n: list(e["ms"]) for n, e in table["blocks"].items()} == {"features.2": [72, 64, 32],
-                                                                      "features.4": [96, 64, 32]}
+    assert {n: list(e["ms"]) for n, e in table["blocks"].items()} == {
+        "features.2": [72, 64, 32],
+        "features.4": [96, 64, 32],
+    }
     assert all(ms > 0 for e in table["blocks"].values() for ms in e["ms"].values())

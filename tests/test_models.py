@@ -22,7 +22,9 @@ def test_checkpoint_round_trip_weights_only(tmp_path, arch):
     path = tmp_path / "c.pt"
     models.save_checkpoint(path, model, arch, ["a", "b", "c", "d"], {"SEED": 0})
     raw = torch.load(path, weights_only=True)
-    assert raw["arch"] == arch and raw["class_names"] == ["a", "b", "c", "d"] and "features.4.block.2.fc1" in raw["widths"]
+    assert (
+        raw["arch"] == arch and raw["class_names"] == ["a", "b", "c", "d"] and "features.4.block.2.fc1" in raw["widths"]
+    )
     loaded, meta = models.load_checkpoint(str(path))
     assert meta["arch"] == arch and _same_output(model, loaded)
     assert _same_output(model, models.load_model(str(path)))
@@ -69,7 +71,9 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(PruneError, match="other.pt is not a torchvision MobileNetV3"):
         models.load_checkpoint(str(tmp_path / "other.pt"))
-    models.save_checkpoint(tmp_path / "s.pt", models.build_model("mobilenet_v3_small", 2), "mobilenet_v3_small", ["a", "b"])
+    models.save_checkpoint(
+        tmp_path / "s.pt", models.build_model("mobilenet_v3_small", 2), "mobilenet_v3_small", ["a", "b"]
+    )
     with pytest.raises(PruneError, match="is a mobilenet_v3_small, but MODEL_ARCH=mobilenet_v3_large"):
         models.load_checkpoint(str(tmp_path / "s.pt"), arch="mobilenet_v3_large")
     with pytest.raises(PruneError, match="unknown MODEL_ARCH 'resnet50'"):
@@ -113,18 +117,32 @@ def _optimizer_state(model):
 def torchvision_reference(model):
     """What torchvision's references/classification/train.py saves (model_without_ddp, EMA, argparse args)."""
     ema = torch.optim.swa_utils.AveragedModel(model)
-    return {"model": model.state_dict(), "optimizer": _optimizer_state(model), "lr_scheduler": {"last_epoch": 3},
-            "epoch": 3, "args": argparse.Namespace(model="mobilenet_v3_small", lr=0.064), "model_ema": ema.state_dict()}
+    return {
+        "model": model.state_dict(),
+        "optimizer": _optimizer_state(model),
+        "lr_scheduler": {"last_epoch": 3},
+        "epoch": 3,
+        "args": argparse.Namespace(model="mobilenet_v3_small", lr=0.064),
+        "model_ema": ema.state_dict(),
+    }
 
 
 def lightning(model, attribute="model."):
     """PyTorch Lightning's checkpoint layout: the LightningModule's state_dict, keys under its attribute."""
     criterion = nn.CrossEntropyLoss(weight=torch.ones(3))
     state = {**_prefixed(model.state_dict(), attribute), "criterion.weight": criterion.weight}
-    return {"epoch": 2, "global_step": 40, "pytorch-lightning_version": "2.4.0", "state_dict": state,
-            "loops": {"fit_loop": {"epoch_progress": {"total": {"completed": 2}}}}, "callbacks": {},
-            "optimizer_states": [_optimizer_state(model)], "lr_schedulers": [], "hparams_name": "kwargs",
-            "hyper_parameters": {"lr": 0.01}}
+    return {
+        "epoch": 2,
+        "global_step": 40,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state,
+        "loops": {"fit_loop": {"epoch_progress": {"total": {"completed": 2}}}},
+        "callbacks": {},
+        "optimizer_states": [_optimizer_state(model)],
+        "lr_schedulers": [],
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 0.01},
+    }
 
 
 FORMATS = [  # (name, make the saved object from a model, needs ALLOW_PICKLE)
@@ -135,8 +153,11 @@ FORMATS = [  # (name, make the saved object from a model, needs ALLOW_PICKLE)
     ("DDP (module.)", lambda m: _prefixed(m.state_dict(), "module."), False),
     ("torch.compile (_orig_mod.)", lambda m: torch.compile(m).state_dict(), False),
     ("DDP around torch.compile", lambda m: _prefixed(torch.compile(m).state_dict(), "module."), False),
-    ("model_state_dict with optimizer", lambda m: {"model_state_dict": m.state_dict(), "epoch": 1,
-                                                   "optimizer_state_dict": _optimizer_state(m)}, False),
+    (
+        "model_state_dict with optimizer",
+        lambda m: {"model_state_dict": m.state_dict(), "epoch": 1, "optimizer_state_dict": _optimizer_state(m)},
+        False,
+    ),
     ("net", lambda m: {"net": m.state_dict(), "acc": 0.9}, False),
 ]
 
@@ -147,8 +168,11 @@ def test_checkpoint_formats_of_common_training_code(tmp_path, name, make, needs_
     torch.save(make(model), tmp_path / "ckpt.pth")  # the optimizer's step in ``make`` changes the weights saved
     reference = copy.deepcopy(model)
     if needs_pickle:
-        with pytest.raises(PruneError, match=r"ckpt.pth holds a pickled Python object \(argparse.Namespace\).*"
-                                             "set ALLOW_PICKLE=True"):
+        with pytest.raises(
+            PruneError,
+            match=r"ckpt.pth holds a pickled Python object \(argparse.Namespace\).*"
+            "set ALLOW_PICKLE=True",
+        ):
             models.load_checkpoint(str(tmp_path / "ckpt.pth"))
         with pytest.warns(UserWarning, match="weights_only=False"):
             loaded, meta = models.load_checkpoint(str(tmp_path / "ckpt.pth"), allow_pickle=True)
@@ -185,14 +209,19 @@ def test_other_heads_are_refused_naming_the_key(tmp_path):
     model = torchvision.models.mobilenet_v3_small(num_classes=3)
     model.classifier = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 3))
     torch.save(model.state_dict(), tmp_path / "mlp.pth")
-    with pytest.raises(PruneError, match=r"mlp.pth has a classifier this project cannot rebuild "
-                                         r"\(key classifier.2.bias\)"):
+    with pytest.raises(
+        PruneError,
+        match=r"mlp.pth has a classifier this project cannot rebuild "
+        r"\(key classifier.2.bias\)",
+    ):
         models.load_checkpoint(str(tmp_path / "mlp.pth"))
 
 
 def test_two_models_in_one_file_are_refused_naming_their_prefixes(tmp_path):
     a, b = (torchvision.models.mobilenet_v3_small(num_classes=3) for _ in range(2))
-    torch.save({"state_dict": {**_prefixed(a.state_dict(), "student."), **_prefixed(b.state_dict(), "teacher.")}},
-               tmp_path / "kd.ckpt")
+    torch.save(
+        {"state_dict": {**_prefixed(a.state_dict(), "student."), **_prefixed(b.state_dict(), "teacher.")}},
+        tmp_path / "kd.ckpt",
+    )
     with pytest.raises(PruneError, match="several MobileNetV3 state_dicts.*student., teacher."):
         models.load_checkpoint(str(tmp_path / "kd.ckpt"))

@@ -1,4 +1,5 @@
 """Tests of mbv3prune.moments: Chan-merged streamed moments, their rank merge, and the capture's moment keys."""
+
 import copy
 
 import pytest
@@ -15,8 +16,7 @@ from tests.helpers import randomized_model
 
 def _rows(n=3000, c=6, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, generator=gen, dtype=torch.float64) @ torch.randn(c, c, generator=gen,
-                                                                                dtype=torch.float64)
+    return torch.randn(n, c, generator=gen, dtype=torch.float64) @ torch.randn(c, c, generator=gen, dtype=torch.float64)
 
 
 def test_near_constant_channel_keeps_its_variance_in_float32_batches():
@@ -31,7 +31,7 @@ def test_near_constant_channel_keeps_its_variance_in_float32_batches():
     truth = exact.var(0, correction=0)
     assert float(streamed.cov()[0, 0]) == pytest.approx(float(truth[0]), rel=0.01)
     assert float(diagonal.cov()[0]) == pytest.approx(float(truth[0]), rel=0.01)
-    today = sum(float((b ** 2).sum(0)[0]) for b in x.split(256)) / len(x) - float(x.double().mean(0)[0]) ** 2
+    today = sum(float((b**2).sum(0)[0]) for b in x.split(256)) / len(x) - float(x.double().mean(0)[0]) ** 2
     assert abs(today - float(truth[0])) > 0.1 * float(truth[0])  # float32 batch sums of a**2 lose it
 
 
@@ -55,9 +55,10 @@ def test_subsampled_scatter_is_unbiased_and_exact_without_subsampling():
     assert torch.equal(rows, z) and mean is None and n == 400
     truth = M.batch_moments(z)[2]
     gen = torch.Generator().manual_seed(3)
-    draws = torch.stack([M.batch_moments(r, mean=m, n=k)[2]
-                         for m, r, k in (M.sampled_rows(z, 50, gen) for _ in range(400))])
-    spread = draws.std(0) / 400 ** 0.5
+    draws = torch.stack(
+        [M.batch_moments(r, mean=m, n=k)[2] for m, r, k in (M.sampled_rows(z, 50, gen) for _ in range(400))]
+    )
+    spread = draws.std(0) / 400**0.5
     assert bool(((draws.mean(0) - truth).abs() <= 4 * spread + 1e-6).all())  # mean of 400 draws within 4 sigma
     assert M.sampled_rows(z, 50, gen)[1].shape == (50, 4)
     image = torch.randn(3, 4, 5, 6, generator=gen)  # 4-d: positions gathered, each row a position's channels
@@ -98,8 +99,10 @@ def test_capture_moments_match_a_direct_measurement_and_resume():
     model = randomized_model("mobilenet_v3_large", 0, 32).double()
     blocks = find_blocks(model)
     gen = torch.Generator().manual_seed(5)
-    batches = [(torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64), torch.zeros(4, dtype=torch.int64))
-               for _ in range(2)]
+    batches = [
+        (torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64), torch.zeros(4, dtype=torch.int64))
+        for _ in range(2)
+    ]
     stats, layers = capture(model, batches, blocks, histograms=False, progress=False, second_moments=True)
     block = next(b for b, r in blocks.items() if r.get("se_fc1") and "expand" in r)
     images = [b for b, _ in batches]
@@ -112,8 +115,9 @@ def test_capture_moments_match_a_direct_measurement_and_resume():
     assert torch.allclose(mean, stats[f"{layer}/sum"] / stats[f"{layer}/n"])
     assert torch.allclose(var, M.block_moments(stats, block)[2].diagonal(), atol=1e-5)
     first, _ = capture(model, batches[:1], blocks, histograms=False, progress=False, second_moments=True)
-    resumed, _ = capture(model, batches[1:], blocks, histograms=False, progress=False, second_moments=True,
-                         state=copy.deepcopy(first))
+    resumed, _ = capture(
+        model, batches[1:], blocks, histograms=False, progress=False, second_moments=True, state=copy.deepcopy(first)
+    )
     assert torch.allclose(resumed[f"{block}/cov_m2"], stats[f"{block}/cov_m2"], atol=1e-6)
     sub, _ = capture(model, batches, blocks, histograms=False, progress=False, second_moments=True, max_positions=8)
     assert torch.allclose(sub[f"{block}/cov_mean"], stats[f"{block}/cov_mean"], rtol=1e-6, atol=1e-7)  # all positions
@@ -122,5 +126,6 @@ def test_capture_moments_match_a_direct_measurement_and_resume():
 
 def test_reading_a_capture_without_second_moments_is_refused_naming_the_key():
     from mbv3prune.errors import PruneError
+
     with pytest.raises(PruneError, match="features.4/cov_n.*SECOND_MOMENTS"):
         M.block_moments({}, "features.4")

@@ -1,6 +1,7 @@
 """Tests of mbv3prune.onnx_export on a tiny MobileNetV3-Small: export with a dynamic batch, agreement with eager,
 refusals naming the file, timing in both runtimes (positive medians, no speed asserted), and perf.py's runtimes
 part on a tiny run with a pruned model."""
+
 import os
 
 import onnx
@@ -60,6 +61,7 @@ def test_unreadable_file_is_refused_with_its_name(tmp_path):
 
 def test_cuda_without_its_provider_is_refused(exported):
     import onnxruntime as ort
+
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has a CUDA provider")
     with pytest.raises(PruneError, match="onnxruntime-gpu"):
@@ -80,15 +82,22 @@ def test_runtime_latency_gives_positive_medians_with_torchs_threads(exported):
 
 def test_perf_runtimes_part_on_a_tiny_run(tmp_path):
     from benchmarks import perf
+
     model = randomized_model("mobilenet_v3_small", seed=2, size=SIZE)
     models.save_checkpoint(tmp_path / "baseline.pt", model, "mobilenet_v3_small", ["a", "b", "c"])
     blocks = find_blocks(model)
     name = [b for b, roles in blocks.items() if "expand" in roles][-1]
     prune_blocks(model, blocks, {name: list(range(0, blocks[name]["hidden_channels"], 3))}, SIZE)
-    models.save_checkpoint(tmp_path / "macs.pt", model, "mobilenet_v3_small", ["a", "b", "c"],
-                           config={"PRUNE_MODE": "target_macs"})
-    cfg = {"RUNTIME_RUNS": [[str(tmp_path), SIZE, "macs.pt"], [str(tmp_path / "absent"), SIZE, "pruned.pt"]],
-           "RUNTIME_BATCHES": [1, 2], "RUNTIME_REPEATS": 3, "RUNTIME_WARMUP": 1, "RUNTIME_THREADS": 1}
+    models.save_checkpoint(
+        tmp_path / "macs.pt", model, "mobilenet_v3_small", ["a", "b", "c"], config={"PRUNE_MODE": "target_macs"}
+    )
+    cfg = {
+        "RUNTIME_RUNS": [[str(tmp_path), SIZE, "macs.pt"], [str(tmp_path / "absent"), SIZE, "pruned.pt"]],
+        "RUNTIME_BATCHES": [1, 2],
+        "RUNTIME_REPEATS": 3,
+        "RUNTIME_WARMUP": 1,
+        "RUNTIME_THREADS": 1,
+    }
     threads = torch.get_num_threads()
     [row] = perf.runtimes_part(cfg, torch.device("cpu"))
     assert torch.get_num_threads() == threads and row["threads"] == 1 and row["prune_mode"] == "target_macs"
@@ -99,6 +108,7 @@ def test_perf_runtimes_part_on_a_tiny_run(tmp_path):
             assert base > 0 and pruned > 0
             assert row["latency_saved"][rt][b] == round(1 - pruned / base, 4)
             macs_saved = 1 - row["macs"]["pruned"] / row["macs"]["baseline"]
-            assert row["latency_per_macs_saved"][rt][b] == pytest.approx(row["latency_saved"][rt][b] / macs_saved,
-                                                                         abs=1e-3)
+            assert row["latency_per_macs_saved"][rt][b] == pytest.approx(
+                row["latency_saved"][rt][b] / macs_saved, abs=1e-3
+            )
     assert "saved/MACs" in perf.runtimes_table([row]) and "onnxruntime" in perf.runtimes_table([row])

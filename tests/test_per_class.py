@@ -1,5 +1,6 @@
 """Many species: what the capture keeps per class (PER_CLASS, MAX_STATS_MEMORY_GB), int64 histogram offsets,
 and a compact but recoverable sample record."""
+
 import os
 
 import pytest

@@ -4,6 +4,7 @@ the plan file's writing and validation (plan).
 Statistics are computed here, in the capture format, from small synthetic activation tensors, so every
 expected value is counted directly from the activations rather than written down.
 """
+
 import copy
 import json
 import math
@@ -22,10 +23,12 @@ from mbv3prune.errors import PruneError
 
 ARCH, NUM_CLASSES = "mobilenet_v3_small", 4
 CAPTURED = 0.05  # the THRESHOLD the synthetic "below" counts are taken at (between two histogram edges)
-EDGES = torch.tensor([0.0, 1e-6, *torch.logspace(-3, 1, 25, dtype=torch.float64).tolist(), math.inf],
-                     dtype=torch.float64)
-SETTINGS = dict(threshold=CAPTURED, deadness_threshold=0.9, min_keep_ratio=0.25, round_to=8,
-                class_aware=False, min_class_samples=2)
+EDGES = torch.tensor(
+    [0.0, 1e-6, *torch.logspace(-3, 1, 25, dtype=torch.float64).tolist(), math.inf], dtype=torch.float64
+)
+SETTINGS = dict(
+    threshold=CAPTURED, deadness_threshold=0.9, min_keep_ratio=0.25, round_to=8, class_aware=False, min_class_samples=2
+)
 
 
 def propose(stats, blocks, layers, score="deadness", weights=None, **settings):
@@ -34,6 +37,7 @@ def propose(stats, blocks, layers, score="deadness", weights=None, **settings):
 
 
 # --- synthetic statistics in the capture format ---------------------------------------------------------
+
 
 def _hist(mag):
     """Per channel histogram [C, NB] of |a| [N, C, H, W] over EDGES (bin 0: below EDGES[1])."""
@@ -47,13 +51,19 @@ def layer_stats(layer, acts, labels, threshold=CAPTURED):
     """The capture-format entries of one layer from its full activations [N, C, H, W]."""
     mag = acts.abs().double()
     n, _, h, w = acts.shape
-    return {f"{layer}/n": torch.tensor(n * h * w), f"{layer}/n_images": torch.tensor(n),
-            f"{layer}/below": (mag < threshold).sum((0, 2, 3)), f"{layer}/neuron_below": (mag < threshold).sum(0),
-            f"{layer}/sum": acts.double().sum((0, 2, 3)), f"{layer}/sum_abs": mag.sum((0, 2, 3)),
-            f"{layer}/sum_sq": (mag ** 2).sum((0, 2, 3)), f"{layer}/max_abs": mag.amax((0, 2, 3)),
-            f"{layer}/hist": _hist(mag),
-            f"{layer}/hist_class": torch.stack([_hist(mag[labels == k]) for k in range(NUM_CLASSES)]),
-            f"{layer}/n_class": torch.bincount(labels, minlength=NUM_CLASSES)}
+    return {
+        f"{layer}/n": torch.tensor(n * h * w),
+        f"{layer}/n_images": torch.tensor(n),
+        f"{layer}/below": (mag < threshold).sum((0, 2, 3)),
+        f"{layer}/neuron_below": (mag < threshold).sum(0),
+        f"{layer}/sum": acts.double().sum((0, 2, 3)),
+        f"{layer}/sum_abs": mag.sum((0, 2, 3)),
+        f"{layer}/sum_sq": (mag**2).sum((0, 2, 3)),
+        f"{layer}/max_abs": mag.amax((0, 2, 3)),
+        f"{layer}/hist": _hist(mag),
+        f"{layer}/hist_class": torch.stack([_hist(mag[labels == k]) for k in range(NUM_CLASSES)]),
+        f"{layer}/n_class": torch.bincount(labels, minlength=NUM_CLASSES),
+    }
 
 
 def stats_from(acts, labels):
@@ -82,8 +92,15 @@ def small():
     layers = {b: capture_layer(r, "project_input") for b, r in blocks.items()}
     labels = torch.arange(8) % NUM_CLASSES
     acts = {layers[b]: synthetic_acts(r["hidden_channels"], seed=i) for i, (b, r) in enumerate(blocks.items())}
-    return {"model": model, "blocks": blocks, "layers": layers, "acts": acts, "labels": labels,
-            "stats": stats_from(acts, labels), "widths": models.layer_widths(model)}
+    return {
+        "model": model,
+        "blocks": blocks,
+        "layers": layers,
+        "acts": acts,
+        "labels": labels,
+        "stats": stats_from(acts, labels),
+        "widths": models.layer_widths(model),
+    }
 
 
 def build_plan(small, score="deadness", **overrides):
@@ -91,16 +108,27 @@ def build_plan(small, score="deadness", **overrides):
     opts = {**SETTINGS, **overrides}
     weights = small["model"].state_dict()
     proposals = propose(small["stats"], small["blocks"], small["layers"], score, weights=weights, **opts)
-    return plan.make_plan(proposals, small["stats"], Criterion(score=score, **opts), arch=ARCH, widths=small["widths"],
-                          checkpoint_sha256="ab" * 32, capture_point="project_input",
-                          provenance=artifacts.provenance({"SCORE": score}))
+    return plan.make_plan(
+        proposals,
+        small["stats"],
+        Criterion(score=score, **opts),
+        arch=ARCH,
+        widths=small["widths"],
+        checkpoint_sha256="ab" * 32,
+        capture_point="project_input",
+        provenance=artifacts.provenance({"SCORE": score}),
+    )
 
 
 # --- floors and rounding ----------------------------------------------------------------------------------
 
+
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 1200).flatmap(lambda h: st.tuples(st.just(h), st.integers(0, h))),
-       st.floats(0, 1), st.integers(1, 64))
+@given(
+    st.integers(1, 1200).flatmap(lambda h: st.tuples(st.just(h), st.integers(0, h))),
+    st.floats(0, 1),
+    st.integers(1, 64),
+)
 def test_keep_count_obeys_floors_and_rounds_up_minimally(hidden_cands, ratio, round_to):
     hidden, cands = hidden_cands
     kept = selection.keep_count(hidden, cands, ratio, 8, round_to)
@@ -124,6 +152,7 @@ def test_keep_count_refuses_bad_arguments(args):
 
 # --- scores -----------------------------------------------------------------------------------------------
 
+
 def test_unknown_score_lists_the_valid_ones(small):
     with pytest.raises(PruneError, match="deadness, mean_abs, contribution, fluctuation"):
         scores.prunability(small["stats"], small["layers"]["features.4"], "magnitude")
@@ -137,7 +166,9 @@ def test_prunability_orients_every_score_higher_is_more_prunable(small):
     torch.testing.assert_close(dead, (mag < CAPTURED).double().mean((0, 2, 3)))
     torch.testing.assert_close(scores.prunability(small["stats"], layer, "mean_abs"), -mag.mean((0, 2, 3)))
     contribution = mag.mean((0, 2, 3)) * torch.linalg.vector_norm(weight.double(), dim=(0, 2, 3))
-    torch.testing.assert_close(scores.prunability(small["stats"], layer, "contribution", consumer=weight), -contribution)
+    torch.testing.assert_close(
+        scores.prunability(small["stats"], layer, "contribution", consumer=weight), -contribution
+    )
 
 
 def test_contribution_prunes_a_channel_whose_consumer_column_is_zero(small):
@@ -146,8 +177,14 @@ def test_contribution_prunes_a_channel_whose_consumer_column_is_zero(small):
     target = int(alive[0])
     state = {k: v.clone() for k, v in small["model"].state_dict().items()}
     state[f"{roles['project']}.weight"][:, target] = 0
-    proposals = propose(small["stats"], small["blocks"], small["layers"], "contribution", weights=state,
-                             **{**SETTINGS, "threshold": 1e-9, "round_to": 1})
+    proposals = propose(
+        small["stats"],
+        small["blocks"],
+        small["layers"],
+        "contribution",
+        weights=state,
+        **{**SETTINGS, "threshold": 1e-9, "round_to": 1},
+    )
     assert target in proposals["features.4"]["prune"]
 
 
@@ -170,6 +207,7 @@ def test_stats_of_another_width_are_refused(small):
 
 
 # --- proposals --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("score,threshold", [("deadness", CAPTURED), ("mean_abs", 0.2), ("contribution", 0.05)])
 def test_proposals_prune_only_candidates_and_respect_floors(small, score, threshold):
@@ -196,11 +234,14 @@ def test_some_dead_channels_are_pruned_in_every_expanded_block(small):
 
 
 def test_captures_layer_description_gives_the_same_proposals(small):
-    described = {layer: {"block": b, "proposal": True, "channels": small["blocks"][b]["hidden_channels"]}
-                 for b, layer in small["layers"].items()}
+    described = {
+        layer: {"block": b, "proposal": True, "channels": small["blocks"][b]["hidden_channels"]}
+        for b, layer in small["layers"].items()
+    }
     described["features.4.block.0.2"] = {"block": "features.4", "proposal": False, "channels": 96}
-    assert (propose(small["stats"], small["blocks"], described, **SETTINGS)
-            == propose(small["stats"], small["blocks"], small["layers"], **SETTINGS))
+    assert propose(small["stats"], small["blocks"], described, **SETTINGS) == propose(
+        small["stats"], small["blocks"], small["layers"], **SETTINGS
+    )
 
 
 def test_skip_blocks_are_listed_with_a_reason(small):
@@ -218,11 +259,13 @@ def test_rank_covers_every_channel_of_every_prunable_block_with_its_prunability(
         assert [c for _, c in ranked] == list(range(small["blocks"][b]["hidden_channels"]))
         expected = scores.prunability(small["stats"], small["layers"][b], "deadness", CAPTURED)
         assert [p for p, _ in ranked] == expected.tolist()
-    assert "features.4" not in criterion.replace(skip_blocks=("features.4",)).rank(small["stats"], small["blocks"],
-                                                                                   small["layers"])
+    assert "features.4" not in criterion.replace(skip_blocks=("features.4",)).rank(
+        small["stats"], small["blocks"], small["layers"]
+    )
 
 
 # --- class awareness --------------------------------------------------------------------------------------
+
 
 def _class_case(images_of_class_2):
     """Channel 0 dead except on class 2; channel 1 dead everywhere; the other 14 alive everywhere."""
@@ -237,8 +280,17 @@ def _class_case(images_of_class_2):
 @pytest.mark.parametrize("class_aware,images,expected", [(False, 3, [0, 1]), (True, 3, [1]), (True, 1, [0, 1])])
 def test_class_aware_keeps_channels_alive_for_a_well_sampled_class(class_aware, images, expected):
     stats, blocks, layers = _class_case(images)
-    proposals = propose(stats, blocks, layers, threshold=CAPTURED, deadness_threshold=0.5, round_to=1,
-                             min_keep_ratio=0, class_aware=class_aware, min_class_samples=2)
+    proposals = propose(
+        stats,
+        blocks,
+        layers,
+        threshold=CAPTURED,
+        deadness_threshold=0.5,
+        round_to=1,
+        min_keep_ratio=0,
+        class_aware=class_aware,
+        min_class_samples=2,
+    )
     assert proposals["b"]["prune"] == expected
 
 
@@ -254,6 +306,7 @@ def test_class_deadness_range_spans_the_classes():
 
 # --- thresholds from histograms ---------------------------------------------------------------------------
 
+
 def test_replanning_at_a_bin_edge_matches_the_direct_count(small):
     layer = small["layers"]["features.9"]
     mag = small["acts"][layer].abs().double()
@@ -261,8 +314,15 @@ def test_replanning_at_a_bin_edge_matches_the_direct_count(small):
         direct = (mag < edge).double().mean((0, 2, 3))
         torch.testing.assert_close(ActivationStats(small["stats"]).deadness(layer, edge), direct)
         cut = float(direct.median())
-        proposals = propose(small["stats"], small["blocks"], small["layers"], threshold=edge, round_to=1,
-                                 deadness_threshold=cut, min_keep_ratio=0)
+        proposals = propose(
+            small["stats"],
+            small["blocks"],
+            small["layers"],
+            threshold=edge,
+            round_to=1,
+            deadness_threshold=cut,
+            min_keep_ratio=0,
+        )
         pruned = set(proposals["features.9"]["prune"])
         assert pruned == set(torch.nonzero(direct > cut).flatten().tolist())
 
@@ -277,6 +337,7 @@ def test_captured_threshold_uses_the_exact_count_between_edges(small):
 
 
 # --- the plan file ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("score", scores.SCORES)
 @pytest.mark.parametrize("class_aware", [False, True])
@@ -330,6 +391,7 @@ def _set(path, value):
         for key in parents:
             target = target[key]
         target[last] = value
+
     return mutate
 
 
@@ -394,10 +456,11 @@ def test_malformed_json_is_a_prune_error(tmp_path):
         plan.load_plan(path)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
-                                                                                       max_size=4),
-                    max_leaves=20)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
 
 
 def _load_or_prune_error(path, value, small):
@@ -455,7 +518,8 @@ def test_fluctuation_prunes_a_constant_channel_before_a_varying_one(small):
     c = int(varying.nonzero()[0])
     acts[layer][:, c] = 3.0
     stats = stats_from(acts, small["labels"])
-    prun = scores.prunability(stats, layer, "fluctuation",
-                            consumer=scores.consumer_weight(small["model"], small["blocks"]["features.4"]))
+    prun = scores.prunability(
+        stats, layer, "fluctuation", consumer=scores.consumer_weight(small["model"], small["blocks"]["features.4"])
+    )
     assert prun[c] > -1e-6 and prun[c] >= prun.max() - 1e-6  # as prunable as the channels that are always 0
     assert int(scores.prunability(stats, layer, "mean_abs").argmin()) == c  # mean |a| = 3: "the most alive"

@@ -3,6 +3,7 @@
 Biases, BN affine terms and BN statistics are made to differ per channel first, so a wrong index shows in
 every member layer.
 """
+
 import copy
 
 import pytest
@@ -11,15 +12,21 @@ import torch
 from mbv3prune import models
 from mbv3prune.blocks import find_blocks
 from mbv3prune.errors import PruneError
+from mbv3prune.prune import (
+    block_group,
+    block_macs,
+    build_graph,
+    count_macs_params,
+    macs_per_channel,
+    prune_blocks,
+    validate_indices,
+)
 from tests.helpers import randomized_model
-from mbv3prune.prune import (block_group, block_macs, build_graph, count_macs_params,
-                             macs_per_channel, prune_blocks, validate_indices)
 
 ARCHS = models.ARCHS
 SIZE = 32
 # role -> dimension of its weight (and bias / BN buffers) that holds the block's hidden channels
-HIDDEN_DIM = {"expand": 0, "expand_bn": 0, "depthwise": 0, "depthwise_bn": 0, "se_fc1": 1, "se_fc2": 0,
-              "project": 1}
+HIDDEN_DIM = {"expand": 0, "expand_bn": 0, "depthwise": 0, "depthwise_bn": 0, "se_fc1": 1, "se_fc2": 0, "project": 1}
 
 
 def _model(arch, seed=0):
@@ -43,8 +50,7 @@ def _random_plan(blocks, names, k, seed=0):
 def _three_blocks(blocks):
     """A block with SE, one without, and the last block."""
     names = _prunable(blocks)
-    return [next(n for n in names if blocks[n]["has_se"]), next(n for n in names if not blocks[n]["has_se"]),
-            names[-1]]
+    return [next(n for n in names if blocks[n]["has_se"]), next(n for n in names if not blocks[n]["has_se"]), names[-1]]
 
 
 def _snapshot(model):
@@ -69,10 +75,14 @@ def test_one_group_is_exactly_the_blocks_hidden_layers(arch):
     for name in _prunable(blocks):
         roles = blocks[name]
         group = block_group(graph, model, roles, [0, 2], name)
-        members = {(names[id(dep.target.module)], dep.handler.__name__) for dep, _ in group
-                   if id(dep.target.module) in names}
-        assert members == {(roles[r], "prune_in_channels" if dim else "prune_out_channels")
-                           for r, dim in HIDDEN_DIM.items() if r in roles}
+        members = {
+            (names[id(dep.target.module)], dep.handler.__name__) for dep, _ in group if id(dep.target.module) in names
+        }
+        assert members == {
+            (roles[r], "prune_in_channels" if dim else "prune_out_channels")
+            for r, dim in HIDDEN_DIM.items()
+            if r in roles
+        }
         assert all(m.startswith(name + ".") for m, _ in members)
 
 
@@ -126,9 +136,13 @@ def _dead_block(blocks, with_se):
 def _outputs(model, roles, x):
     """(model output, depthwise activation, SE fc1 output or None) on ``x``."""
     seen = {}
-    hooks = [model.get_submodule(roles[r]).register_forward_hook(
-        lambda m, i, o, r=r: seen.__setitem__(r, o.detach().clone()))
-        for r in ("depthwise_act", "se_fc1") if r in roles]
+    hooks = [
+        model.get_submodule(roles[r]).register_forward_hook(
+            lambda m, i, o, r=r: seen.__setitem__(r, o.detach().clone())
+        )
+        for r in ("depthwise_act", "se_fc1")
+        if r in roles
+    ]
     with torch.no_grad():
         out = model(x)
     for h in hooks:
@@ -165,9 +179,16 @@ def _bad_plans(blocks):
     b = _prunable(blocks)[1]
     n = blocks[b]["hidden_channels"]
     first = next(iter(blocks))
-    return [({first: [0]}, first, "no expand conv"), ({b: [0, n]}, b, f"index {n} "), ({b: [3, 1, 3]}, b, "index 3 "),
-            ({b: [2, -1]}, b, "index -1 "), ({b: [1.5]}, b, "1.5"), ({b: list(range(n))}, b, f"{n} of {n}"),
-            ({"features.99": [0]}, "features.99", "unknown"), ([0, 1], "dict", "list")]
+    return [
+        ({first: [0]}, first, "no expand conv"),
+        ({b: [0, n]}, b, f"index {n} "),
+        ({b: [3, 1, 3]}, b, "index 3 "),
+        ({b: [2, -1]}, b, "index -1 "),
+        ({b: [1.5]}, b, "1.5"),
+        ({b: list(range(n))}, b, f"{n} of {n}"),
+        ({"features.99": [0]}, "features.99", "unknown"),
+        ([0, 1], "dict", "list"),
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

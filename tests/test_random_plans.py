@@ -1,12 +1,14 @@
 """Property: any valid plan (random indices within the floors) prunes Large and Small into a model that passes
 validate_model_structure.py's structure checks and still runs."""
+
 import copy
 import functools
 import os
 import runpy
 
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mbv3prune import models
 from mbv3prune.blocks import find_blocks
@@ -15,12 +17,12 @@ from mbv3prune.prune import prune_blocks
 from tests.helpers import ROOT
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base(arch):
     return models.build_model(arch, 4).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def structure_checks():
     return runpy.run_path(os.path.join(ROOT, "validate_model_structure.py"), run_name="checks")["structure_checks"]
 
@@ -48,7 +50,9 @@ def test_any_valid_plan_prunes_into_a_valid_model(case):
     failed = [c for c in structure_checks()(model, 4) if not c["ok"]]
     assert not failed, failed
     for name, idxs in plan.items():
-        assert find_blocks(model)[name]["hidden_channels"] == record[name]["after"] == record[name]["before"] - len(idxs)
+        assert (
+            find_blocks(model)[name]["hidden_channels"] == record[name]["after"] == record[name]["before"] - len(idxs)
+        )
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 4) and torch.isfinite(out).all()

@@ -4,6 +4,7 @@ Pure-matrix tests check the algebra (OBS against fluctuation**2 and against the 
 mean compensation); model tests use a randomized tiny MobileNetV3-Large (conftest) at 32 px, refit blocks
 with ``apply_block_refit`` / ``sequential_refit`` and prune them with torch-pruning.
 """
+
 import copy
 import functools
 
@@ -42,7 +43,7 @@ def test_diagonal_cov_ranks_exactly_as_fluctuation_squared():
     var = torch.rand(20, generator=gen, dtype=torch.float64) + 0.1
     w = torch.randn(7, 20, generator=gen, dtype=torch.float64)
     d = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
-    fluct2 = var * (d[:, None] * w ** 2).sum(0)
+    fluct2 = var * (d[:, None] * w**2).sum(0)
     res = R.obs_removal(torch.diag(var), w, d, ridge=0.0)
     assert res.order == torch.argsort(fluct2).tolist()[:19]
     assert torch.allclose(res.costs, fluct2[res.order])
@@ -96,7 +97,7 @@ def test_refit_never_does_worse_than_mean_compensation_and_large_ridge_gives_it_
     assert torch.allclose(shift, w[:, removed] @ mom.mean[removed], atol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrated():
     return randomized_model(ARCH, 0, SIZE).double()
 
@@ -133,8 +134,10 @@ def _duplicate_channels(model, roles, pairs):
 def _fit_stats(model, blocks, batches):
     """The project_input capture (means for compensate) of ``model`` on ``batches``."""
     from mbv3prune.capture import capture
-    stats, _ = capture(model, [(b, torch.zeros(len(b), dtype=torch.int64)) for b in batches], blocks,
-                       "project_input", progress=False)
+
+    stats, _ = capture(
+        model, [(b, torch.zeros(len(b), dtype=torch.int64)) for b in batches], blocks, "project_input", progress=False
+    )
     return stats
 
 
@@ -179,8 +182,10 @@ def test_refit_and_prune_shrinks_the_block_error_against_mean_compensation(se):
     for m in (refit, mean_only):
         prune_blocks(m, blocks, {block: removed}, SIZE)
     assert refit.get_submodule(blocks[block]["project"]).in_channels == blocks[block]["hidden_channels"] - len(removed)
-    assert (R.block_errors(base, refit, batches, [block])[block]
-            < 0.9 * R.block_errors(base, mean_only, batches, [block])[block])
+    assert (
+        R.block_errors(base, refit, batches, [block])[block]
+        < 0.9 * R.block_errors(base, mean_only, batches, [block])[block]
+    )
 
 
 def _selection(base, blocks, names, batches):
@@ -204,7 +209,8 @@ def test_sequential_refit_beats_mean_compensation_on_every_pruned_block():
     prune_blocks(mean_only, blocks, selection, SIZE)
     mean_err = R.block_errors(base, mean_only, batches, names)
     assert R.block_errors(base, pruned, batches, list(blocks)) == pytest.approx(
-        {b: report[b]["fit_error"] for b in blocks})
+        {b: report[b]["fit_error"] for b in blocks}
+    )
     for b in names:
         assert report[b]["removed"] == len(selection[b])
         assert report[b]["fit_error"] < mean_err[b]
@@ -220,8 +226,9 @@ def test_residual_target_lowers_a_residual_blocks_error_on_the_fit_data():
     selection, _ = _selection(base, blocks, names, batches)
     errors = {}
     for residual in (False, True):
-        _, report = R.sequential_refit(base, lambda: batches, selection, ridge=0.0, residual_target=residual,
-                                       image_size=SIZE)
+        _, report = R.sequential_refit(
+            base, lambda: batches, selection, ridge=0.0, residual_target=residual, image_size=SIZE
+        )
         errors[residual] = report[res_block]["fit_error"]
     assert errors[True] < errors[False]
 
@@ -245,6 +252,7 @@ def test_block_fit_moments_of_one_model_are_its_own_moments():
 
 def test_obs_on_a_singular_covariance_needs_a_ridge():
     from mbv3prune.errors import PruneError
+
     cov = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     w, d = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     with pytest.raises(PruneError, match="singular.*RIDGE"):

@@ -1,5 +1,6 @@
 """Bad input -> one clear line, exit status 2, nothing written; killed stages leave artifacts intact; reruns are
 byte-identical."""
+
 import json
 import os
 import shutil
@@ -21,10 +22,17 @@ ARCH = "mobilenet_v3_small"
 def run(tiny_data, tmp_path_factory):
     """A complete tiny run directory (Small, 32 px): baseline, structure, statistics, plan."""
     run_dir = str(tmp_path_factory.mktemp("reliability_run"))
-    args = [f"--RUN_DIR={run_dir}", f"--MODEL_ARCH={ARCH}", f"--DATA_DIR={tiny_data}", "--IMAGE_SIZE=32",
-            "--NUM_WORKERS=0"]
-    for script, extra in (("train_model.py", ["--EPOCHS=1", "--BN_BATCHES=1"]), ("visualize_channel_activation.py",
-                                                                                ["--GRIDS=False"])):
+    args = [
+        f"--RUN_DIR={run_dir}",
+        f"--MODEL_ARCH={ARCH}",
+        f"--DATA_DIR={tiny_data}",
+        "--IMAGE_SIZE=32",
+        "--NUM_WORKERS=0",
+    ]
+    for script, extra in (
+        ("train_model.py", ["--EPOCHS=1", "--BN_BATCHES=1"]),
+        ("visualize_channel_activation.py", ["--GRIDS=False"]),
+    ):
         code, _, err = run_stage(script, *args, *extra)
         assert code == 0, err
     code, _, err = run_stage("mobilenetv3_features.py", f"--RUN_DIR={run_dir}", f"--MODEL_ARCH={ARCH}")
@@ -33,8 +41,11 @@ def run(tiny_data, tmp_path_factory):
 
 
 def snapshot(directory):
-    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
-            for d, _, files in os.walk(directory) for f in files}
+    return {
+        os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+        for d, _, files in os.walk(directory)
+        for f in files
+    }
 
 
 def plan_variant(run_dir, tmp_path, mutate):
@@ -81,7 +92,11 @@ CASES = [  # (script, extra args (callable of run_dir, tmp_path) or list, fragme
     ("train_model.py", lambda r, t: ["--MODEL_ARCH=resnet50", "--REUSE=False"], "unknown MODEL_ARCH 'resnet50'"),
     ("mobilenetv3_features.py", lambda r, t: [f"--CHECKPOINT={t}/missing.pt"], "missing.pt does not exist"),
     ("mobilenetv3_features.py", lambda r, t: [f"--CHECKPOINT={junk_file(t)}"], "junk.pt cannot be read"),
-    ("visualize_neuron_activations.py", lambda r, t: ["--CAPTURE_POINT=somewhere"], "unknown CAPTURE_POINT 'somewhere'"),
+    (
+        "visualize_neuron_activations.py",
+        lambda r, t: ["--CAPTURE_POINT=somewhere"],
+        "unknown CAPTURE_POINT 'somewhere'",
+    ),
     ("visualize_neuron_activations.py", lambda r, t: ["--THRESHOLD=-1.0"], "THRESHOLD=-1.0"),
     ("visualize_neuron_activations.py", lambda r, t: [nan_checkpoint(r, t), "--RECAPTURE=True"], "features.2.block"),
     ("visualize_neuron_activations.py", lambda r, t: [other_classes_checkpoint(r, t)], "has 5 classes but DATA_DIR"),
@@ -93,25 +108,47 @@ CASES = [  # (script, extra args (callable of run_dir, tmp_path) or list, fragme
     (P, lambda r, t: [f"--PLAN={junk_file(t, 'plan.json', b'{not json')}"], "not readable JSON"),
     (P, lambda r, t: [plan_variant(r, t, lambda p: set_prune(p, [0, 0]))], "prune"),
     (P, lambda r, t: [plan_variant(r, t, lambda p: set_prune(p, [-1]))], "prune"),
-    (P, lambda r, t: [plan_variant(r, t, lambda p: set_prune(p, [10 ** 6]))], "prune"),
+    (P, lambda r, t: [plan_variant(r, t, lambda p: set_prune(p, [10**6]))], "prune"),
     (P, lambda r, t: [plan_variant(r, t, lambda p: set_prune(p, ["3"]))], "prune"),
-    (P, lambda r, t: [plan_variant(r, t, lambda p: set_prune(p, list(range(p["blocks"][prunable(p)]["hidden_channels"] - 2))))],
-     "floor"),
-    (P, lambda r, t: [plan_variant(r, t, lambda p: p["blocks"].__setitem__("features.42", p["blocks"][prunable(p)]))],
-     "features.42"),
-    (P, lambda r, t: [plan_variant(r, t, lambda p: p["model"].__setitem__("arch", "mobilenet_v3_large"))],
-     "mobilenet_v3_large"),
+    (
+        P,
+        lambda r, t: [
+            plan_variant(r, t, lambda p: set_prune(p, list(range(p["blocks"][prunable(p)]["hidden_channels"] - 2))))
+        ],
+        "floor",
+    ),
+    (
+        P,
+        lambda r, t: [plan_variant(r, t, lambda p: p["blocks"].__setitem__("features.42", p["blocks"][prunable(p)]))],
+        "features.42",
+    ),
+    (
+        P,
+        lambda r, t: [plan_variant(r, t, lambda p: p["model"].__setitem__("arch", "mobilenet_v3_large"))],
+        "mobilenet_v3_large",
+    ),
     (P, lambda r, t: [plan_variant(r, t, lambda p: p.pop("blocks"))], "blocks"),
     ("validate_model_structure.py", lambda r, t: ["--EXPORT=onnx", f"--CHECKPOINT={r}/baseline.pt"], "unknown EXPORT"),
-    ("visualize_activation_overlay_image.py", lambda r, t: ["--LAYERS=['features.99']", "--PRUNED=none"], "features.99"),
+    (
+        "visualize_activation_overlay_image.py",
+        lambda r, t: ["--LAYERS=['features.99']", "--PRUNED=none"],
+        "features.99",
+    ),
 ]
 
 
-@pytest.mark.parametrize("script, extra, fragment", CASES, ids=[f"{c[0].split('_')[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "script, extra, fragment", CASES, ids=[f"{c[0].split('_')[0]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_bad_input_one_line_error_nothing_written(run, tmp_path, script, extra, fragment):
     run_dir, args = run
-    own = [a for a in args if not (script == "mobilenetv3_features.py" and a.split("=")[0] in
-                                   ("--DATA_DIR", "--IMAGE_SIZE", "--NUM_WORKERS"))]
+    own = [
+        a
+        for a in args
+        if not (
+            script == "mobilenetv3_features.py" and a.split("=")[0] in ("--DATA_DIR", "--IMAGE_SIZE", "--NUM_WORKERS")
+        )
+    ]
     if script == "visualize_activation_overlay_image.py":
         own = [a for a in own if not a.startswith("--NUM_WORKERS")]
     before = snapshot(run_dir)
@@ -136,11 +173,19 @@ def subprocess_stage(script, *args, patch=None, tmp_path=None):
     if patch:
         wrapper = os.path.join(tmp_path, "patched_stage.py")
         with open(wrapper, "w") as f:
-            f.write(f"import os, runpy, sys\n{patch}\nsys.argv[0] = {target!r}\n"
-                    f"runpy.run_path({target!r}, run_name='__main__')\n")
+            f.write(
+                f"import os, runpy, sys\n{patch}\nsys.argv[0] = {target!r}\n"
+                f"runpy.run_path({target!r}, run_name='__main__')\n"
+            )
         target = wrapper
-    return subprocess.run([sys.executable, target, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    return subprocess.run(
+        [sys.executable, target, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
 
 
 KILL_AFTER_TWO_PARTIAL_SAVES = """
@@ -171,8 +216,9 @@ def test_killed_capture_resumes_to_the_uninterrupted_result(run, tmp_path):
     shutil.copytree(run_dir, work)
     args = [a.replace(run_dir, work) for a in args] + ["--BATCH_SIZE=4", "--SAVE_EVERY=1", "--RECAPTURE=True"]
     stats_before = open(os.path.join(work, "activation_stats.pt"), "rb").read()
-    killed = subprocess_stage("visualize_neuron_activations.py", *args, patch=KILL_AFTER_TWO_PARTIAL_SAVES,
-                              tmp_path=tmp_path)
+    killed = subprocess_stage(
+        "visualize_neuron_activations.py", *args, patch=KILL_AFTER_TWO_PARTIAL_SAVES, tmp_path=tmp_path
+    )
     assert killed.returncode == 17
     assert open(os.path.join(work, "activation_stats.pt"), "rb").read() == stats_before  # the old one, intact
     partial = torch.load(os.path.join(work, "activation_stats.partial.pt"), weights_only=True)
@@ -201,8 +247,9 @@ def test_killed_before_rename_leaves_the_previous_report(run, tmp_path):
     first = subprocess_stage(P, *args)
     assert first.returncode == 0, first.stderr[-800:]
     report = open(os.path.join(work, "pruning_report.json"), "rb").read()
-    killed = subprocess_stage(P, *args, "--TARGET_MACS_REDUCTION=0.4", patch=KILL_BEFORE_RENAMING_THE_REPORT,
-                              tmp_path=tmp_path)
+    killed = subprocess_stage(
+        P, *args, "--TARGET_MACS_REDUCTION=0.4", patch=KILL_BEFORE_RENAMING_THE_REPORT, tmp_path=tmp_path
+    )
     assert killed.returncode == 17, killed.stderr[-800:]
     assert [f for f in os.listdir(work) if f.startswith(".pruning_report.json.") and f.endswith(".tmp")]
     assert open(os.path.join(work, "pruning_report.json"), "rb").read() == report
@@ -243,15 +290,22 @@ def test_same_seed_same_bytes(tiny_data, tmp_path):
     outputs = []
     for _ in range(2):
         shutil.rmtree(run_dir, ignore_errors=True)
-        for script, extra in (("train_model.py", ["--EPOCHS=1", "--BN_BATCHES=1"]),
-                              ("mobilenetv3_features.py", None),
-                              ("visualize_channel_activation.py", ["--GRIDS=False"]),
-                              (P, ["--PRUNE_MODE=target_macs", "--LATENCY=False", "--FINETUNE_EPOCHS=1"])):
+        for script, extra in (
+            ("train_model.py", ["--EPOCHS=1", "--BN_BATCHES=1"]),
+            ("mobilenetv3_features.py", None),
+            ("visualize_channel_activation.py", ["--GRIDS=False"]),
+            (P, ["--PRUNE_MODE=target_macs", "--LATENCY=False", "--FINETUNE_EPOCHS=1"]),
+        ):
             own = args if extra is not None else args[:2]
             code, _, err = run_stage(script, *own, *(extra or []))
             assert code == 0, err[-800:]
-        outputs.append({f: open(os.path.join(run_dir, f), "rb").read() for f in sorted(os.listdir(run_dir))
-                        if f.endswith((".json", ".pt")) and f != "timings.json"})
+        outputs.append(
+            {
+                f: open(os.path.join(run_dir, f), "rb").read()
+                for f in sorted(os.listdir(run_dir))
+                if f.endswith((".json", ".pt")) and f != "timings.json"
+            }
+        )
     assert outputs[0].keys() == outputs[1].keys() and "pruning_report.json" in outputs[0]
     for name in outputs[0]:
         assert outputs[0][name] == outputs[1][name], name

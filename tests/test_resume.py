@@ -1,4 +1,5 @@
 """A capture interrupted after wholly unreadable batches resumes to exactly the uninterrupted result."""
+
 import os
 
 import pytest
@@ -26,14 +27,25 @@ def items(tmp_path):
 
 
 def config(run_dir, resume):
-    return {"RUN_DIR": str(run_dir), "RESUME": resume, "BATCH_SIZE": 2, "SAVE_EVERY": 1, "THRESHOLD": 2.0 ** -7,
-            "CAPTURE_POINT": "project_input", "MODEL_ARCH": ARCH, "IMAGE_SIZE": 32, "NUM_WORKERS": 0, "SEED": 0}
+    return {
+        "RUN_DIR": str(run_dir),
+        "RESUME": resume,
+        "BATCH_SIZE": 2,
+        "SAVE_EVERY": 1,
+        "THRESHOLD": 2.0**-7,
+        "CAPTURE_POINT": "project_input",
+        "MODEL_ARCH": ARCH,
+        "IMAGE_SIZE": 32,
+        "NUM_WORKERS": 0,
+        "SEED": 0,
+    }
 
 
 def capture(run_dir, items, resume=False):
     model = randomized_model(ARCH)
-    return measure.run_capture(config(run_dir, resume), model, find_blocks(model), items, 3, torch.device("cpu"),
-                               {"sample_sha256": "test"})
+    return measure.run_capture(
+        config(run_dir, resume), model, find_blocks(model), items, 3, torch.device("cpu"), {"sample_sha256": "test"}
+    )
 
 
 def test_resume_after_an_unreadable_batch_counts_items_and_keeps_the_skipped(tmp_path, items, monkeypatch):
@@ -45,6 +57,7 @@ def test_resume_after_an_unreadable_batch_counts_items_and_keeps_the_skipped(tmp
         saves.append(path)
         if len([p for p in saves if p.endswith(measure.PARTIAL)]) == 2:
             raise Interrupted
+
     monkeypatch.setattr(partial, "save_tensors", save_then_stop)
     with pytest.raises(Interrupted):
         capture(tmp_path / "run", items)
@@ -68,8 +81,12 @@ def _base_and_rows(run_dir, num_classes, labels):
     def on_batch(i, live):
         saves.touch(batch[0][1])
         saves.save(live, 2, measure.Skipped())
+
     measure.C.capture(model, batch, find_blocks(model), num_classes=num_classes, progress=False, on_batch=on_batch)
-    return (os.path.getsize(run_dir / measure.PARTIAL), os.path.getsize(str(run_dir / measure.PARTIAL) + ".rows00001.pt"))
+    return (
+        os.path.getsize(run_dir / measure.PARTIAL),
+        os.path.getsize(str(run_dir / measure.PARTIAL) + ".rows00001.pt"),
+    )
 
 
 def test_a_partial_save_costs_the_same_for_10_or_1000_classes(tmp_path):

@@ -1,4 +1,5 @@
 """Choosing channels to a MACs target or a uniform ratio: ranking order, floors, ROUND_TO and the tolerance."""
+
 import pytest
 
 from mbv3prune import selection
@@ -35,8 +36,9 @@ def test_max_overshoot_passes_over_a_chunk_too_large_for_the_tolerance():
     target = 0.05
     plain, red = selection.to_macs_target(ranking(c=1.0), BLOCKS, PER_CHANNEL, TOTAL, target, round_to=8)
     assert set(plain) == {"c"} and red - target > 0.1  # one chunk of c is 800 MACs, 24% of the total
-    tight, red = selection.to_macs_target(ranking(c=1.0), BLOCKS, PER_CHANNEL, TOTAL, target, round_to=8,
-                                          max_overshoot=0.01)
+    tight, red = selection.to_macs_target(
+        ranking(c=1.0), BLOCKS, PER_CHANNEL, TOTAL, target, round_to=8, max_overshoot=0.01
+    )
     assert "c" not in tight and target <= red <= target + 0.01
 
 

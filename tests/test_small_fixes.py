@@ -1,5 +1,6 @@
 """Small reliability fixes: common constants everywhere, skipped files named once, a depthwise check that can
 fail, and the pruning API's floor."""
+
 import os
 import runpy
 
@@ -18,8 +19,16 @@ ARCH = "mobilenet_v3_small"
 
 def test_every_stage_accepts_the_common_constants_and_still_refuses_unknown_ones(tmp_path):
     models.save_checkpoint(tmp_path / "baseline.pt", models.build_model(ARCH, 3), ARCH, list("abc"))
-    common = [f"--RUN_DIR={tmp_path}", f"--MODEL_ARCH={ARCH}", f"--DATA_DIR={tmp_path}/data", "--IMAGE_SIZE=32",
-              "--BATCH_SIZE=4", "--NUM_WORKERS=0", "--DEVICE=cpu", "--SEED=1"]
+    common = [
+        f"--RUN_DIR={tmp_path}",
+        f"--MODEL_ARCH={ARCH}",
+        f"--DATA_DIR={tmp_path}/data",
+        "--IMAGE_SIZE=32",
+        "--BATCH_SIZE=4",
+        "--NUM_WORKERS=0",
+        "--DEVICE=cpu",
+        "--SEED=1",
+    ]
     code, out, err = run_stage("mobilenetv3_features.py", *common)
     assert code == 0, err[-800:]
     code, _, err = run_stage("mobilenetv3_features.py", *common, "--DATA_DIRS=x")
@@ -39,11 +48,14 @@ def test_depthwise_check_fails_on_a_conv_that_is_no_longer_depthwise():
     model = models.build_model(ARCH, 3)
     assert all(c["ok"] for c in checks(model, 3))
     dw = model.get_submodule("features.2.block.1.0")
-    model.features[2].block[1][0] = nn.Conv2d(dw.in_channels, dw.out_channels, dw.kernel_size, dw.stride, dw.padding,
-                                              groups=1, bias=False)
+    model.features[2].block[1][0] = nn.Conv2d(
+        dw.in_channels, dw.out_channels, dw.kernel_size, dw.stride, dw.padding, groups=1, bias=False
+    )
     failed = {c["check"]: c["detail"] for c in checks(model, 3) if not c["ok"]}
-    assert "depthwise_in_out_groups" in failed and "features.2.block.1.0: in 72 out 72 groups 1" in failed[
-        "depthwise_in_out_groups"]
+    assert (
+        "depthwise_in_out_groups" in failed
+        and "features.2.block.1.0: in 72 out 72 groups 1" in failed["depthwise_in_out_groups"]
+    )
 
 
 def test_pruning_api_refuses_to_leave_a_block_under_its_floor():
@@ -51,8 +63,11 @@ def test_pruning_api_refuses_to_leave_a_block_under_its_floor():
     blocks = find_blocks(model)
     name = next(b for b, r in blocks.items() if "expand" in r)
     hidden = blocks[name]["hidden_channels"]
-    with pytest.raises(PruneError, match=rf"block {name}: removing {hidden - 2} of {hidden} channels would leave 2, "
-                                         "under its floor of 8"):
+    with pytest.raises(
+        PruneError,
+        match=rf"block {name}: removing {hidden - 2} of {hidden} channels would leave 2, "
+        "under its floor of 8",
+    ):
         prune_blocks(model, blocks, {name: list(range(hidden - 2))}, image_size=32)
     record = prune_blocks(model, blocks, {name: list(range(hidden - 8))}, image_size=32)
     assert record[name]["after"] == 8

@@ -1,4 +1,5 @@
 """Every stage script, chained on a tiny data set, for Large and Small (32 px, one training epoch)."""
+
 import json
 import os
 
@@ -12,8 +13,7 @@ ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
 
 
 def common(run_dir, arch, data):
-    return [f"--RUN_DIR={run_dir}", f"--MODEL_ARCH={arch}", f"--DATA_DIR={data}", "--IMAGE_SIZE=32",
-            "--NUM_WORKERS=0"]
+    return [f"--RUN_DIR={run_dir}", f"--MODEL_ARCH={arch}", f"--DATA_DIR={data}", "--IMAGE_SIZE=32", "--NUM_WORKERS=0"]
 
 
 def ok(script, *args):
@@ -42,7 +42,7 @@ def test_capture_and_plan_artifacts(pipeline):
     stats = torch.load(os.path.join(run, "activation_stats.pt"), weights_only=True)
     meta = json.load(open(os.path.join(run, "activation_stats.json")))
     assert meta["sample"]["images"] == 18 and {y for _, y in meta["sample"]["files"]} == {0, 1, 2}
-    for block, roles in blocks.items():
+    for roles in blocks.values():
         layer = roles["project"]
         assert stats[f"{layer}/below"].shape == (roles["hidden_channels"],)
         assert os.path.exists(os.path.join(run, "activations", f"{layer.replace('.', '_')}_hist.png"))
@@ -61,17 +61,25 @@ def test_replan_from_saved_statistics_without_capture(pipeline):
     assert os.path.exists(os.path.join(run, "pruning_plan_low.json"))
 
 
-@pytest.mark.parametrize("mode", [["--PRUNE_MODE=target_macs", "--TARGET_MACS_REDUCTION=0.3"],
-                                  ["--PRUNE_MODE=target_macs", "--SCORE=contribution", "--TARGET_MACS_REDUCTION=0.15"],
-                                  ["--PRUNE_MODE=target_macs", "--SCORE=mean_abs", "--COMPENSATE=False"],
-                                  ["--PRUNE_MODE=target_macs", "--SCORE=fluctuation", "--TARGET_MACS_REDUCTION=0.15"],
-                                  ["--PRUNE_MODE=threshold", "--FALLBACK_TARGET=0.2"],
-                                  ["--PRUNE_MODE=iterative", "--TARGET_MACS_REDUCTION=0.0", "--CORRECT_VARIANCE=True"]])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["--PRUNE_MODE=target_macs", "--TARGET_MACS_REDUCTION=0.3"],
+        ["--PRUNE_MODE=target_macs", "--SCORE=contribution", "--TARGET_MACS_REDUCTION=0.15"],
+        ["--PRUNE_MODE=target_macs", "--SCORE=mean_abs", "--RECONSTRUCT=none", "--COMPENSATE=False"],
+        ["--PRUNE_MODE=target_macs", "--SCORE=obs", "--RECONSTRUCT=oneshot"],
+        [],
+        ["--PRUNE_MODE=target_macs", "--SCORE=fluctuation", "--TARGET_MACS_REDUCTION=0.15"],
+        ["--PRUNE_MODE=threshold", "--FALLBACK_TARGET=0.2"],
+        ["--PRUNE_MODE=iterative", "--TARGET_MACS_REDUCTION=0.0", "--RECONSTRUCT=none", "--CORRECT_VARIANCE=True"],
+        ["--PRUNE_MODE=iterative", "--SCORE=obs", "--THRESHOLD=0.05", "--TARGET_MACS_REDUCTION=0.0"],
+    ],
+)
 def test_prune_then_validate_and_overlay(pipeline, mode):
     arch, run, args = pipeline
     out = ok("experiment_activation_based_block_pruning.py", *args, *mode, "--LATENCY=False")
     report = json.load(open(os.path.join(run, "pruning_report.json")))
-    assert "bn_recalibrated" in report["accuracy"]
+    assert "bn_recalibrated" in report["accuracy"] and set(report["block_output_error"]) == set(report["blocks"])
     if "--PRUNE_MODE=iterative" in mode:
         assert report["rounds"] and os.path.exists(os.path.join(run, "deadness_rounds.png"))
     else:
@@ -88,12 +96,22 @@ def test_prune_then_validate_and_overlay(pipeline, mode):
 def test_broken_model_fails_validation_naming_the_check(pipeline, tmp_path):
     arch, run, args = pipeline
     model, meta = models.load_checkpoint(os.path.join(run, "baseline.pt"))
-    bn = model.get_submodule(next(iter(json.load(open(os.path.join(run, "mobilenetv3_block_structure.json")))["blocks"].values()))["project_bn"])
+    bn = model.get_submodule(
+        next(iter(json.load(open(os.path.join(run, "mobilenetv3_block_structure.json")))["blocks"].values()))[
+            "project_bn"
+        ]
+    )
     bn.running_var.fill_(-1.0)  # negative variance: NaN everywhere downstream
     broken = str(tmp_path / "broken.pt")
     models.save_checkpoint(broken, model, arch, meta["class_names"])
-    code, out, err = run_stage("validate_model_structure.py", *args, f"--CHECKPOINT={broken}", "--EXPORT=none",
-                               "--ORIGINAL=none", "--REPORT=none")
+    code, out, err = run_stage(
+        "validate_model_structure.py",
+        *args,
+        f"--CHECKPOINT={broken}",
+        "--EXPORT=none",
+        "--ORIGINAL=none",
+        "--REPORT=none",
+    )
     assert code == 2 and "finite_on_random_input" in err and "Traceback" not in err
 
 

@@ -1,5 +1,6 @@
 """The synthetic species set: layout and counts, byte-for-byte determinism, ensure() reuse, atomic replacement,
 and that colour alone does not identify a class."""
+
 import hashlib
 import os
 
@@ -38,7 +39,7 @@ def small_set(tmp_path_factory):
 
 def test_every_class_in_both_splits_with_the_requested_counts(small_set):
     root, manifest = small_set
-    assert manifest["classes"] == sorted(synthetic.CLASSES[:SMALL["num_classes"]])
+    assert manifest["classes"] == sorted(synthetic.CLASSES[: SMALL["num_classes"]])
     for split in synthetic.SPLITS:
         assert sorted(os.listdir(root / split)) == manifest["classes"]
         for name in manifest["classes"]:
@@ -63,8 +64,8 @@ def test_png_files_carry_no_metadata_chunks(small_set):
     data = path.read_bytes()
     chunks, pos = set(), 8
     while pos < len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        chunks.add(data[pos + 4:pos + 8].decode("ascii"))
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        chunks.add(data[pos + 4 : pos + 8].decode("ascii"))
         pos += 12 + length
     assert chunks == {"IHDR", "IDAT", "IEND"}
 
@@ -85,7 +86,7 @@ def test_each_image_is_independent_of_the_rest_of_the_set(small_set, tmp_path):
     synthetic.generate(tmp_path / "bigger", seed=3, **bigger)
     big = file_hashes(tmp_path / "bigger")
     assert all(big[rel] == h for rel, h in file_hashes(root).items())
-    name = sorted(synthetic.CLASSES[:SMALL["num_classes"]])[1]
+    name = sorted(synthetic.CLASSES[: SMALL["num_classes"]])[1]
     redrawn = synthetic.png_bytes(synthetic.render(name, seed=3, split="train", index=2, size=SMALL["size"]))
     assert redrawn == (root / "train" / name / "0002.png").read_bytes()
 
@@ -131,6 +132,7 @@ def test_a_failed_generation_keeps_the_previous_set(tmp_path, monkeypatch):
         if split == "val":
             raise RuntimeError("drawing failed")
         return Image.new("RGB", (size, size))
+
     monkeypatch.setattr(synthetic, "render", broken)
     with pytest.raises(RuntimeError, match="drawing failed"):
         synthetic.generate(root, seed=5, **SMALL)
@@ -167,8 +169,17 @@ def test_contact_sheet_has_one_row_per_class(tmp_path):
         assert sheet.size == (2 * 24, 3 * 24)
 
 
-@pytest.mark.parametrize("bad", [{"num_classes": len(synthetic.CLASSES) + 1}, {"num_classes": 1}, {"size": 8},
-                                 {"train_per_class": 0}, {"seed": -1}, {"val_per_class": 2.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_classes": len(synthetic.CLASSES) + 1},
+        {"num_classes": 1},
+        {"size": 8},
+        {"train_per_class": 0},
+        {"seed": -1},
+        {"val_per_class": 2.5},
+    ],
+)
 def test_bad_parameters_are_refused_with_their_name(tmp_path, bad):
     params = {"seed": 0, **SMALL, **bad}
     name = next(iter(bad))
@@ -192,6 +203,7 @@ def test_mean_colour_does_not_identify_the_class(tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
     counts = {"num_classes": 8, "train_per_class": 40, "val_per_class": 20, "size": 32}
     manifest = synthetic.generate(tmp_path / "species", seed=0, **counts)
     x_train, y_train = mean_rgb(tmp_path / "species", "train", manifest["classes"])
@@ -201,5 +213,6 @@ def test_mean_colour_does_not_identify_the_class(tmp_path):
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         clf.fit(x_train + shift * y_train[:, None], y_train)
         return clf.score(x_val + shift * y_val[:, None], y_val)
+
     assert score(0.0) <= 0.40
     assert score(3 * x_train.std()) >= 0.8  # the probe does find colour where colour codes the class

@@ -1,4 +1,5 @@
 """benchmarks/transfer.py end to end on tiny generated species: views without copies, three models, resumable."""
+
 import csv
 import json
 import os
@@ -23,12 +24,27 @@ def species_data(tmp_path_factory):
 
 
 def args(data, run_dir, tmp_path):
-    return [f"--DATA_DIR={data}", f"--RUN_DIR={run_dir}", f"--TABLE={tmp_path / 'transfer.md'}",
-            f"--FIGURE={tmp_path / 'species.png'}", f"--NARROW_SPECIES={NARROW}", "--MODEL_ARCH=mobilenet_v3_small",
-            "--IMAGE_SIZE=32", "--EPOCHS_BROAD=1", "--EPOCHS_NARROW=2", "--FREEZE_BACKBONE_EPOCHS=1",
-            "--EPOCHS_SCRATCH=1", "--SAMPLES_PER_CLASS=6", "--TARGETS=[0.1, 0.3]", "--FINETUNE_EPOCHS=1",
-            "--BN_BATCHES=1", "--ITERATIVE_SAMPLES_PER_CLASS=2", "--TAYLOR_BATCHES=1", "--BATCH_SIZE=8",
-            "--NUM_WORKERS=0"]
+    return [
+        f"--DATA_DIR={data}",
+        f"--RUN_DIR={run_dir}",
+        f"--TABLE={tmp_path / 'transfer.md'}",
+        f"--FIGURE={tmp_path / 'species.png'}",
+        f"--NARROW_SPECIES={NARROW}",
+        "--MODEL_ARCH=mobilenet_v3_small",
+        "--IMAGE_SIZE=32",
+        "--EPOCHS_BROAD=1",
+        "--EPOCHS_NARROW=2",
+        "--FREEZE_BACKBONE_EPOCHS=1",
+        "--EPOCHS_SCRATCH=1",
+        "--SAMPLES_PER_CLASS=6",
+        "--TARGETS=[0.1, 0.3]",
+        "--FINETUNE_EPOCHS=1",
+        "--BN_BATCHES=1",
+        "--ITERATIVE_SAMPLES_PER_CLASS=2",
+        "--TAYLOR_BATCHES=1",
+        "--BATCH_SIZE=8",
+        "--NUM_WORKERS=0",
+    ]
 
 
 def ok(*a):
@@ -52,6 +68,7 @@ def test_transfer_end_to_end_reports_dead_channels_criteria_and_species_and_resu
     # the fine-tuned model starts from the broad one with the recipe; the scratch one from random init
     from mbv3prune import models
     from mbv3prune.artifacts import sha256_file
+
     _, meta = models.load_checkpoint(str(run_dir / "narrow_transfer" / "baseline.pt"))
     assert meta["extra"]["init_checkpoint"]["sha256"] == sha256_file(run_dir / "broad" / "baseline.pt")
     assert meta["config"]["FREEZE_BACKBONE_EPOCHS"] == 1 and meta["class_names"] == NARROW
@@ -63,13 +80,18 @@ def test_transfer_end_to_end_reports_dead_channels_criteria_and_species_and_resu
         assert sum(dead["dead_per_block"].values()) == dead["dead_channels"]
         assert (dead["macs_reduction"] > 0) == (dead["removed_channels"] > 0)
         assert len(record["baselines"][name]["correct"]) == 6  # the narrow species' test photos
-        for key, contest in record["contests"][name].items():  # 10% and 30%: no FT, BN; 30%: fine-tuned too
+        for contest in record["contests"][name].values():  # 10% and 30%: no FT, BN; 30%: fine-tuned too
             assert set(contest["against"]) | {contest["best"]} == set(CRITERIA)
             for p in contest["against"].values():
                 assert p["ci95"][0] <= p["diff"] <= p["ci95"][1] and p["diff"] >= 0
                 assert p["verdict"] == ("better" if p["ci95"][0] > 0 else "tie")
-        assert sorted(record["contests"][name]) == ["0.1/bn_recalibrated", "0.1/pruned", "0.3/bn_recalibrated",
-                                                    "0.3/finetuned", "0.3/pruned"]
+        assert sorted(record["contests"][name]) == [
+            "0.1/bn_recalibrated",
+            "0.1/pruned",
+            "0.3/bn_recalibrated",
+            "0.3/finetuned",
+            "0.3/pruned",
+        ]
     served = record["served"]
     dead = record["results"]["narrow_transfer/dead_removed"]
     assert served["dead"]["channels"] == dead["dead_channels"]
@@ -86,9 +108,17 @@ def test_transfer_end_to_end_reports_dead_channels_criteria_and_species_and_resu
 
 
 def test_narrow_species_must_exist_and_leave_a_broad_task(species_data, tmp_path):
-    code, _, err = run_stage(os.path.join(ROOT, "benchmarks", "transfer.py"), f"--DATA_DIR={species_data}",
-                             f"--RUN_DIR={tmp_path}", '--NARROW_SPECIES=["bee", "tulip"]')
+    code, _, err = run_stage(
+        os.path.join(ROOT, "benchmarks", "transfer.py"),
+        f"--DATA_DIR={species_data}",
+        f"--RUN_DIR={tmp_path}",
+        '--NARROW_SPECIES=["bee", "tulip"]',
+    )
     assert code == 2 and "'tulip'" in err and "ant, bee, fly, moth, wasp" in err
-    code, _, err = run_stage(os.path.join(ROOT, "benchmarks", "transfer.py"), f"--DATA_DIR={species_data}",
-                             f"--RUN_DIR={tmp_path}", '--NARROW_SPECIES=["ant", "bee", "fly", "moth"]')
+    code, _, err = run_stage(
+        os.path.join(ROOT, "benchmarks", "transfer.py"),
+        f"--DATA_DIR={species_data}",
+        f"--RUN_DIR={tmp_path}",
+        '--NARROW_SPECIES=["ant", "bee", "fly", "moth"]',
+    )
     assert code == 2 and "at least 2 species on each side" in err
