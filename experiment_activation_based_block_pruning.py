@@ -40,17 +40,17 @@ CHECKPOINT = ""  # model to prune ("" = RUN_DIR/baseline.pt)
 ALLOW_PICKLE = False  # allow CHECKPOINT to be a whole-model pickle (runs code from the file: only if you trust it)
 PLAN = ""  # pruning plan ("" = RUN_DIR/pruning_plan_default.json)
 STATS = ""  # activation statistics for target_macs, iterative, COMPENSATE and SWEEP ("" = RUN_DIR/activation_stats.pt)
-PRUNE_MODE = (
-    "target_macs"  # target_macs (one global ranking to a MACs target), threshold (the plan's indices) or iterative
-)
+PRUNE_MODE = "target_macs"  # target_macs (a global ranking to a MACs target), target_latency, threshold, iterative
 TARGET_MACS_REDUCTION = 0.5  # target_macs: fraction of MACs to remove; iterative: stop once reached (0 = never)
+TARGET_LATENCY_REDUCTION = 0.2  # target_latency: fraction of the measured latency to remove
+LATENCY_RUNTIME = "onnxruntime"  # target_latency: runtime of the per-block latency table (onnxruntime or eager)
+LATENCY_BATCH = 1  # target_latency: batch size the latency table is measured at
+LATENCY_REPEATS = 50  # target_latency: timed runs per block and width (median; after a warm-up)
 BLOCKS_PER_ROUND = 1  # iterative: blocks pruned per round before re-measuring downstream
 MAX_ROUNDS = 30  # iterative: most rounds
 COMPENSATE = True  # fold the removed channels' mean contribution into the project BN and SE fc1 (project_input stats)
 CORRECT_VARIANCE = False  # with COMPENSATE: also lower the project BN's running_var by the removed variance
-RECONSTRUCT = (
-    "sequential"  # sequential / oneshot: refit the kept project and SE fc1 weights by least squares; none: COMPENSATE
-)
+RECONSTRUCT = "sequential"  # sequential / oneshot: least-squares refit of kept project and SE fc1; none: COMPENSATE
 RIDGE = 1e-3  # refit and obs: ridge toward the kept weights, x the mean diagonal of the covariance
 RESIDUAL_TARGET = False  # sequential: residual blocks also absorb the difference of the two models' block inputs
 REFIT_SAMPLES_PER_CLASS = 32  # sequential: images per class of the capture's sample the refit runs on (0 = all)

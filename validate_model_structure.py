@@ -36,7 +36,7 @@ IMAGE_SIZE = 64  # input resolution
 BATCH_SIZE = 64  # images per batch
 NUM_WORKERS = 2  # data-loading worker processes
 MAX_IMAGES = 512  # real validation images used (0 = all)
-EXPORT = "export"  # export check: export (torch.export), trace (torch.jit.trace) or none
+EXPORT = "export"  # export (torch.export), trace (jit.trace), onnx (both models, timed in onnxruntime), none
 TOLERANCE = 1e-4  # max abs difference allowed between exported and eager logits
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 SEED = 0  # seeds the random input and the data split
@@ -125,9 +125,26 @@ def export_check(model, image_size, how, tol):
         elif how == "trace":
             exported = torch.jit.trace(model, x)
         else:
-            raise PruneError(f"unknown EXPORT {how!r}: use export, trace or none")
+            raise PruneError(f"unknown EXPORT {how!r}: use export, trace, onnx or none")
         diff = float((exported(x) - eager).abs().max())
     return check("export", diff <= tol, f"torch.{'export' if how == 'export' else 'jit.trace'}: max |diff| {diff:.2e}")
+
+
+def onnx_check(model, original, cfg):
+    """EXPORT=onnx: RUN_DIR/pruned.onnx (and baseline.onnx for the original) checked against eager and timed in
+    onnxruntime and eager at batch 1 and 32 with torch's thread count; (check, {name: record})."""
+    from mbv3prune.onnx_export import export_checked
+
+    records, models_ = {}, {"pruned": model, **({"baseline": original} if original is not None else {})}
+    try:
+        for name, m in models_.items():
+            path = os.path.join(cfg["RUN_DIR"], f"{name}.onnx")
+            records[name] = export_checked(m.cpu().eval(), path, cfg["IMAGE_SIZE"], atol=cfg["TOLERANCE"])
+    except PruneError as err:
+        return check("export", False, str(err)), records
+    lat = {n: r["latency_ms"]["onnxruntime"] for n, r in records.items()}
+    detail = ", ".join(f"{n} b1 {v[1]:.3g} ms b32 {v[32]:.3g} ms" for n, v in lat.items())
+    return check("export", True, f"onnxruntime matches eager; {detail}"), records
 
 
 def compare(logits, ref_logits, labels):
@@ -163,12 +180,16 @@ def main(cfg):
     loader = stage.loader(cfg, splits[eval_split(splits)])
     logits, labels = logits_on(model, loader, device, cfg["MAX_IMAGES"])
     checks.append(check("finite_on_real_images", torch.isfinite(logits).all(), f"{len(labels)} images"))
-    checks.append(export_check(model, cfg["IMAGE_SIZE"], cfg["EXPORT"], cfg["TOLERANCE"]))
-    comparison = None
+    comparison, ref, onnx = None, None, None
     if original:
         ref, _ = models.load_checkpoint(original, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
         ref_logits, _ = logits_on(ref.to(device), loader, device, cfg["MAX_IMAGES"])
         comparison = compare(logits, ref_logits, labels)
+    if cfg["EXPORT"] == "onnx":
+        exported, onnx = onnx_check(model, ref, cfg)
+        checks.append(exported)
+    else:
+        checks.append(export_check(model, cfg["IMAGE_SIZE"], cfg["EXPORT"], cfg["TOLERANCE"]))
     inputs = {
         "checkpoint": path,
         **({"original": original} if original else {}),
@@ -181,6 +202,7 @@ def main(cfg):
         "passed": all(c["ok"] for c in checks),
         "checks": checks,
         "comparison": comparison,
+        **({"onnx": onnx} if onnx is not None else {}),
         "provenance": provenance(cfg, inputs),
     }
     out = write_json(os.path.join(cfg["RUN_DIR"], "validation.json"), result)

@@ -10,7 +10,7 @@ order, re-measuring downstream blocks after each round (``iterative.run``). Each
 
 import os
 
-from . import distributed, iterative, measure, plots, reconstruct, selection, stage
+from . import distributed, iterative, latency, measure, plots, reconstruct, selection, stage
 from .compensate import folder, require_project_input
 from .criterion import Criterion
 from .data import Skipped, batches, stratified_sample
@@ -18,7 +18,7 @@ from .errors import PruneError
 from .experiment import eval_accuracy, prune_copy, recover
 from .prune import count_macs_params
 
-PRUNE_MODES = ("threshold", "target_macs", "iterative")
+PRUNE_MODES = ("threshold", "target_macs", "target_latency", "iterative")
 RECONSTRUCTIONS = ("sequential", "oneshot", "none")
 MIN_USEFUL_REDUCTION = 0.10  # below this a plan is reported as not worth pruning
 
@@ -27,7 +27,7 @@ def check_mode(cfg):
     """PruneError for an unknown PRUNE_MODE or an out-of-range target, naming the constant."""
     if cfg["PRUNE_MODE"] not in PRUNE_MODES:
         raise PruneError(f"unknown PRUNE_MODE {cfg['PRUNE_MODE']!r}: use one of {', '.join(PRUNE_MODES)}")
-    for name in ("TARGET_MACS_REDUCTION", "FALLBACK_TARGET"):
+    for name in ("TARGET_MACS_REDUCTION", "FALLBACK_TARGET", "TARGET_LATENCY_REDUCTION"):
         if not 0 <= cfg[name] < 1:
             raise PruneError(f"{name}={cfg[name]} must lie in [0, 1)")
     if cfg["RECONSTRUCT"] not in RECONSTRUCTIONS:
@@ -118,6 +118,30 @@ def to_macs_target(run, crit, target, max_overshoot=None):
     )
 
 
+def to_latency_target(run, cfg, crit, target):
+    """(selection, predicted latency reduction): the global ranking by ``crit`` per millisecond saved, from the
+    per-block latency table (measured once in LATENCY_RUNTIME on this device, cached in RUN_DIR)."""
+    spec = latency.TableSpec(
+        str(run.device),
+        cfg["LATENCY_RUNTIME"],
+        cfg["LATENCY_BATCH"],
+        cfg["IMAGE_SIZE"],
+        crit.min_keep_ratio,
+        crit.round_to,
+        cfg["LATENCY_REPEATS"],
+    )
+    blocks = {b: r for b, r in run.blocks.items() if b in run.per_channel and b not in crit.skip_blocks}
+    path = os.path.join(cfg["RUN_DIR"], f"latency_table_{cfg['LATENCY_RUNTIME']}.json")
+    table, reused = latency.load_or_build(path, run.model, blocks, spec)
+    print(f"{'re-using' if reused else 'measured'} the latency table {path}")
+    if crit.score == "obs":
+        removals = crit.removals(run.stats, blocks, run.model)
+        ranking, kind = {b: [(cost, c) for c, cost in r] for b, r in removals.items()}, "cost"
+    else:
+        ranking, kind = crit.rank(run.stats, blocks, run.layers, run.model), "prunability"
+    return latency.to_latency_target(ranking, run.blocks, table, target, crit.min_keep_ratio, crit.round_to, kind)
+
+
 def predicted_reduction(run, chosen):
     """MACs reduction of a selection (hidden-channel MACs are linear in the width)."""
     return sum(len(v) * run.per_channel[b] for b, v in chosen.items()) / run.total
@@ -128,6 +152,14 @@ def prune_one_shot(run, cfg, crit):
     mode, target = cfg["PRUNE_MODE"], cfg["TARGET_MACS_REDUCTION"]
     chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
     extra = {"target_macs_reduction": target if mode == "target_macs" else None}
+    if mode == "target_latency":
+        chosen, predicted = to_latency_target(run, cfg, crit, cfg["TARGET_LATENCY_REDUCTION"])
+        how = f"most prunable by {crit.score} per ms saved to {cfg['TARGET_LATENCY_REDUCTION']:.0%} of latency"
+        extra = {
+            "target_latency_reduction": cfg["TARGET_LATENCY_REDUCTION"],
+            "predicted_latency_reduction": round(predicted, 6),
+            "latency_runtime": cfg["LATENCY_RUNTIME"],
+        }
     if mode == "threshold" and predicted_reduction(run, chosen) < MIN_USEFUL_REDUCTION:
         print(
             f"the plan removes only {100 * predicted_reduction(run, chosen):.1f}% of MACs "

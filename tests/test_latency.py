@@ -13,7 +13,7 @@ from mbv3prune.blocks import find_blocks
 from mbv3prune.errors import PruneError
 from mbv3prune.plan import min_kept
 from mbv3prune.timing import interleaved_ms, median_ms
-from tests.conftest import randomized_model
+from tests.helpers import randomized_model
 
 SIZE = 32
 

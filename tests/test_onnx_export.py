@@ -12,7 +12,7 @@ from mbv3prune import models, onnx_export
 from mbv3prune.blocks import find_blocks
 from mbv3prune.errors import PruneError
 from mbv3prune.prune import prune_blocks
-from tests.conftest import randomized_model
+from tests.helpers import randomized_model
 
 SIZE = 32
 SHAPE = (3, SIZE, SIZE)

@@ -124,3 +124,25 @@ def test_plan_from_another_model_is_refused(pipeline, tmp_path):
     other.write_text(json.dumps(plan))
     code, _, err = run_stage("experiment_activation_based_block_pruning.py", *args, f"--PLAN={other}")
     assert code == 2 and layer in err and "Traceback" not in err
+
+
+def test_validation_exports_to_onnx_and_times_both_models(pipeline):
+    arch, run, args = pipeline
+    ok("experiment_activation_based_block_pruning.py", *args, "--LATENCY=False", "--TARGET_MACS_REDUCTION=0.2")
+    ok("validate_model_structure.py", *args, "--EXPORT=onnx")
+    result = json.load(open(os.path.join(run, "validation.json")))
+    assert result["passed"] and set(result["onnx"]) == {"pruned", "baseline"}
+    for name, record in result["onnx"].items():
+        assert os.path.exists(os.path.join(run, f"{name}.onnx")) and record["max_abs_diff"] <= 1e-4
+        assert set(record["latency_ms"]["onnxruntime"]) == {"1", "32"}
+
+
+def test_target_latency_prunes_by_a_cached_eager_latency_table(pipeline):
+    arch, run, args = pipeline
+    mode = ["--PRUNE_MODE=target_latency", "--LATENCY_RUNTIME=eager", "--LATENCY_REPEATS=3", "--LATENCY=False"]
+    out = ok("experiment_activation_based_block_pruning.py", *args, *mode, "--TARGET_LATENCY_REDUCTION=0.1")
+    report = json.load(open(os.path.join(run, "pruning_report.json")))
+    assert report["mode"] == "target_latency" and report["predicted_latency_reduction"] >= 0.1
+    assert report["macs_reduction"] > 0 and "measured the latency table" in out
+    out = ok("experiment_activation_based_block_pruning.py", *args, *mode, "--TARGET_LATENCY_REDUCTION=0.05")
+    assert "re-using the latency table" in out
