@@ -1,24 +1,27 @@
 """Prune the hidden channels of every inverted-residual block with torch-pruning, then measure what it cost.
 
 Reads:  CHECKPOINT (default RUN_DIR/baseline.pt), RUN_DIR/mobilenetv3_block_structure.json, the pruning plan
-        PLAN (default RUN_DIR/pruning_plan_default.json) and, for PRUNE_MODE=target_macs and SWEEP, the
-        activation statistics RUN_DIR/activation_stats.pt.
+        PLAN (default RUN_DIR/pruning_plan_default.json) and, for every mode but a plain threshold prune,
+        the activation statistics RUN_DIR/activation_stats.pt (with second moments for obs and the refit).
 Writes: RUN_DIR/pruned.pt (loads with weights_only=True and rebuilds the pruned widths itself),
-        RUN_DIR/pruning_report.json (per block before -> after, MACs, params, top-1 and per-class accuracy
-        before and after, with no recovery, BN recalibration and fine-tuning; classes that lost > 10 points
-        flagged), RUN_DIR/timings.json (latency and stage time), and with SWEEP RUN_DIR/pruning_sweep.json/.png.
+        RUN_DIR/pruning_report.json (per block before -> after and its relative output error on val, MACs,
+        params, top-1 and per-class accuracy with no recovery, BN recalibration and fine-tuning, the
+        recalibrated baseline; classes that lost > 10 points flagged), RUN_DIR/timings.json (latency, stage
+        time), with SWEEP RUN_DIR/pruning_sweep.png, with target_latency RUN_DIR/latency_table_<runtime>.json.
 Each block is pruned with ONE torch-pruning dependency group rooted at its expand conv's output channels:
 it covers the BN, the depthwise conv, SE fc1 / fc2 and the project conv. Blocks without an expand conv are
 skipped (their channels are tied to the stem and the residual path).
-PRUNE_MODE: threshold (exactly the plan's per-block `prune` indices), target_macs (rank every block's
-channels by SCORE and prune the most prunable until MACs fall by TARGET_MACS_REDUCTION) or iterative
-(block by block in forward order, re-measuring downstream blocks after each round and pruning only
-channels that stay dead: see mbv3prune/iterative.py). With COMPENSATE=True the removed channels' mean
-contribution is folded into the project BN and the SE fc1 bias first (lossless for constant channels).
-Under torchrun every process prunes and scores identically and the fine-tuning runs as DistributedDataParallel
-(each process its own part of the training set, BATCH_SIZE per process); rank 0 alone writes and prints.
+PRUNE_MODE: target_macs (one global ranking by SCORE, ROUND_TO chunks, until MACs fall by
+TARGET_MACS_REDUCTION; obs ranks chunks by their cost per MAC saved), target_latency (the same per
+millisecond saved, from a measured per-block latency table), threshold (exactly the plan's `prune` indices)
+or iterative (block by block, re-measuring downstream blocks after each round: mbv3prune/iterative.py).
+RECONSTRUCT=sequential refits each block's kept project conv and SE fc1 columns by least squares, in forward
+order, on the pruned model's inputs toward the original model's outputs (mbv3prune/reconstruct.py), so no
+fine-tuning is needed; oneshot refits from the captured moments; none folds only the removed channels'
+mean in (COMPENSATE). Under torchrun every process prunes and scores identically and the fine-tuning runs as
+DistributedDataParallel (each process its own part of the training set); rank 0 alone writes and prints.
 
-    python experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --PRUNE_MODE=target_macs
+    python experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --TARGET_MACS_REDUCTION=0.4
     torchrun --nproc_per_node=4 experiment_activation_based_block_pruning.py --RUN_DIR=runs/demo --FINETUNE_EPOCHS=4
 """
 

@@ -1,4 +1,4 @@
-"""Score every channel's deadness, draw the deadness grids, and write the pruning plan.
+"""Score every channel (obs by default: the joint, refit-aware choice), draw the deadness grids, write the plan.
 
 Reads:  RUN_DIR/activation_stats.pt/.json (captured again only when missing or measured on another
         checkpoint, sample, capture point or image size), CHECKPOINT (default RUN_DIR/baseline.pt).
@@ -6,7 +6,9 @@ Writes: RUN_DIR/pruning_plan_<PLAN_TAG>.json (see README, "The plan file": the m
         capture point, thresholds, per-layer channel deadness with per-class min and max, per-block `prune`
         indices and kept count; meant to be edited by hand), RUN_DIR/deadness/<layer>_deadness_grid.png
         (one small H x W heat map per channel, brighter = more often inactive), RUN_DIR/deadness_histogram.png.
-A channel is proposed when its deadness (fraction of |a| < THRESHOLD) exceeds DEADNESS_THRESHOLD; every
+With SCORE=obs a block's channels are proposed in their greedy optimal-brain-surgeon order while the block
+output's relative error stays below THRESHOLD; with SCORE=deadness (the original scripts' criterion) a
+channel is proposed when its deadness (fraction of |a| < THRESHOLD) exceeds DEADNESS_THRESHOLD; every
 block keeps at least MIN_KEEP_RATIO of its channels and 8, rounded up to a multiple of ROUND_TO. With
 CLASS_AWARE=True a channel alive for any class with at least MIN_CLASS_SAMPLES images is spared. A new
 THRESHOLD or DEADNESS_THRESHOLD re-plans from the saved statistics in seconds. Under torchrun a capture it

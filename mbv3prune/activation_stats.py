@@ -170,6 +170,10 @@ class ActivationStats:
         """Whether per-class histograms of ``layer`` were captured (PER_CLASS=histograms)."""
         return f"{layer}/hist_class" in self.tensors
 
+    def has_any_class_hist(self):
+        """Whether any layer's per-class histograms were captured."""
+        return any(k.endswith("/hist_class") for k in self.tensors)
+
     def class_hist(self, layer):
         """Histograms of |a| per class and channel [K, C, NB] (int64; PER_CLASS=histograms captures)."""
         return self._get(f"{layer}/hist_class")

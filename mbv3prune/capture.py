@@ -38,7 +38,7 @@ With ``second_moments=True`` the state also holds Chan-merged moment triples ``{
 ``moments.capture_keys``: ``{layer}/chan_*`` (M2 [C], per-channel, every position: the variance without the
 cancellation of ``sum_sq / n - mean**2``), ``{block}/cov_*`` (M2 [C, C], the project conv input of every
 block with an expand conv, over positions) and ``{block}/se_cov_*`` (M2 [C, C], the pooled pre-gate SE
-input, one row per image). Read them with ``moments.block_moments`` / ``moments.channel_moments``; they
+input, one row per image). Read them with ``ActivationStats.block_moments`` / ``.moments``; they
 are not sums, so torchrun ranks merge them with ``moments.all_reduce_moments``.
 
 Histogram bins are fixed (``hist_edges()``), identical for every layer and run: bin 0 holds exact zeros

@@ -25,6 +25,7 @@ from . import distributed, stage
 from . import partial as P
 from .artifacts import load_tensors, provenance, read_json, record_timings, save_tensors, sha256_file, write_json
 from .data import Skipped, batches, discover, stratified_sample
+from .activation_stats import ActivationStats
 from .errors import PruneError
 
 STATS_PT, STATS_JSON, PARTIAL = "activation_stats.pt", "activation_stats.json", "activation_stats.partial.pt"
@@ -99,7 +100,7 @@ def per_class_mode(cfg, blocks, num_classes):
 
 def check_per_class_histograms(cfg, stats, path):
     """With CLASS_AWARE, saved statistics without per-class histograms are refused in one line."""
-    if cfg.get("CLASS_AWARE") and not any(k.endswith("/hist_class") for k in stats):
+    if cfg.get("CLASS_AWARE") and not ActivationStats.of(stats).has_any_class_hist():
         raise PruneError(
             f"CLASS_AWARE=True needs per-class histograms, but {path} has none (captured with "
             "PER_CLASS=counts or off): re-run with RECAPTURE=True PER_CLASS=histograms"

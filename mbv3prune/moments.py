@@ -179,27 +179,6 @@ def all_reduce_moments(stats):
     return stats
 
 
-def read(stats, prefix):
-    """(n, mean, cov) of the moment ``prefix`` of a capture, CPU float64 (n an int); PruneError naming the key."""
-    for s in MOMENT_SUFFIXES:
-        if f"{prefix}{s}" not in stats:
-            raise PruneError(f"statistics have no {prefix}{s}: capture with SECOND_MOMENTS=True first")
-    n = int(stats[f"{prefix}_n"])
-    if n <= 0:
-        raise PruneError(f"statistics {prefix}_n is {n}: the capture saw no activations there")
-    mean = torch.as_tensor(stats[f"{prefix}_mean"]).to("cpu", torch.float64)
-    m2 = torch.as_tensor(stats[f"{prefix}_m2"]).to("cpu", torch.float64)
-    return n, mean, m2 / n
-
-
-def block_moments(stats, block, which="project"):
-    """(n, mean, cov) of a block's project conv input (``which="project"``, over positions) or of its pooled
-    pre-gate SE input (``which="se"``, one row per image), from a ``second_moments=True`` capture."""
-    if which not in ("project", "se"):
-        raise PruneError(f"unknown moment {which!r}: use project or se")
-    return read(stats, f"{block}/{'cov' if which == 'project' else 'se_cov'}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # capture integration: the hooks and state keys of ``capture(..., second_moments=True)``
 
@@ -279,9 +258,9 @@ def capture_keys(blocks, layers):
 
     * ``{layer}/chan_*`` for every captured layer: per-channel n, mean [C], M2 [C] over every position;
     * ``{block}/cov_*`` for every block with an expand conv: its project conv input over positions,
-      mean [C] and M2 [C, C] (``block_moments(stats, block, "project")``);
+      mean [C] and M2 [C, C] (``ActivationStats.block_moments(block, "project")``);
     * ``{block}/se_cov_*`` for such blocks with SE: the pooled pre-gate depthwise activation, one row per
-      image, mean [C] and M2 [C, C] (``block_moments(stats, block, "se")``).
+      image, mean [C] and M2 [C, C] (``ActivationStats.block_moments(block, "se")``).
     """
     prefixes = [f"{layer}/chan" for layer in layers]
     for block, roles in blocks.items():
@@ -290,8 +269,3 @@ def capture_keys(blocks, layers):
             if roles.get("se_fc1"):
                 prefixes.append(f"{block}/se_cov")
     return {p + s for p in prefixes for s in MOMENT_SUFFIXES}
-
-
-def channel_moments(stats, layer):
-    """(n, mean [C], variance [C]) of a captured layer from its Chan-merged ``{layer}/chan_*`` keys."""
-    return read(stats, f"{layer}/chan")

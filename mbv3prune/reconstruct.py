@@ -164,13 +164,15 @@ def mean_residual(weight, new_weight, mean_x, mean_y, kept):
 
 def oneshot_moments(stats, block, roles):
     """``BlockMoments`` of a block from a ``second_moments=True`` capture of the original model (S = C~)."""
-    from .moments import block_moments
+    from .activation_stats import ActivationStats
 
-    _, mean, cov = block_moments(stats, block, "project")
+    stats = ActivationStats.of(stats)
+
+    _, mean, cov = stats.block_moments(block, "project")
     project = FitMoments(mean, mean, cov, cov)
     se = None
     if roles.get("se_fc1") is not None:
-        _, pmean, pcov = block_moments(stats, block, "se")
+        _, pmean, pcov = stats.block_moments(block, "se")
         se = FitMoments(pmean, pmean, pcov, pcov)
     return BlockMoments(project, se)
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mbv3prune import moments as M
+from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import capture
 from mbv3prune.reconstruct import block_fit_moments
@@ -107,13 +108,13 @@ def test_capture_moments_match_a_direct_measurement_and_resume():
     block = next(b for b, r in blocks.items() if r.get("se_fc1") and "expand" in r)
     images = [b for b, _ in batches]
     for kind in ("project", "se"):
-        n, mean, cov = M.block_moments(stats, block, kind)
+        n, mean, cov = ActivationStats(stats).block_moments(block, kind)
         direct = block_fit_moments(model, model, images, block, blocks[block], kind)
         assert torch.allclose(mean, direct.mean_x, atol=1e-5) and torch.allclose(cov, direct.cov_yy, atol=1e-5)
     layer = blocks[block]["project"]
-    _, mean, var = M.channel_moments(stats, layer)
+    _, mean, var = ActivationStats(stats).moments(f"{layer}/chan")
     assert torch.allclose(mean, stats[f"{layer}/sum"] / stats[f"{layer}/n"])
-    assert torch.allclose(var, M.block_moments(stats, block)[2].diagonal(), atol=1e-5)
+    assert torch.allclose(var, ActivationStats(stats).block_moments(block)[2].diagonal(), atol=1e-5)
     first, _ = capture(model, batches[:1], blocks, histograms=False, progress=False, second_moments=True)
     resumed, _ = capture(
         model, batches[1:], blocks, histograms=False, progress=False, second_moments=True, state=copy.deepcopy(first)
@@ -128,4 +129,4 @@ def test_reading_a_capture_without_second_moments_is_refused_naming_the_key():
     from mbv3prune.errors import PruneError
 
     with pytest.raises(PruneError, match="features.4/cov_n.*SECOND_MOMENTS"):
-        M.block_moments({}, "features.4")
+        ActivationStats({}).block_moments("features.4")
