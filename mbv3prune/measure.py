@@ -23,9 +23,9 @@ import torch
 from . import capture as C
 from . import distributed, stage
 from . import partial as P
+from .activation_stats import ActivationStats
 from .artifacts import load_tensors, provenance, read_json, record_timings, save_tensors, sha256_file, write_json
 from .data import Skipped, batches, discover, stratified_sample
-from .activation_stats import ActivationStats
 from .errors import PruneError
 
 STATS_PT, STATS_JSON, PARTIAL = "activation_stats.pt", "activation_stats.json", "activation_stats.partial.pt"
