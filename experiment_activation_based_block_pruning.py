@@ -59,7 +59,7 @@ RESIDUAL_TARGET = False  # sequential: residual blocks also absorb the differenc
 REFIT_SAMPLES_PER_CLASS = 32  # sequential: images per class of the capture's sample the refit runs on (0 = all)
 OUTPUT_UNITS = False  # contribution / fluctuation: weigh the project conv column by its BN's scale
 FALLBACK_TARGET = 0.0  # threshold mode: when the plan removes < 10% of MACs, prune to this MACs target instead (0 = no)
-SCORE = ""  # target_macs ranking: deadness, mean_abs, contribution or fluctuation ("" = the plan's score)
+SCORE = ""  # ranking: obs, fluctuation, contribution, mean_abs or deadness ("" = the plan's score)
 CLASS_AWARE = False  # target_macs with deadness: rank a channel by its deadness in the class where it is most alive
 SKIP_BLOCKS = []  # blocks never to touch, e.g. ["features.15"]
 MIN_KEEP_RATIO = 0.25  # every block keeps at least this fraction of its hidden channels (and at least 8)

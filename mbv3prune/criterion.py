@@ -37,8 +37,8 @@ _PLAN = ("score", "threshold", "deadness_threshold", "class_aware", "min_class_s
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
-    score: str = "deadness"  # deadness, mean_abs, contribution or fluctuation (see scores.py)
-    threshold: float = 2.0**-7  # |a| below this is inactive (deadness); the cut for the other scores
+    score: str = "deadness"  # obs, fluctuation, contribution, mean_abs or deadness (see scores.py)
+    threshold: float = 2.0**-7  # deadness: |a| below this is inactive; obs: allowed relative error; else the cut
     deadness_threshold: float = 0.9  # deadness: a channel inactive more often than this is a candidate
     min_keep_ratio: float = 0.25  # every block keeps at least this fraction of its hidden channels
     round_to: int = 8  # kept hidden channels are a multiple of this

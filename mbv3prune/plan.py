@@ -61,6 +61,7 @@ def make_plan(proposals, stats, criterion, *, arch, widths, checkpoint_sha256, c
         "min_class_samples": fields["min_class_samples"],
         "min_keep_ratio": fields["min_keep_ratio"],
         "round_to": fields["round_to"],
+        **{k: fields[k] for k in ("ridge", "output_units") if k in fields},
         "layers": plan_layers(stats, proposals, fields["threshold"], fields["min_class_samples"]),
         "blocks": {name: {**entry, "prune": sorted(entry["prune"])} for name, entry in proposals.items()},
         "provenance": provenance,

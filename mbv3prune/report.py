@@ -35,6 +35,7 @@ def pruning_report(run, cfg, pruned, chosen, how, extra, accuracy, out):
         "how": how,
         **extra,
         "compensated": cfg["COMPENSATE"],
+        "reconstruct": cfg.get("RECONSTRUCT", "none"),
         "blocks": _blocks(run, chosen),
         "before": {"macs": run.total, "params": run.params, "checkpoint_mb": file_size_mb(run.checkpoint)},
         "after": {"macs": after_macs, "params": after_params, "checkpoint_mb": file_size_mb(out)},
