@@ -139,6 +139,7 @@ def run(
                 num_classes,
                 progress=False,
                 second_moments=second_moments,
+                per_class="histograms" if criterion.class_aware else "off",
             )
             latest_stats.update(fresh)
             latest.update(candidates(fresh, {b: blocks[b] for b in remeasured}, layers, criterion, weights))
