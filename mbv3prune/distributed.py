@@ -7,7 +7,7 @@ but 0 its stdout goes to /dev/null (errors still reach stderr). Then:
 - the capture gives each rank a disjoint ``shard`` of the sample (``items[rank::world]``: every image once,
   no padding) and ``all_reduce_totals`` adds the running totals of all ranks;
 - training wraps the model in ``wrap`` (DistributedDataParallel) and reads the training set through a
-  seeded DistributedSampler (``sampler``), one part per rank;
+  seeded DistributedSampler (``sampler``), one part per rank; it re-estimates BN on ``global_batches``;
 - rank 0 alone writes artifacts: ``artifacts.atomic_write`` refuses any other rank.
 
 A collective waits ``MBV3PRUNE_PG_TIMEOUT_S`` seconds (default 1800, torch's) for the other ranks, then fails.
@@ -211,6 +211,29 @@ def set_epoch(loader, epoch):
     """Tell a loader's DistributedSampler the epoch (its shuffle depends on it)."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+def global_batches(loader):
+    """An un-sharded ``loader`` re-batched at world_size() x its batch size, in the same order (same sampler and
+    generator): the batches one process at the global batch size reads. Alone, ``loader`` itself.
+
+    BN re-estimation in train mode normalises with each batch's statistics, so its result depends on the batch
+    size: N processes at batch B re-estimate as one process at N x B only on batches of N x B."""
+    if world_size() == 1:
+        return loader
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size * world_size(),
+        sampler=loader.sampler,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        generator=loader.generator,
+        worker_init_fn=loader.worker_init_fn,
+        pin_memory=loader.pin_memory,
+    )
 
 
 def wrap(model, device):

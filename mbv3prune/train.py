@@ -10,8 +10,9 @@ set (a DistributedSampler) at the loader's batch size, and the gradients are ave
 batch B take the steps one process takes at batch N x B. BN layers normalise with each process's own batch
 (no SyncBatchNorm: with tiny per-GPU batches use ``freeze_bn``). BN re-estimation and validation run on the
 same, unsharded batches in every process, so every process keeps identical weights and chooses the same
-best epoch without communicating. On CUDA, ``amp`` trains under autocast (bf16 where supported, else fp16
-with loss scaling).
+best epoch without communicating. The BN batches are N x B images, as one process at N x B reads: train-mode
+BN statistics depend on the batch size, and with ``freeze_bn`` the next epoch trains with them. On CUDA,
+``amp`` trains under autocast (bf16 where supported, else fp16 with loss scaling).
 """
 
 import contextlib
@@ -192,10 +193,11 @@ def fit(
     """Train ``model`` and keep the weights with the best eval-mode val top-1.
 
     ``loaders``: {"train": augmented, "bn": un-augmented training batches, "val": validation}; under torchrun
-    "train" is sharded (``stage.loader(..., train=True)``), "bn" and "val" are not. ``freeze_bn``: BN layers
-    stay in eval mode while training. ``amp``: autocast on CUDA. The transfer recipe: the first
-    ``freeze_backbone_epochs`` train the classifier head alone (backbone frozen, its BN in eval mode and not
-    re-estimated), and the backbone learns at ``backbone_lr_scale`` x the schedule's rate.
+    "train" is sharded (``stage.loader(..., train=True)``), "bn" and "val" are not; N processes read "bn" at
+    N x its batch size. ``freeze_bn``: BN layers stay in eval mode while training. ``amp``: autocast on CUDA.
+    The transfer recipe: the first ``freeze_backbone_epochs`` train the classifier head alone (backbone frozen,
+    its BN in eval mode and not re-estimated), and the backbone learns at ``backbone_lr_scale`` x the
+    schedule's rate.
     Returns (best model, history: one dict per epoch).
     """
     model.to(device)
@@ -208,6 +210,7 @@ def fit(
     precision = mixed_precision(device, amp)
     total = epochs * len(loaders["train"])
     warmup = min(warmup_epochs * len(loaders["train"]), total // 2)
+    bn_loader = distributed.global_batches(loaders["bn"])  # N processes re-estimate as one at N x the batch
     best, best_acc, history, step = copy.deepcopy(model.state_dict()), -1.0, [], 0
     for epoch in range(1, epochs + 1):
         frozen = epoch <= freeze_backbone_epochs
@@ -230,7 +233,7 @@ def fit(
             precision,
         )
         if not frozen:
-            recalibrate_bn(model, loaders["bn"], device, skipped, max_batches=bn_batches)
+            recalibrate_bn(model, bn_loader, device, skipped, max_batches=bn_batches)
         val = accuracy(model, loaders["val"], device, class_names, skipped, desc="val")
         history.append(
             {

@@ -1,5 +1,5 @@
 """Several processes under torchrun, on the CPU with gloo: the capture equals one process's, DDP training at
-2 x batch 4 equals one process at batch 8, and only rank 0 writes."""
+2 x batch 4 equals one process at batch 8 (BN re-estimation included), and only rank 0 writes."""
 
 import json
 import os
@@ -172,7 +172,8 @@ def test_capture_under_torchrun_equals_one_process(tiny_data, checkpoint, tmp_pa
 
 
 def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
-    """Same samples per step (DistributedSampler, same seed), BN frozen, no augmentation or dropout."""
+    """Same samples per step (DistributedSampler, same seed), BN frozen, no augmentation or dropout; two epochs,
+    so the second trains with the BN statistics re-estimated after the first (on batches of 2 x 4 = 8)."""
     data = tmp_path / "data"
     for c, name in enumerate(["ant", "bee", "moth"]):
         write_images(data / "train" / name, 11, seed=c, size=32)  # 33 images: 4 steps at 8 (or 2 x 4)
@@ -180,8 +181,8 @@ def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
     args = [
         f"--DATA_DIR={data}",
         *COMMON,
-        "--EPOCHS=1",
-        "--BN_BATCHES=1",
+        "--EPOCHS=2",
+        "--BN_BATCHES=2",
         "--FREEZE_BN=True",
         "--AUGMENT=False",
         "--DROPOUT=0.0",
@@ -189,6 +190,10 @@ def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
     torchrun(1, "train_model.py", f"--RUN_DIR={tmp_path / 'one'}", "--BATCH_SIZE=8", *args)
     out = torchrun(2, "train_model.py", f"--RUN_DIR={tmp_path / 'two'}", "--BATCH_SIZE=4", *args)
     assert out.count("wrote:") == 1 and "2 processes x 4 images per batch" in out
+    h1, h2 = (json.load(open(tmp_path / d / "train_metrics.json"))["history"] for d in ("one", "two"))
+    assert [h["val_top1"] for h in h2] == [h["val_top1"] for h in h1]
+    for a, b in zip(h1, h2):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3), a["epoch"]
     (one, _), (two, meta) = (models.load_checkpoint(str(tmp_path / d / "baseline.pt")) for d in ("one", "two"))
     assert meta["extra"]["processes"] == 2
     seed_everything(0)
@@ -197,6 +202,9 @@ def test_ddp_two_processes_at_batch_4_equal_one_at_batch_8(tmp_path):
     assert max(float((p1[k] - initial[k]).abs().max()) for k in p1) > 1e-3  # the steps did move the weights
     for k in p1:
         torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5, msg=k)
+    b1, b2 = (dict(m.named_buffers()) for m in (one, two))
+    for k in b1:  # the re-estimated BN statistics of the best epoch
+        torch.testing.assert_close(b2[k], b1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def _spoil(path):
