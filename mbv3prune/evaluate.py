@@ -80,7 +80,8 @@ def recalibrate_bn(model, loader, device, skipped, max_batches=None):
     for i, (images, _) in enumerate(batches(loader, skipped, device)):
         if max_batches is not None and i >= max_batches:
             break
-        model(images)
+        if images.shape[0] > 1:  # train-mode BN cannot normalise a batch of one image
+            model(images)
     for bn, m in zip(bns, momenta):
         bn.momentum = m
     return model.eval()

@@ -31,7 +31,7 @@ def torchrun(nproc, script, *args):
     that waits 60 s fails (a deadlock fails the test rather than hanging it), and so does a run past 300 s."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    env[distributed.TIMEOUT_ENV] = "60"
+    env[distributed.TIMEOUT_ENV] = "120"
     result = subprocess.run(
         [
             sys.executable,
