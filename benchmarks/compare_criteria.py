@@ -216,19 +216,8 @@ def iterative_model(run, cfg, quotas):
         min_class_samples=cfg["MIN_CLASS_SAMPLES"],
     )
     schedule = iterative.Schedule(max_rounds=len(run.blocks), quotas={b: len(v) for b, v in quotas.items()})
-    pruned, _, removed, _ = iterative.run(
-        run.model,
-        lambda: batches(loader, Skipped(), run.device),
-        run.stats,
-        run.layers,
-        criterion,
-        schedule,
-        capture_point=run.capture_point,
-        image_size=cfg["IMAGE_SIZE"],
-        num_classes=len(run.class_names),
-        weights=run.model,
-        compensate_fn=compensator(run, cfg),
-        log=lambda *_: None,
+    pruned, _, removed, _ = iterative.run_loaded(
+        run, loader, criterion, schedule, compensator(run, cfg), log=lambda *_: None
     )
     return pruned, removed
 

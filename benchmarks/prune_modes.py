@@ -22,7 +22,6 @@ from mbv3prune import bench, config, iterative, measure, stage
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
 from mbv3prune.criterion import Criterion
-from mbv3prune.data import Skipped, batches
 from mbv3prune.errors import PruneError
 from mbv3prune.scores import check_score
 from mbv3prune.train import seed_everything
@@ -92,18 +91,12 @@ def threshold_selection(run, cfg, score):
 def iterative_model(run, cfg, score, variant):
     """(pruned model, selection, per-round log) of PRUNE_MODE=iterative on the capture's own sample."""
     loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
-    pruned, rounds, chosen, _ = iterative.run(
-        run.model,
-        lambda: batches(loader, Skipped(), run.device),
-        run.stats,
-        run.layers,
+    pruned, rounds, chosen, _ = iterative.run_loaded(
+        run,
+        loader,
         criterion(cfg, score),
         iterative.Schedule(max_rounds=len(run.blocks)),
-        capture_point=run.capture_point,
-        image_size=cfg["IMAGE_SIZE"],
-        num_classes=len(run.class_names),
-        weights=run.model,
-        compensate_fn=compensator(run, variant),
+        compensator(run, variant),
         log=lambda *_: None,
     )
     return pruned, chosen, rounds

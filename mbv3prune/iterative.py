@@ -21,6 +21,7 @@ import torch
 from .blocks import find_blocks, prunable
 from .capture import capture
 from .criterion import proposal_map
+from .data import Skipped, batches
 from .prune import count_macs_params, prune_blocks
 from .selection import most_prunable
 
@@ -175,3 +176,22 @@ def run(
 def _came_alive(initial, latest, names):
     """{block: channels that were candidates initially and are not in the latest measurement}."""
     return {b: torch.nonzero(initial[b][1] & ~latest[b][1].to(initial[b][1].device)).flatten().tolist() for b in names}
+
+
+def run_loaded(loaded, loader, criterion, schedule, compensate_fn=None, **options):
+    """``run`` on a run from ``loading.load_run`` (its model, statistics, layers, capture point, classes and
+    image size), re-measuring on ``loader``'s images; ``options``: score_fn, second_moments, log."""
+    return run(
+        loaded.model,
+        lambda: batches(loader, Skipped(), loaded.device),
+        loaded.stats,
+        loaded.layers,
+        criterion,
+        schedule,
+        capture_point=loaded.capture_point,
+        image_size=loaded.cfg["IMAGE_SIZE"],
+        num_classes=len(loaded.class_names),
+        weights=loaded.model,
+        compensate_fn=compensate_fn,
+        **options,
+    )

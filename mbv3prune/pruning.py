@@ -180,18 +180,12 @@ def prune_iteratively(run, cfg, crit):
     """Iterative mode: (pruned model, selection, how, extra report with the per-round log)."""
     sample_loader = stage.loader(cfg, measure.sample_items(run.stats_meta, cfg["DATA_DIR"]))
     schedule = iterative.Schedule(cfg["BLOCKS_PER_ROUND"], cfg["MAX_ROUNDS"], cfg["TARGET_MACS_REDUCTION"])
-    pruned, rounds, chosen, measured = iterative.run(
-        run.model,
-        lambda: batches(sample_loader, Skipped(), run.device),
-        run.stats,
-        run.layers,
+    pruned, rounds, chosen, measured = iterative.run_loaded(
+        run,
+        sample_loader,
         crit,
         schedule,
-        capture_point=run.capture_point,
-        image_size=cfg["IMAGE_SIZE"],
-        num_classes=len(run.class_names),
-        weights=run.model,
-        compensate_fn=compensator(run, cfg),
+        compensator(run, cfg),
         second_moments=crit.score == "obs" or cfg["RECONSTRUCT"] == "oneshot",
         score_fn=lambda m: eval_accuracy(m, run.loaders, run.class_names, run.device, "round")["top1"],
     )

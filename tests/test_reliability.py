@@ -128,7 +128,11 @@ CASES = [  # (script, extra args (callable of run_dir, tmp_path) or list, fragme
         "mobilenet_v3_large",
     ),
     (P, lambda r, t: [plan_variant(r, t, lambda p: p.pop("blocks"))], "blocks"),
-    ("validate_model_structure.py", lambda r, t: ["--EXPORT=tflite", f"--CHECKPOINT={r}/baseline.pt"], "unknown EXPORT"),
+    (
+        "validate_model_structure.py",
+        lambda r, t: ["--EXPORT=tflite", f"--CHECKPOINT={r}/baseline.pt"],
+        "unknown EXPORT",
+    ),
     (
         "visualize_activation_overlay_image.py",
         lambda r, t: ["--LAYERS=['features.99']", "--PRUNED=none"],
