@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from . import onnx_export
 from .artifacts import read_json, versions, write_json
+from .blocks import prunable
 from .errors import PruneError
 from .models import layer_widths
-from .plan import min_kept
 from .prune import prune_blocks
+from .selection import min_kept
 from .timing import eager_call, interleaved_ms, synchronizer
 
 KIND = "mbv3prune-latency-table"
@@ -75,7 +76,7 @@ def _grids(blocks, spec):
     """{prunable block: width grid} (blocks with no width below full are left out)."""
     grids = {}
     for name, roles in blocks.items():
-        if "expand" in roles:
+        if prunable(roles):
             grid = width_grid(
                 roles["hidden_channels"], min_kept(roles["hidden_channels"], spec.min_keep_ratio), spec.round_to
             )

@@ -20,6 +20,7 @@ exactly (two all_reduce passes), and ``distributed.all_reduce_totals`` must leav
 import torch
 import torch.distributed as dist
 
+from .blocks import prunable
 from .errors import PruneError
 
 MOMENT_SUFFIXES = ("_n", "_mean", "_m2")
@@ -245,7 +246,7 @@ class CaptureMoments:
         """(module, kind, fn) hooks for ``capture.attached_hooks``."""
         out = [(name, info["hook"], lambda x, name=name: self.channel(name, x)) for name, info in self.layers.items()]
         for block, roles in self.blocks.items():
-            if "expand" not in roles:
+            if not prunable(roles):
                 continue
             out.append((roles["project"], "pre", lambda x, block=block: self.project(block, x)))
             if roles.get("se_fc1"):
@@ -264,7 +265,7 @@ def capture_keys(blocks, layers):
     """
     prefixes = [f"{layer}/chan" for layer in layers]
     for block, roles in blocks.items():
-        if "expand" in roles:
+        if prunable(roles):
             prefixes.append(f"{block}/cov")
             if roles.get("se_fc1"):
                 prefixes.append(f"{block}/se_cov")
