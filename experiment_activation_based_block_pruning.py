@@ -31,7 +31,7 @@ import time
 from mbv3prune import config, distributed, models, pruning, report, stage
 from mbv3prune.artifacts import record_timings, sha256_file, write_json
 from mbv3prune.errors import PruneError
-from mbv3prune.experiment import eval_accuracy, recover
+from mbv3prune.experiment import check_bn_recalibrate, eval_accuracy, recover
 from mbv3prune.loading import load_run
 from mbv3prune.train import seed_everything
 
@@ -82,6 +82,7 @@ DEBUG = False  # show tracebacks of the project's errors
 
 def check_config(cfg):
     pruning.check_mode(cfg)
+    check_bn_recalibrate(cfg["BN_RECALIBRATE"])
     for name in ("ROUND_TO", "BN_BATCHES", "BLOCKS_PER_ROUND", "MAX_ROUNDS"):
         if cfg[name] < 1:
             raise PruneError(f"{name}={cfg[name]} must be at least 1")

@@ -185,8 +185,11 @@ def hold_refit_batches(run, cfg):
 
 def choose_ridge(run, cfg, results, save):
     """The ridge of the best val top-1 with obs and the first refit at RIDGE_TARGET (results["ridge_choice"])."""
+    refit = cfg["RECONSTRUCT"][0] if cfg["RECONSTRUCT"] else None
+    if results.get("ridge_choice", {}).get("refit", refit) != refit:
+        del results["ridge_choice"]  # chosen with another refit
     if "ridge_choice" not in results:
-        refit, val = cfg["RECONSTRUCT"][0], {}
+        refit, val = (cfg["RECONSTRUCT"][0] if cfg["RECONSTRUCT"] else None), {}
         for ridge in cfg["RIDGES"]:
             run.ridge = ridge
             chosen = select(run, cfg, None, "global", cfg["RIDGE_TARGET"], "obs")

@@ -37,7 +37,7 @@ from .timing import eager_call, interleaved_ms, synchronizer
 
 KIND = "mbv3prune-latency-table"
 RUNTIMES = ("onnxruntime", "eager")
-SCORE_KINDS = ("prunability", "cost")
+SCORE_KINDS = ("prunability", "cost", "removal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +257,8 @@ def _block_steps(ranked, saving_steps, kind):
     """[(heap key, channels)] of one block's steps: lower key first; channels best first as the ranking says."""
     if kind == "prunability":
         order = [c for _, c in sorted(ranked, key=lambda r: (-r[0], r[1]))]
+    elif kind == "removal":  # costs of removing each channel next, in a greedy removal order (obs): keep it
+        order = [c for _, c in ranked]
     else:
         order = [c for _, c in sorted(ranked, key=lambda r: (r[0], r[1]))]
     score = {c: s for s, c in ranked}

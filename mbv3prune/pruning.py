@@ -50,6 +50,8 @@ def criterion(run, cfg):
     overrides = {"ridge": cfg["RIDGE"]} if "RIDGE" in cfg else {}
     if "OUTPUT_UNITS" in cfg:
         overrides["output_units"] = cfg["OUTPUT_UNITS"]
+    if score != run.plan["score"]:  # another score than the plan's: the plan's class awareness is not its
+        overrides["class_aware"] = cfg["CLASS_AWARE"] and score != "obs"
     return Criterion.from_plan(
         run.plan,
         score=score,
@@ -66,8 +68,8 @@ def refit_batches(run, cfg):
     items = measure.sample_items(run.stats_meta, cfg["DATA_DIR"])
     if cfg["REFIT_SAMPLES_PER_CLASS"]:
         items = stratified_sample(items, cfg["REFIT_SAMPLES_PER_CLASS"], seed=cfg["SEED"])
-    held = [images for images, _ in batches(stage.loader(cfg, items), Skipped(), run.device)]
-    return lambda: iter(held)
+    held = [images for images, _ in batches(stage.loader(cfg, items), Skipped(), "cpu")]
+    return lambda: (images.to(run.device, non_blocking=True) for images in held)
 
 
 def compensator(run, cfg):
@@ -136,7 +138,7 @@ def to_latency_target(run, cfg, crit, target):
     print(f"{'re-using' if reused else 'measured'} the latency table {path}")
     if crit.score == "obs":
         removals = crit.removals(run.stats, blocks, run.model)
-        ranking, kind = {b: [(cost, c) for c, cost in r] for b, r in removals.items()}, "cost"
+        ranking, kind = {b: [(cost, c) for c, cost in r] for b, r in removals.items()}, "removal"
     else:
         ranking, kind = crit.rank(run.stats, blocks, run.layers, run.model), "prunability"
     return latency.to_latency_target(ranking, run.blocks, table, target, crit.min_keep_ratio, crit.round_to, kind)
@@ -150,10 +152,13 @@ def predicted_reduction(run, chosen):
 def prune_one_shot(run, cfg, crit):
     """Threshold or target_macs: (pruned model, selection, how, extra report)."""
     mode, target = cfg["PRUNE_MODE"], cfg["TARGET_MACS_REDUCTION"]
-    chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
-    extra = {"target_macs_reduction": target if mode == "target_macs" else None}
-    if mode == "target_latency":
-        chosen, predicted = to_latency_target(run, cfg, crit, cfg["TARGET_LATENCY_REDUCTION"])
+    if mode != "target_latency":
+        chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
+        extra = {"target_macs_reduction": target if mode == "target_macs" else None}
+    else:
+        chosen, predicted = distributed.from_main(
+            lambda: to_latency_target(run, cfg, crit, cfg["TARGET_LATENCY_REDUCTION"])
+        )
         how = f"most prunable by {crit.score} per ms saved to {cfg['TARGET_LATENCY_REDUCTION']:.0%} of latency"
         extra = {
             "target_latency_reduction": cfg["TARGET_LATENCY_REDUCTION"],
@@ -228,7 +233,8 @@ def sweep(run, cfg, crit):
         if cfg["PRUNE_MODE"] == "target_macs":
             chosen, _ = choose(run, crit, "target_macs", value, cfg["CLASS_AWARE"])
         else:
-            swept = crit.replace(score=run.plan["score"], deadness_threshold=value)  # SCORE ranks target_macs only
+            cut = {"deadness_threshold": value} if run.plan["score"] == "deadness" else {"threshold": value}
+            swept = crit.replace(score=run.plan["score"], **cut)  # SCORE ranks target_macs only
             proposals = swept.propose(run.stats, run.blocks, run.layers, run.model)
             chosen = {b: p["prune"] for b, p in proposals.items() if p["prune"]}
         pruned, _ = prune_copy(run.model, run.blocks, chosen, cfg["IMAGE_SIZE"], run.stats, compensator(run, cfg))
@@ -246,7 +252,13 @@ def sweep(run, cfg, crit):
             f"sweep {value}: MACs -{100 * points[-1]['macs_reduction']:.1f}%, top-1 "
             f"{points[-1]['top1_bn_recalibrated']:.4f} after BN recalibration"
         )
-    xlabel = "TARGET_MACS_REDUCTION" if cfg["PRUNE_MODE"] == "target_macs" else "DEADNESS_THRESHOLD"
+    xlabel = (
+        "TARGET_MACS_REDUCTION"
+        if cfg["PRUNE_MODE"] == "target_macs"
+        else "DEADNESS_THRESHOLD"
+        if run.plan["score"] == "deadness"
+        else "THRESHOLD"
+    )
     figure = plots.sweep(
         [p["value"] for p in points],
         [p["top1_bn_recalibrated"] for p in points],
