@@ -224,7 +224,7 @@ def _same_stats(a, b, ignore=()):
         elif v.dim() == 0:
             assert torch.equal(b[k], v), k
         else:
-            assert b[k].dtype == v.dtype and float((b[k] - v).abs().sum()) <= 1e-3 * max(1, float(v.abs().sum())), k
+            assert b[k].dtype == v.dtype and float((b[k] - v).abs().sum()) <= 5e-3 * max(1, float(v.abs().sum())), k
 
 
 def test_capture_with_a_wholly_unreadable_shard_equals_one_process(tmp_path, checkpoint):

@@ -9,7 +9,8 @@ import pytest
 from tests.helpers import ROOT, run_stage, write_images
 
 SPECIES = ["ant", "bee", "fly", "moth", "wasp"]
-CRITERIA = ["deadness", "deadness_iterative", "mean_abs", "fluctuation", "contribution", "tp_taylor", "tp_bn_scale"]
+CRITERIA = ["deadness", "deadness_iterative", "mean_abs", "obs", "tp_taylor"]
+COMPARED = CRITERIA + ["obs+sequential", "tp_taylor+sequential"]  # compare_criteria's RECONSTRUCT_CRITERIA refit
 NARROW = ["bee", "wasp"]
 
 
@@ -38,6 +39,7 @@ def args(data, run_dir, tmp_path):
         "--EPOCHS_SCRATCH=1",
         "--SAMPLES_PER_CLASS=6",
         "--TARGETS=[0.1, 0.3]",
+        f"--CRITERIA={CRITERIA}",
         "--FINETUNE_EPOCHS=1",
         "--BN_BATCHES=1",
         "--ITERATIVE_SAMPLES_PER_CLASS=2",
@@ -81,7 +83,7 @@ def test_transfer_end_to_end_reports_dead_channels_criteria_and_species_and_resu
         assert (dead["macs_reduction"] > 0) == (dead["removed_channels"] > 0)
         assert len(record["baselines"][name]["correct"]) == 6  # the narrow species' test photos
         for contest in record["contests"][name].values():  # 10% and 30%: no FT, BN; 30%: fine-tuned too
-            assert set(contest["against"]) | {contest["best"]} == set(CRITERIA)
+            assert set(contest["against"]) | {contest["best"]} == set(COMPARED)
             for p in contest["against"].values():
                 assert p["ci95"][0] <= p["diff"] <= p["ci95"][1] and p["diff"] >= 0
                 assert p["verdict"] == ("better" if p["ci95"][0] > 0 else "tie")
@@ -100,7 +102,7 @@ def test_transfer_end_to_end_reports_dead_channels_criteria_and_species_and_resu
         assert sum(served[kind]["top_species"].values()) == served[kind]["channels"]
     assert served["alive"]["top_species"]["none"] == 0  # alive for the narrow species: active for one of them
     table = open(tmp_path / "transfer.md").read()
-    assert "Narrow species (2): bee, wasp" in table and "| narrow_scratch |" in table and "tp_bn_scale" in table
+    assert "Narrow species (2): bee, wasp" in table and "| narrow_scratch |" in table and "tp_taylor" in table
     assert os.path.getsize(tmp_path / "species.png") > 0
     again = ok(*args(species_data, run_dir, tmp_path))
     assert again.count("reusing") == 3 and again.count("results already measured") == 2
