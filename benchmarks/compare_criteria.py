@@ -25,7 +25,7 @@ from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.artifacts import provenance, sha256_file, write_json, write_text
 from mbv3prune.compensate import folder
 from mbv3prune.criterion import Criterion
-from mbv3prune.data import Skipped, batches, stratified_sample
+from mbv3prune.data import stratified_sample
 from mbv3prune.errors import PruneError
 from mbv3prune.experiment import prune_copy, val_top1
 from mbv3prune.selection import to_macs_target, uniform_ratio
@@ -174,15 +174,6 @@ def compensator(run, cfg, refit=None):
     return folder(run.capture_point)
 
 
-def hold_refit_batches(run, cfg):
-    """REFIT_SAMPLES_PER_CLASS images per class of the capture's sample, decoded once, as a batches function."""
-    items = stratified_sample(
-        measure.sample_items(run.stats_meta, cfg["DATA_DIR"]), cfg["REFIT_SAMPLES_PER_CLASS"], seed=cfg["SEED"]
-    )
-    held = [images for images, _ in batches(stage.loader(cfg, items), Skipped(), run.device)]
-    return lambda: iter(held)
-
-
 def choose_ridge(run, cfg, results, save):
     """The ridge of the best val top-1 with obs and the first refit at RIDGE_TARGET (results["ridge_choice"])."""
     refit = cfg["RECONSTRUCT"][0] if cfg["RECONSTRUCT"] else None
@@ -292,7 +283,7 @@ def main(cfg):
     if "baseline" not in results:
         results["baseline"] = bench.with_intervals({"baseline": bench.score_baseline(run)})["baseline"]
     record["baseline"] = results["baseline"]
-    run.refit_batches, run.ridge = hold_refit_batches(run, cfg), cfg["RIDGES"][0]
+    run.refit_batches, run.ridge = pruning.refit_batches(run, cfg), cfg["RIDGES"][0]
     if cfg["RECONSTRUCT"] or "obs" in cfg["CRITERIA"]:
         choose_ridge(run, cfg, results, save)
     ranks = rankings(run, cfg)

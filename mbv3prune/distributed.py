@@ -159,10 +159,11 @@ def all_reduce_totals(stats):
     """
     if not active():
         return stats
-    from .moments import all_reduce_moments, is_moment_key
+    from .moments import MOMENT_SUFFIXES, all_reduce_moments, moment_prefixes
 
+    merged = {p + s for p in moment_prefixes(stats) for s in MOMENT_SUFFIXES}  # Chan-merged, not summed
     groups = {}
-    for key in sorted(k for k in stats if k not in _UNREDUCED and not is_moment_key(stats, k)):
+    for key in sorted(k for k in stats if k not in _UNREDUCED and k not in merged):
         groups.setdefault((key.endswith("/max_abs"), str(stats[key].dtype)), []).append(key)
     for (is_max, _), keys in sorted(groups.items()):
         op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM

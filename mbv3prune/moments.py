@@ -165,11 +165,6 @@ def moment_prefixes(stats):
     )
 
 
-def is_moment_key(stats, key):
-    """True for a key that ``all_reduce_moments`` merges (and a plain sum across ranks would corrupt)."""
-    return any(key == p + s for p in moment_prefixes(stats) for s in MOMENT_SUFFIXES)
-
-
 def all_reduce_moments(stats):
     """Merge every moment triple of a finalized capture ``stats`` across torchrun ranks, in place; returns stats.
 

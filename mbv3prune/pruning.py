@@ -76,9 +76,9 @@ def compensator(run, cfg):
     """What is folded in before every prune: the refit (RECONSTRUCT sequential or oneshot), else the mean
     compensation (None with COMPENSATE=False)."""
     if cfg["RECONSTRUCT"] == "sequential":
-        return reconstruct.folder(
-            "sequential", run.model, refit_batches(run, cfg), cfg["RIDGE"], cfg["RESIDUAL_TARGET"]
-        )
+        if getattr(run, "refit_batches", None) is None:  # decoded once per run, however many prunes (SWEEP)
+            run.refit_batches = refit_batches(run, cfg)
+        return reconstruct.folder("sequential", run.model, run.refit_batches, cfg["RIDGE"], cfg["RESIDUAL_TARGET"])
     if cfg["RECONSTRUCT"] == "oneshot":
         return reconstruct.folder("oneshot", ridge=cfg["RIDGE"])
     if not cfg["COMPENSATE"]:

@@ -309,7 +309,7 @@ def _run_to(model, images, roles, block, what):
     got, handles = _grab(model, roles, block, what)
     try:
         model(images)
-    except _Stop:
+    except _Stop:  # raised by the last hook on purpose: the rest of the forward is not needed
         pass
     finally:
         for h in handles:
