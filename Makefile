@@ -3,7 +3,7 @@
 # make flowers: train the flower baseline once (runs/flowers/baseline.pt) and run the stages on the real photos
 # make compare / modes / perf / scaling: the benchmarks (RESULTS.md); compare and modes need make flowers,
 #   perf needs make demo
-# make transfer: broad (8 species) to narrow (4 held-out species) transfer: dead channels and criteria (~30 CPU min)
+# make transfer: broad (8 species) to narrow (4 held-out species) transfer: dead channels and criteria (~20 CPU min)
 PYTHON ?= python3
 PY := .venv/bin/python
 RUN := runs/demo
