@@ -43,6 +43,7 @@ THRESHOLD = DEFAULT_THRESHOLD  # |a| below this counts as inactive (2**-7, a his
 DEADNESS_THRESHOLD = 0.9  # for the sensitivity figure: a channel inactive more often than this is dead
 RECAPTURE = False  # capture again even when saved statistics fit
 SECOND_MOMENTS = True  # also stream the project-input covariances (SCORE=obs and RECONSTRUCT need them; ~50 MB, Large)
+COV_POSITIONS_PER_IMAGE = 4  # positions per image the project-input covariances are estimated on (0 = all)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt (one process only)
 SAVE_EVERY = 50  # batches between partial saves (0 = never; off under torchrun with several processes)
 PER_CLASS = "auto"  # per class: auto (histograms while they fit MAX_STATS_MEMORY_GB), histograms, counts or off

@@ -4,7 +4,7 @@ On the same preloaded, warmed-up images, with the same thread count, it times mo
 weights, BN statistics re-estimated on the images so activations have realistic magnitudes) at each
 image size: plain inference, capture without histograms (``histograms=False``), capture with everything,
 with everything plus second moments (``second_moments=True``: per-channel, project-input and pooled-SE
-covariances), the same with the project-input covariances on MAX_POSITIONS sampled positions per batch, and
+covariances), the same with the project-input covariances on POSITIONS_PER_IMAGE sampled positions per image, and
 plain inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the check that
 capture replaces by a free one: NaN and inf propagate into the per-batch max |a|). Rounds are interleaved
 and each variant's fastest round is reported, in wall time and in process CPU time (the steadier of the two
@@ -47,7 +47,9 @@ NUM_CLASSES = 12  # classes of the random labels (size of the per-class histogra
 ROUNDS = 5  # interleaved timing rounds; the fastest is reported
 THREADS = 1  # torch threads (0: torch's default); 1 keeps CPU time meaningful on a shared machine
 CAPTURE_POINT = "project_input"  # tensors captured
-MAX_POSITIONS = 4096  # positions per batch in the subsampled second-moments variant's covariances
+POSITIONS_PER_IMAGE = (
+    4  # positions per image in the subsampled second-moments variant's covariances (the stages' default)
+)
 MEMORY_BATCHES = [2, 16]  # short and long capture for the peak-RSS check
 SEED = 0  # seeds the weights, images and labels
 # ---
@@ -95,8 +97,8 @@ def variants(model, blocks):
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
         "capture, everything": lambda b: capture(model, b, blocks, **kw),
         "everything + 2nd moments": lambda b: capture(model, b, blocks, second_moments=True, **kw),
-        f"... subsampled {MAX_POSITIONS}": lambda b: capture(
-            model, b, blocks, second_moments=True, max_positions=MAX_POSITIONS, **kw
+        f"... {POSITIONS_PER_IMAGE} positions/image": lambda b: capture(
+            model, b, blocks, second_moments=True, positions_per_image=POSITIONS_PER_IMAGE, **kw
         ),
         "plain + isfinite check": lambda b: isfinite_checked(model, b, blocks),
     }

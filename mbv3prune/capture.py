@@ -443,7 +443,7 @@ def capture(
     on_batch=None,
     per_class="histograms",
     second_moments=False,
-    max_positions=None,
+    positions_per_image=None,
 ):
     """Run ``model`` over ``(images, labels)`` batches and return ``(stats, layers)``: running totals, no maps.
 
@@ -453,8 +453,8 @@ def capture(
     batches, resumed ones included); ``state`` is live: save ``finalize(state)``, never modify it.
     ``histograms=False`` skips ``hist_class`` (and ``hist``). ``per_class``: what is kept per class (see the
     module docstring). ``second_moments=True`` adds the moment triples of ``moments.capture_keys``
-    (per-channel, project-input and pooled SE covariances; ``max_positions`` subsamples the project-input
-    covariance, see ``moments.CaptureMoments``). Under torchrun merge them with
+    (per-channel, project-input and pooled SE covariances; ``positions_per_image`` subsamples the
+    project-input covariance, see ``moments.sampled_rows``). Under torchrun merge them with
     ``moments.all_reduce_moments``, never by summing.
     """
     device = _model_device(model, device)
@@ -470,7 +470,7 @@ def capture(
     if second_moments:
         seed = int(state["n_batches"])  # a resumed capture draws other positions than its first part
         hooks += moments.CaptureMoments(
-            state, blocks, describe_layers(blocks, capture_point), max_positions, seed
+            state, blocks, describe_layers(blocks, capture_point), positions_per_image, seed
         ).hooks(_pregate_module)
     with attached_hooks(model, hooks), torch.inference_mode():
         for images, labels in tqdm(

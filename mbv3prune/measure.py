@@ -129,6 +129,7 @@ def identity(cfg, checkpoint, items, per_class="histograms"):
         "image_size": cfg["IMAGE_SIZE"],
         "per_class": per_class,
         **({"second_moments": True} if cfg.get("SECOND_MOMENTS") else {}),
+        **({"cov_positions_per_image": cfg["COV_POSITIONS_PER_IMAGE"]} if cfg.get("COV_POSITIONS_PER_IMAGE") else {}),
     }
 
 
@@ -221,6 +222,7 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
             on_batch=on_batch,
             per_class=per_class,
             second_moments=cfg.get("SECOND_MOMENTS", False),
+            positions_per_image=cfg.get("COV_POSITIONS_PER_IMAGE"),
         )
     except PruneError:
         if readable[0] or distributed.world_size() == 1:

@@ -193,33 +193,34 @@ def _merge_state(state, prefix, batch, diagonal=False):
     merge_(n, mean, m2, *batch)
 
 
-def sampled_rows(x, max_rows, generator):
+def sampled_rows(x, per_image, generator):
     """(exact batch mean or None, rows for the scatter, n) of a [B, C, H, W] (or [rows, C]) tensor ``x``.
 
-    All n = B * H * W positions as rows, or ``max_rows`` positions drawn uniformly with replacement
-    (seeded ``generator``), gathered without copying the whole batch. With the exact batch mean and n,
-    ``batch_moments`` scales the drawn rows' scatter by n / max_rows: the Hansen-Hurwitz estimator,
-    unbiased for the batch's scatter sum (the mean itself stays exact).
+    All n = B * H * W positions as rows, or, when an image has more than ``per_image`` positions, that many
+    drawn uniformly with replacement from each image (seeded ``generator``), gathered without copying the
+    batch. Every image is a stratum of the same size H * W sampled equally, so with the exact batch mean
+    and n, ``batch_moments``' scaling of the drawn rows' scatter by n / rows (= H * W / per_image) is the
+    stratified Hansen-Hurwitz estimator: unbiased for the batch's scatter sum (the mean itself stays exact).
     """
     n = x.shape[0] if x.dim() == 2 else x.numel() // x.shape[1]
-    if not max_rows or n <= max_rows:
+    if x.dim() == 2 or not per_image or x.shape[2] * x.shape[3] <= per_image:
         return None, rows_of(x), n
-    idx = torch.randint(n, (max_rows,), generator=generator).to(x.device)
-    if x.dim() == 2:
-        return x.mean(0), x[idx], n
-    hw = x.shape[2] * x.shape[3]
-    return x.sum(0).sum((1, 2)) / n, x.flatten(2)[idx // hw, :, idx % hw], n
+    b, c, h, w = x.shape
+    pos = torch.randint(h * w, (b, per_image), generator=generator).to(x.device)
+    picked = x.flatten(2).gather(2, pos[:, None, :].expand(b, c, per_image))  # [B, C, per_image]
+    return x.sum(0).sum((1, 2)) / n, picked.transpose(1, 2).reshape(b * per_image, c), n
 
 
 class CaptureMoments:
     """Streams second moments into a capture's ``state`` (see ``capture_keys`` for what and where).
 
-    ``max_positions``: rows per batch used for a project-input covariance (None: every position); the
-    means and the per-channel moments always use every position.
+    ``positions_per_image``: positions of each image a project-input covariance is estimated on (None or 0:
+    every position; see ``sampled_rows``); the means and the per-channel moments always use every position.
     """
 
-    def __init__(self, state, blocks, layers, max_positions=None, seed=0):
-        self.state, self.blocks, self.layers, self.max_positions = state, blocks, layers, max_positions
+    def __init__(self, state, blocks, layers, positions_per_image=None, seed=0):
+        self.state, self.blocks, self.layers = state, blocks, layers
+        self.positions_per_image = positions_per_image
         self.generator = torch.Generator().manual_seed(seed)
 
     def channel(self, layer, x):
@@ -229,7 +230,7 @@ class CaptureMoments:
 
     def project(self, block, x):
         """Covariance of the project conv input over (sampled) positions."""
-        mean, rows, n = sampled_rows(x.float(), self.max_positions, self.generator)
+        mean, rows, n = sampled_rows(x.float(), self.positions_per_image, self.generator)
         scratch = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, not x's memory
         _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n, inplace=scratch))
 

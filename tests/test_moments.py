@@ -50,22 +50,26 @@ def test_merged_parts_equal_the_whole_for_plain_cross_and_diagonal_moments():
     assert torch.allclose(cross, torch.cov(z.T, correction=0)[:, -2:], atol=1e-10)
 
 
-def test_subsampled_scatter_is_unbiased_and_exact_without_subsampling():
-    z = _rows(n=400, c=4, seed=2).float()
-    mean, rows, n = M.sampled_rows(z, None, torch.Generator())
-    assert torch.equal(rows, z) and mean is None and n == 400
-    truth = M.batch_moments(z)[2]
+def test_positions_sampled_per_image_give_an_unbiased_scatter_and_all_positions_when_few():
     gen = torch.Generator().manual_seed(3)
+    shift = torch.arange(6.0).view(6, 1, 1, 1)  # images differ: each is a stratum of its own distribution
+    x = torch.randn(6, 4, 5, 6, generator=gen) * (1 + shift) + shift  # [B, C, H, W]: 30 positions per image
+    truth = M.batch_moments(M.rows_of(x))[2]
     draws = torch.stack(
-        [M.batch_moments(r, mean=m, n=k)[2] for m, r, k in (M.sampled_rows(z, 50, gen) for _ in range(400))]
+        [M.batch_moments(r, mean=m, n=k)[2] for m, r, k in (M.sampled_rows(x, 5, gen) for _ in range(400))]
     )
     spread = draws.std(0) / 400**0.5
     assert bool(((draws.mean(0) - truth).abs() <= 4 * spread + 1e-6).all())  # mean of 400 draws within 4 sigma
-    assert M.sampled_rows(z, 50, gen)[1].shape == (50, 4)
-    image = torch.randn(3, 4, 5, 6, generator=gen)  # 4-d: positions gathered, each row a position's channels
-    mean, rows, n = M.sampled_rows(image, 7, gen)
-    assert n == 90 and torch.allclose(mean, M.rows_of(image).mean(0), atol=1e-6)
-    assert all(bool((M.rows_of(image) == r).all(1).any()) for r in rows)
+    assert not torch.allclose(draws[0], truth, rtol=0.05)  # one draw is an estimate, not the scatter itself
+    mean, rows, n = M.sampled_rows(x, 5, gen)
+    assert n == 180 and rows.shape == (30, 4) and torch.allclose(mean.double(), M.rows_of(x).double().mean(0))
+    for i, row in enumerate(rows):  # rows 5 i .. 5 i + 4 are positions of image i
+        assert bool((x[i // 5].flatten(1).T == row).all(1).any())
+    for per_image in (None, 0, 30, 31):  # every position: no estimator, the rows themselves
+        mean, rows, n = M.sampled_rows(x, per_image, gen)
+        assert mean is None and n == 180 and torch.equal(rows, M.rows_of(x))
+    pooled = torch.randn(8, 4, generator=gen)  # [images, C]: one row per image, nothing to sample
+    assert torch.equal(M.sampled_rows(pooled, 1, gen)[1], pooled)
 
 
 def _rank_merge(rank, world, path, parts, out):
@@ -120,7 +124,9 @@ def test_capture_moments_match_a_direct_measurement_and_resume():
         model, batches[1:], blocks, histograms=False, progress=False, second_moments=True, state=copy.deepcopy(first)
     )
     assert torch.allclose(resumed[f"{block}/cov_m2"], stats[f"{block}/cov_m2"], atol=1e-6)
-    sub, _ = capture(model, batches, blocks, histograms=False, progress=False, second_moments=True, max_positions=8)
+    sub, _ = capture(
+        model, batches, blocks, histograms=False, progress=False, second_moments=True, positions_per_image=2
+    )
     assert torch.allclose(sub[f"{block}/cov_mean"], stats[f"{block}/cov_mean"], rtol=1e-6, atol=1e-7)  # all positions
     assert not torch.equal(sub[f"{block}/cov_m2"], stats[f"{block}/cov_m2"])
 
