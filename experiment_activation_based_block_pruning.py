@@ -100,7 +100,7 @@ def main(cfg):
     pruned, chosen, how, extra = pruning.prune(run, cfg, crit)
     print(f"pruned {sum(map(len, chosen.values()))} channels in {len(chosen)} blocks: {how}")
     report.print_skipped(run, cfg["SKIP_BLOCKS"])
-    extra["block_output_error"] = report.block_output_errors(run, cfg, pruned)
+    extra["block_output_error"] = report.block_output_errors(run, pruned)
     if cfg["BN_RECALIBRATE"]:
         extra["baseline_bn_recalibrated"] = report.baseline_recalibrated(run, cfg)
     accuracy = {"baseline": baseline, **recover(pruned, run.loaders, run.class_names, run.device, cfg)}

@@ -48,7 +48,7 @@ def pruning_report(run, cfg, pruned, chosen, how, extra, accuracy, out):
     }
 
 
-def block_output_errors(run, cfg, pruned):
+def block_output_errors(run, pruned):
     """{block: relative output error of ``pruned`` against the baseline on the held-out val split}."""
     return {
         b: round(e, 6)
