@@ -12,8 +12,9 @@ Memory does not grow with the number of images: no feature map outlives its batc
 with RESUME=True continues from its last partial save. Saved statistics are re-used when they were
 measured on the same checkpoint, sample, capture point and image size (RECAPTURE=True forces a new pass).
 Under torchrun each process (GPU) captures its own shard of the sample and the totals are added across
-processes (the same statistics as one process); rank 0 alone writes and prints. Partial saves and RESUME
-need one process.
+processes (the same statistics as one process; with COV_POSITIONS_PER_IMAGE > 0 the project-input covariance
+is a random estimate, and several processes or a resumed capture draw other positions: 0 reproduces it
+exactly); rank 0 alone writes and prints. Partial saves and RESUME need one process.
 
     python visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=32
     torchrun --nproc_per_node=4 visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=256

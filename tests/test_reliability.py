@@ -218,7 +218,12 @@ def test_killed_capture_resumes_to_the_uninterrupted_result(run, tmp_path):
     run_dir, args = run
     work = str(tmp_path / "run")
     shutil.copytree(run_dir, work)
-    args = [a.replace(run_dir, work) for a in args] + ["--BATCH_SIZE=4", "--SAVE_EVERY=1", "--RECAPTURE=True"]
+    args = [a.replace(run_dir, work) for a in args] + [
+        "--BATCH_SIZE=4",
+        "--COV_POSITIONS_PER_IMAGE=0",
+        "--SAVE_EVERY=1",
+        "--RECAPTURE=True",
+    ]
     stats_before = open(os.path.join(work, "activation_stats.pt"), "rb").read()
     killed = subprocess_stage(
         "visualize_neuron_activations.py", *args, patch=KILL_AFTER_TWO_PARTIAL_SAVES, tmp_path=tmp_path
