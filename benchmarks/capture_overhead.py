@@ -23,7 +23,8 @@ Targets on CPU: <= 1.25x without histograms, <= 1.5x with everything. Measured (
 Second moments (2026-12-02, same machine under a load average of 8-14 from other jobs, so only rough): on one
 thread at 128 px the hooks alone cost about +0-10% of plain inference for the per-channel moments, +50% for
 the full covariances (their Gram has ~1.5x the model's multiply-accumulates at any resolution) and +25-35%
-with 512 positions per batch (the old per-batch sampling). Two threads (--THREADS=0), 128 px: everything 1.60x, + second moments 1.91x (wall)
+with 512 positions per batch (the old per-batch sampling). Two threads (--THREADS=0), 128 px: everything 1.60x,
++ second moments 1.91x (wall)
 / 1.95x (CPU), subsampled 512: 1.73x / 1.53x; at 64 px the runs were too disturbed to quote. The 1.6x target
 with second moments is not met on this CPU; a quiet-machine rerun is needed (GPU not measured).
 """
