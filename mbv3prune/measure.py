@@ -128,8 +128,11 @@ def identity(cfg, checkpoint, items, per_class="histograms"):
         "capture_point": cfg["CAPTURE_POINT"],
         "image_size": cfg["IMAGE_SIZE"],
         "per_class": per_class,
-        **({"second_moments": True} if cfg.get("SECOND_MOMENTS") else {}),
-        **({"cov_positions_per_image": cfg["COV_POSITIONS_PER_IMAGE"]} if cfg.get("COV_POSITIONS_PER_IMAGE") else {}),
+        **(
+            {"second_moments": True, "cov_positions_per_image": cfg.get("COV_POSITIONS_PER_IMAGE") or 0}
+            if cfg.get("SECOND_MOMENTS")
+            else {}
+        ),
     }
 
 

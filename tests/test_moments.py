@@ -136,3 +136,17 @@ def test_reading_a_capture_without_second_moments_is_refused_naming_the_key():
 
     with pytest.raises(PruneError, match="features.4/cov_n.*SECOND_MOMENTS"):
         ActivationStats({}).block_moments("features.4")
+
+
+def test_statistics_sampled_at_other_covariance_positions_are_stale(tmp_path):
+    from mbv3prune import measure
+    from mbv3prune.artifacts import write_json
+
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    cfg = {"DATA_DIR": str(tmp_path), "CAPTURE_POINT": "project_input", "IMAGE_SIZE": 32, "SECOND_MOMENTS": True}
+    identity = lambda **kw: measure.identity({**cfg, **kw}, str(tmp_path / "model.pt"), [])  # noqa: E731
+    (tmp_path / measure.STATS_PT).write_bytes(b"")
+    write_json(str(tmp_path / measure.STATS_JSON), {"identity": identity(COV_POSITIONS_PER_IMAGE=4)})
+    assert measure.stale_reason(str(tmp_path), identity(COV_POSITIONS_PER_IMAGE=4)) is None
+    for asked in (0, None):  # every position asked for: 4-per-image statistics must not be re-used
+        assert "cov positions per image" in measure.stale_reason(str(tmp_path), identity(COV_POSITIONS_PER_IMAGE=asked))
