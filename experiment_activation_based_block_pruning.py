@@ -13,7 +13,8 @@ it covers the BN, the depthwise conv, SE fc1 / fc2 and the project conv. Blocks 
 skipped (their channels are tied to the stem and the residual path).
 PRUNE_MODE: target_macs (one global ranking by SCORE, ROUND_TO chunks, until MACs fall by
 TARGET_MACS_REDUCTION; obs ranks chunks by their cost per MAC saved), target_latency (the same per
-millisecond saved, from a measured per-block latency table), threshold (exactly the plan's `prune` indices)
+millisecond saved, from a measured per-block latency table, re-aimed until the whole pruned model timed in
+that runtime saves the target: mbv3prune/latency_feedback.py), threshold (exactly the plan's `prune` indices)
 or iterative (block by block, re-measuring downstream blocks after each round: mbv3prune/iterative.py).
 RECONSTRUCT=sequential refits each block's kept project conv and SE fc1 columns by least squares, in forward
 order, on the pruned model's inputs toward the original model's outputs (mbv3prune/reconstruct.py), so no
@@ -49,6 +50,8 @@ TARGET_LATENCY_REDUCTION = 0.2  # target_latency: fraction of the measured laten
 LATENCY_RUNTIME = "onnxruntime"  # target_latency: runtime of the per-block latency table (onnxruntime or eager)
 LATENCY_BATCH = 1  # target_latency: batch size the latency table is measured at
 LATENCY_REPEATS = 50  # target_latency: timed runs per block and width (median; after a warm-up)
+LATENCY_CALIBRATE = 3  # target_latency: rounds of timing the whole pruned model and re-aiming the table (0 = none)
+LATENCY_CHECK_REPEATS = 200  # target_latency: interleaved runs of the whole baseline and pruned model per round
 BLOCKS_PER_ROUND = 1  # iterative: blocks pruned per round before re-measuring downstream
 MAX_ROUNDS = 30  # iterative: most rounds
 COMPENSATE = True  # fold the removed channels' mean contribution into the project BN and SE fc1 (project_input stats)

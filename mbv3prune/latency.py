@@ -158,7 +158,7 @@ def narrowed_blocks(model, blocks, spec):
     return out
 
 
-def _calls(modules, input_shape, spec, workdir, tag):
+def runtime_calls(modules, input_shape, spec, workdir, tag):
     """{key: call} timing each module on a (batch, *input_shape) input in the spec's runtime."""
     device = torch.device(spec.device)
     x = onnx_export.example_batch(input_shape, spec.batch_size, device=device)
@@ -175,7 +175,7 @@ def _calls(modules, input_shape, spec, workdir, tag):
 def _time(modules, input_shape, spec, workdir, tag):
     """{key: median ms} of ``modules`` timed round-robin."""
     ms = interleaved_ms(
-        _calls(modules, input_shape, spec, workdir, tag), spec.repeats, spec.warmup, synchronizer(spec.device)
+        runtime_calls(modules, input_shape, spec, workdir, tag), spec.repeats, spec.warmup, synchronizer(spec.device)
     )
     return {key: ms[key] for key in modules}
 

@@ -10,7 +10,7 @@ order, re-measuring downstream blocks after each round (``iterative.run``). Each
 
 import os
 
-from . import distributed, iterative, latency, measure, plots, reconstruct, selection, stage
+from . import distributed, iterative, latency, latency_feedback, measure, plots, reconstruct, report, selection, stage
 from .compensate import folder, require_project_input
 from .criterion import Criterion
 from .data import Skipped, batches, stratified_sample
@@ -30,6 +30,11 @@ def check_mode(cfg):
     for name in ("TARGET_MACS_REDUCTION", "FALLBACK_TARGET", "TARGET_LATENCY_REDUCTION"):
         if not 0 <= cfg[name] < 1:
             raise PruneError(f"{name}={cfg[name]} must lie in [0, 1)")
+    if cfg["PRUNE_MODE"] == "target_latency" and (cfg["LATENCY_CALIBRATE"] < 0 or cfg["LATENCY_CHECK_REPEATS"] < 1):
+        raise PruneError(
+            f"LATENCY_CALIBRATE={cfg['LATENCY_CALIBRATE']} must be >= 0 and "
+            f"LATENCY_CHECK_REPEATS={cfg['LATENCY_CHECK_REPEATS']} >= 1"
+        )
     if cfg["RECONSTRUCT"] not in RECONSTRUCTIONS:
         raise PruneError(f"unknown RECONSTRUCT {cfg['RECONSTRUCT']!r}: use one of {', '.join(RECONSTRUCTIONS)}")
     if cfg["RECONSTRUCT"] != "none" and (cfg["CORRECT_VARIANCE"] or not cfg["COMPENSATE"]):
@@ -120,10 +125,9 @@ def to_macs_target(run, crit, target, max_overshoot=None):
     )
 
 
-def to_latency_target(run, cfg, crit, target):
-    """(selection, predicted latency reduction): the global ranking by ``crit`` per millisecond saved, from the
-    per-block latency table (measured once in LATENCY_RUNTIME on this device, cached in RUN_DIR)."""
-    spec = latency.TableSpec(
+def latency_spec(run, cfg, crit):
+    """The latency table's spec: this device, LATENCY_RUNTIME, LATENCY_BATCH, IMAGE_SIZE, the selection's grid."""
+    return latency.TableSpec(
         str(run.device),
         cfg["LATENCY_RUNTIME"],
         cfg["LATENCY_BATCH"],
@@ -132,6 +136,13 @@ def to_latency_target(run, cfg, crit, target):
         crit.round_to,
         cfg["LATENCY_REPEATS"],
     )
+
+
+def to_latency_target(run, cfg, crit, target):
+    """(selection, extra report): the global ranking by ``crit`` per millisecond saved, from the per-block
+    latency table (measured once in LATENCY_RUNTIME on this device, cached in RUN_DIR), re-aimed until the
+    whole pruned model, timed in that runtime, saves ``target`` (LATENCY_CALIBRATE rounds, latency_feedback)."""
+    spec = latency_spec(run, cfg, crit)
     blocks = {b: r for b, r in run.blocks.items() if b in run.per_channel and b not in crit.skip_blocks}
     path = os.path.join(cfg["RUN_DIR"], f"latency_table_{cfg['LATENCY_RUNTIME']}.json")
     table, reused = latency.load_or_build(path, run.model, blocks, spec)
@@ -141,7 +152,21 @@ def to_latency_target(run, cfg, crit, target):
         ranking, kind = {b: [(cost, c) for c, cost in r] for b, r in removals.items()}, "removal"
     else:
         ranking, kind = crit.rank(run.stats, blocks, run.layers, run.model), "prunability"
-    return latency.to_latency_target(ranking, run.blocks, table, target, crit.min_keep_ratio, crit.round_to, kind)
+
+    def plan_at(aim):
+        return latency.to_latency_target(ranking, run.blocks, table, aim, crit.min_keep_ratio, crit.round_to, kind)
+
+    if not cfg["LATENCY_CALIBRATE"]:
+        chosen, predicted = plan_at(target)
+        return chosen, {"predicted_latency_reduction": round(predicted, 6)}
+    with latency_feedback.WholeModel(run.model, run.blocks, spec, cfg["LATENCY_CHECK_REPEATS"]) as measure:
+        chosen, best, rounds = latency_feedback.calibrate(plan_at, measure, target, cfg["LATENCY_CALIBRATE"])
+    print(report.calibration_table(rounds, best, cfg["LATENCY_RUNTIME"], cfg["LATENCY_BATCH"]))
+    return chosen, {
+        "predicted_latency_reduction": rounds[best]["predicted"],
+        "measured_latency_reduction": rounds[best]["measured"],
+        "latency_calibration": rounds,
+    }
 
 
 def predicted_reduction(run, chosen):
@@ -156,14 +181,15 @@ def prune_one_shot(run, cfg, crit):
         chosen, how = choose(run, crit, mode, target, cfg["CLASS_AWARE"])
         extra = {"target_macs_reduction": target if mode == "target_macs" else None}
     else:
-        chosen, predicted = distributed.from_main(
+        chosen, measured = distributed.from_main(
             lambda: to_latency_target(run, cfg, crit, cfg["TARGET_LATENCY_REDUCTION"])
         )
         how = f"most prunable by {crit.score} per ms saved to {cfg['TARGET_LATENCY_REDUCTION']:.0%} of latency"
         extra = {
             "target_latency_reduction": cfg["TARGET_LATENCY_REDUCTION"],
-            "predicted_latency_reduction": round(predicted, 6),
             "latency_runtime": cfg["LATENCY_RUNTIME"],
+            "latency_batch": cfg["LATENCY_BATCH"],
+            **measured,
         }
     if mode == "threshold" and predicted_reduction(run, chosen) < MIN_USEFUL_REDUCTION:
         print(

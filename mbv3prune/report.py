@@ -130,6 +130,23 @@ def print_summary(run, cfg, pruned, chosen, result, timings):
         )
 
 
+def calibration_table(rounds, best, runtime, batch):
+    """The target_latency rounds: the table's aim, its prediction and the whole model's measured reduction."""
+    rows = [
+        [
+            i + 1,
+            f"{r['aim']:.3f}",
+            f"{r['predicted']:.3f}",
+            f"{r['measured']:.3f}",
+            r["channels"],
+            "<" if i == best else "",
+        ]
+        for i, r in enumerate(rounds)
+    ]
+    headers = ["round", "table aim", "predicted", f"measured ({runtime}, batch {batch})", "channels", "kept"]
+    return "\n" + stage.table(rows, headers)
+
+
 def print_skipped(run, skip_blocks):
     """One line per block left untouched, with why."""
     for name, roles in run.blocks.items():
