@@ -172,6 +172,27 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
         )
 
 
+def test_two_threads_count_the_same_histograms_as_one(monkeypatch):
+    model, batches = make_model(), make_batches(n_batches=3, batch=8)
+    torch.set_num_threads(2)  # counted by two threads split at a class boundary (the module runs on one)
+    try:
+        split, _ = run(model, batches)
+        monkeypatch.setattr(cap, "_class_boundary", lambda counts: 0)  # no split: one thread counts
+        serial, _ = run(model, batches)
+    finally:
+        torch.set_num_threads(1)
+    assert split.keys() == serial.keys() and all(torch.equal(split[k], serial[k]) for k in split)
+    layer = "features.2.block.2.0"
+    assert int(split[f"{layer}/hist_class"].sum()) == int(split[f"{layer}/n"]) * split[f"{layer}/hist"].shape[0]
+
+
+def test_class_boundary_nearest_the_middle_of_a_grouped_batch():
+    assert cap._class_boundary(torch.tensor([3, 0, 5])) == 3  # images 0-2 class 0, 3-7 class 2
+    assert cap._class_boundary(torch.tensor([1, 1, 1, 5])) == 3
+    assert cap._class_boundary(torch.tensor([0, 8, 0])) == 0  # one class: nothing to split
+    assert cap._class_boundary(torch.tensor([4, 4])) == 4
+
+
 def test_bin_index_is_exact_at_every_edge():
     edges = cap.hist_edges()
     inner = edges[1:-1].float()
