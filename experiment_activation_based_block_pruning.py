@@ -58,9 +58,9 @@ COMPENSATE = True  # fold the removed channels' mean contribution into the proje
 CORRECT_VARIANCE = False  # with COMPENSATE: also lower the project BN's running_var by the removed variance
 RECONSTRUCT = "sequential"  # sequential / oneshot: least-squares refit of kept project and SE fc1; none: COMPENSATE
 RIDGE = 1e-3  # refit and obs: ridge toward the kept weights, x the mean diagonal of the covariance
-RESIDUAL_TARGET = False  # sequential: residual blocks also absorb the difference of the two models' block inputs
+RESIDUAL_TARGET = True  # sequential: residual blocks also absorb the difference of the two models' block inputs
 REFIT_SAMPLES_PER_CLASS = 32  # sequential: images per class of the capture's sample the refit runs on (0 = all)
-OUTPUT_UNITS = False  # contribution / fluctuation: weigh the project conv column by its BN's scale
+OUTPUT_UNITS = True  # contribution / fluctuation: weigh the project conv column by its BN's scale
 FALLBACK_TARGET = 0.0  # threshold mode: when the plan removes < 10% of MACs, prune to this MACs target instead (0 = no)
 SCORE = ""  # ranking: obs, fluctuation, contribution, mean_abs or deadness ("" = the plan's score)
 CLASS_AWARE = False  # target_macs with deadness: rank a channel by its deadness in the class where it is most alive
