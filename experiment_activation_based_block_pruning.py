@@ -98,6 +98,7 @@ def main(cfg):
     check_config(cfg)
     seed_everything(cfg["SEED"])
     run = load_run(cfg, plan=True, stats=pruning.needs_stats(cfg), structure=True)
+    cfg = run.cfg  # with SPLIT_SEED, the checkpoint's own train / val split (recorded in pruned.pt)
     crit = pruning.criterion(run, cfg)
     baseline = eval_accuracy(run.model, run.loaders, run.class_names, run.device, "baseline")
     pruned, chosen, how, extra = pruning.prune(run, cfg, crit)

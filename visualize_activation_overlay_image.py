@@ -98,7 +98,7 @@ def main(cfg):
     arch = loaded[0][2]["arch"]
     layers = cfg["LAYERS"] or QUARTER_BLOCKS[arch]
     blocks = {tag: _blocks(model, layers, tag) for tag, model, _ in loaded}
-    images = cfg["IMAGES"] or default_images(cfg)
+    images = cfg["IMAGES"] or default_images(stage.with_split_seed(cfg, loaded[0][2]))
     for path in images:
         if not os.path.isfile(path):
             raise PruneError(f"image {path} does not exist")

@@ -78,13 +78,14 @@ def load_run(cfg, *, plan=False, stats=True, structure=False, in_memory=False):
     model; ``in_memory``: decode the eval, val and BN images once and keep them (benchmarks re-read them).
     The checkpoint is ``CHECKPOINT`` (when the config has it and sets it) or RUN_DIR/baseline.pt.
     """
-    run = SimpleNamespace(cfg=cfg, device=distributed.setup(cfg["DEVICE"]))
+    run = SimpleNamespace(device=distributed.setup(cfg["DEVICE"]))
     run.checkpoint = (
         path_or_default(cfg, "CHECKPOINT", "baseline.pt")
         if "CHECKPOINT" in cfg
         else os.path.join(cfg["RUN_DIR"], "baseline.pt")
     )
     run.model, run.meta = models.load_checkpoint(run.checkpoint, cfg["MODEL_ARCH"], cfg.get("ALLOW_PICKLE", False))
+    cfg = run.cfg = stage.with_split_seed(cfg, run.meta)  # val must be the model's own held-out images
     run.blocks = (
         load_structure(os.path.join(cfg["RUN_DIR"], "mobilenetv3_block_structure.json"), run.model)
         if structure

@@ -56,7 +56,8 @@ def sample_meta(cfg, items):
     meta = {"data_dir": cfg["DATA_DIR"], "images": len(record), "sha256": digest}
     if len(record) <= FILES_LISTED:
         return {**meta, "files": record}
-    return {**meta, "rule": {k: cfg[k] for k in ("SEED", "SAMPLES_PER_CLASS", "SAMPLE_FRACTION")}}
+    rule = {k: cfg[k] for k in ("SEED", "SAMPLES_PER_CLASS", "SAMPLE_FRACTION")}
+    return {**meta, "rule": {**rule, "SPLIT_SEED": cfg.get("SPLIT_SEED", cfg["SEED"])}}
 
 
 def sample_items(meta, data_dir):
@@ -66,7 +67,7 @@ def sample_items(meta, data_dir):
     if "files" in meta["sample"]:
         return [(os.path.join(root, p), y) for p, y in meta["sample"]["files"]]
     rule = meta["sample"]["rule"]
-    splits, _ = discover(data_dir, seed=rule["SEED"])
+    splits, _ = discover(data_dir, seed=rule.get("SPLIT_SEED", rule["SEED"]))
     items = sample({**rule, "DATA_DIR": data_dir}, splits)
     if sample_record(items, data_dir)[1] != meta["sample"]["sha256"]:
         raise PruneError(

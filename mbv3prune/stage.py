@@ -9,16 +9,28 @@ from .errors import PruneError
 DEMO_DATA_DIR = "data/synthetic-species"  # the embedded demo set, generated on first use
 
 
+def with_split_seed(cfg, meta):
+    """``cfg`` with SPLIT_SEED: the seed of the checkpoint's own train / val split (the SPLIT_SEED, else the SEED,
+    its recorded config holds; else SEED). A val split drawn with another seed than the model's training would
+    hold images it was trained on, and every choice made on val (BN_RECALIBRATE=auto, ridges) would be biased."""
+    recorded = (meta or {}).get("config") or {}
+    seed = recorded.get("SPLIT_SEED", recorded.get("SEED"))
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else cfg["SEED"]
+    if seed != cfg["SEED"]:
+        print(f"train / val split drawn with the checkpoint's training seed {seed} (SEED={cfg['SEED']})")
+    return {**cfg, "SPLIT_SEED": seed}
+
+
 def prepare_data(cfg):
-    """(splits, class_names) of ``DATA_DIR``; the demo set is generated first when it is the one asked for
-    (under torchrun by rank 0, while the other ranks wait)."""
+    """(splits, class_names) of ``DATA_DIR``, split with SPLIT_SEED (``with_split_seed``) else SEED; the demo set
+    is generated first when it is the one asked for (under torchrun by rank 0, while the other ranks wait)."""
     if os.path.normpath(cfg["DATA_DIR"]) == os.path.normpath(DEMO_DATA_DIR):
         from .synthetic import ensure
 
         if distributed.is_main():
             ensure(DEMO_DATA_DIR)
         distributed.barrier()
-    return D.discover(cfg["DATA_DIR"], seed=cfg["SEED"])
+    return D.discover(cfg["DATA_DIR"], seed=cfg.get("SPLIT_SEED", cfg["SEED"]))
 
 
 def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):

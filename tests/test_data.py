@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from mbv3prune import data as D
+from mbv3prune import stage
 from mbv3prune.errors import PruneError
 from tests.helpers import write_images
 
@@ -23,6 +24,21 @@ def test_train_test_layout_holds_out_val(tmp_path):
     assert len(splits["val"]) == 2 and len(splits["train"]) == 18 and len(splits["test"]) == 6
     assert not set(splits["val"]) & set(splits["train"])
     assert D.discover(str(tmp_path), seed=1)[0] == splits and D.eval_split(splits) == "test"
+
+
+def test_stages_split_val_with_the_checkpoints_training_seed(tmp_path):
+    for c, name in enumerate(["a", "b"]):
+        write_images(tmp_path / "train" / name, 10, seed=c)
+    cfg = {"SEED": 0, "DATA_DIR": str(tmp_path)}
+    held_out_in_training = D.discover(str(tmp_path), seed=1)[0]["val"]
+    assert held_out_in_training != D.discover(str(tmp_path), seed=0)[0]["val"]  # the seeds draw different val
+    trained = stage.with_split_seed(cfg, {"config": {"SEED": 1}})  # a baseline train_model.py made with SEED=1
+    assert trained["SPLIT_SEED"] == 1 and trained["SEED"] == 0
+    assert stage.prepare_data(trained)[0]["val"] == held_out_in_training
+    pruned = stage.with_split_seed(cfg, {"config": {"SEED": 0, "SPLIT_SEED": 1}})  # pruned.pt passes it on
+    assert stage.prepare_data(pruned)[0]["val"] == held_out_in_training
+    for meta in ({}, {"config": {}}, {"config": {"SEED": True}}):  # a plain state_dict, no or odd seed: SEED
+        assert stage.with_split_seed(cfg, meta)["SPLIT_SEED"] == 0
 
 
 def test_flat_folder_and_csv(tmp_path):
