@@ -50,7 +50,7 @@ TARGET_LATENCY_REDUCTION = 0.2  # target_latency: fraction of the measured laten
 LATENCY_RUNTIME = "onnxruntime"  # target_latency: runtime of the per-block latency table (onnxruntime or eager)
 LATENCY_BATCH = 1  # target_latency: batch size the latency table is measured at
 LATENCY_REPEATS = 50  # target_latency: timed runs per block and width (median; after a warm-up)
-LATENCY_CALIBRATE = 3  # target_latency: rounds of timing the whole pruned model and re-aiming the table (0 = none)
+LATENCY_CALIBRATE = 3  # target_latency: times the table's target is re-aimed from the whole model's timing (0 = never)
 LATENCY_CHECK_REPEATS = 200  # target_latency: interleaved runs of the whole baseline and pruned model per round
 BLOCKS_PER_ROUND = 1  # iterative: blocks pruned per round before re-measuring downstream
 MAX_ROUNDS = 30  # iterative: most rounds

@@ -247,9 +247,9 @@ class _Accumulator:
         self._pool, self._split = None, 0
 
     @contextlib.contextmanager
-    def counting_in_two(self):
+    def counting_in_two(self, device):
         """Per-class histograms on a CPU with more than one thread are counted by two threads (see ``_count``)."""
-        if self.per_class != "histograms" or torch.get_num_threads() < 2:
+        if self.per_class != "histograms" or torch.device(device).type != "cpu" or torch.get_num_threads() < 2:
             yield
             return
         with ThreadPoolExecutor(1, thread_name_prefix="histogram") as pool:
@@ -513,7 +513,7 @@ def capture(
         hooks += moments.CaptureMoments(
             state, blocks, describe_layers(blocks, capture_point), positions_per_image, seed
         ).hooks(_pregate_module)
-    with attached_hooks(model, hooks), acc.counting_in_two(), torch.inference_mode():
+    with attached_hooks(model, hooks), acc.counting_in_two(device), torch.inference_mode():
         for images, labels in tqdm(
             batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True
         ):

@@ -7,12 +7,14 @@ and the whole model decides how many to take: each candidate plan is cut from a 
 timed whole against the unpruned model in the table's runtime, device and batch size (interleaved rounds,
 ``timing.interleaved_ms``, median of ``repeats``). The table's target (the *aim*) is then corrected toward
 the asked reduction: by the ratio target / measured on the first correction, by the secant through the two
-latest (aim, measured) points after (a plan that measures no saving doubles the aim). It stops within
-``tolerance`` of the target, after ``rounds`` corrections, or when a new aim gives a plan already measured,
-and keeps the plan measured closest to the target.
+latest (aim, measured) points after (a plan that measures no saving doubles the aim), kept between the aims
+measured short of and past the target. It stops within ``tolerance`` of the target, after ``rounds``
+corrections (``rounds`` + 1 timings), or when a new aim gives a plan already measured, and keeps the plan
+measured closest to the target.
 """
 
 import copy
+import math
 import tempfile
 
 from .errors import PruneError
@@ -25,17 +27,25 @@ MIN_AIM = 0.005
 
 
 def next_aim(history, target):
-    """The table target to try next, from the rounds so far [{"aim", "measured"}, ...] (latest last)."""
+    """The table target to try next, from the rounds so far [{"aim", "measured"}, ...] (latest last).
+
+    A safeguarded secant: the guess (ratio, secant, or double after a plan that saved nothing) must fall
+    strictly between the largest aim measured short of the target and the smallest measured past it, else
+    the midpoint of those two is taken.
+    """
     last = history[-1]
     aim, measured = last["aim"], last["measured"]
-    if measured <= 0:
-        return min(MAX_AIM, 2 * aim)
-    guess = aim * target / measured
-    if len(history) > 1:
+    guess = 2 * aim if measured <= 0 else aim * target / measured
+    if len(history) > 1 and measured > 0:
         prev = history[-2]
         slope = (measured - prev["measured"]) / (aim - prev["aim"]) if aim != prev["aim"] else 0.0
         if slope > 0:
             guess = aim + (target - measured) / slope
+    short = [h["aim"] for h in history if h["measured"] < target]
+    past = [h["aim"] for h in history if h["measured"] > target]
+    lo, hi = max(short, default=0.0), min(past, default=MAX_AIM)
+    if short and past and not lo < guess < hi:
+        guess = (lo + hi) / 2
     return min(MAX_AIM, max(MIN_AIM, guess))
 
 
@@ -51,11 +61,14 @@ def calibrate(plan_at, measure, target, rounds=3, tolerance=0.02):
         if selection in plans:
             break  # the new aim gives a plan already measured: nothing more to learn
         plans.append(selection)
+        measured = measure(selection)
+        if not math.isfinite(measured):
+            raise PruneError(f"latency check: the pruned model's measured reduction is {measured}: timing failed")
         history.append(
             {
                 "aim": round(aim, 6),
                 "predicted": round(predicted, 6),
-                "measured": round(measure(selection), 6),
+                "measured": round(measured, 6),
                 "channels": sum(map(len, selection.values())),
             }
         )

@@ -61,6 +61,7 @@ def _load_stats(run, cfg):
         else os.path.join(cfg["RUN_DIR"], measure.STATS_PT)
     )
     run.stats, run.stats_meta = measure.load_checked(path, run.checkpoint)
+    run.stats_path = path
     size = run.stats_meta["identity"].get("image_size")
     if size != cfg["IMAGE_SIZE"]:
         raise PruneError(
@@ -103,6 +104,8 @@ def load_run(cfg, *, plan=False, stats=True, structure=False, in_memory=False):
     run.layers = describe_layers(run.blocks, run.capture_point)
     run.splits, run.class_names = stage.prepare_data(cfg)
     stage.check_class_names(run.meta, run.class_names, cfg["DATA_DIR"])
+    if stats:
+        measure.check_sample_in_train(run.stats_meta, run.splits, cfg, run.stats_path)
     models.to_device(run.model, run.device)
     run.loaders = make_loaders(cfg, run.splits)
     if in_memory:

@@ -60,6 +60,25 @@ def sample_meta(cfg, items):
     return {**meta, "rule": {**rule, "SPLIT_SEED": cfg.get("SPLIT_SEED", cfg["SEED"])}}
 
 
+def check_sample_in_train(meta, splits, cfg, path):
+    """PruneError when a capture's sample was not drawn from this train split: statistics of the model's own
+    val images would bias every choice made on val (and the refit runs on the sample)."""
+    sample = meta.get("sample", {})
+    if "rule" in sample:
+        inside = sample["rule"].get("SPLIT_SEED", sample["rule"]["SEED"]) == cfg.get("SPLIT_SEED", cfg["SEED"])
+    elif "files" in sample:
+        root = cfg["DATA_DIR"] if os.path.isdir(cfg["DATA_DIR"]) else os.path.dirname(cfg["DATA_DIR"])
+        train = {os.path.normpath(p) for p, _ in splits["train"]}
+        inside = all(os.path.normpath(os.path.join(root, p)) in train for p, _ in sample["files"])
+    else:
+        return
+    if not inside:
+        raise PruneError(
+            f"{path} was captured on images outside this train split (drawn with another split seed?): "
+            "re-run visualize_neuron_activations.py"
+        )
+
+
 def sample_items(meta, data_dir):
     """[(path, label)] of the sample a saved capture measured: its file list, or its rule drawn again from
     ``data_dir`` (refused when that no longer gives the recorded sha256)."""

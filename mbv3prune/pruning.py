@@ -1,10 +1,12 @@
-"""The pruning stage's modes: which channels go (threshold, target_macs, iterative), the fallback, the sweep.
+"""The pruning stage's modes: which channels go (threshold, target_macs, target_latency, iterative), the fallback,
+the sweep.
 
 ``threshold`` prunes exactly the plan's indices; when they remove less than ``MIN_USEFUL_REDUCTION`` of the
 MACs and ``FALLBACK_TARGET`` is set, the most prunable channels go to that MACs target instead.
 ``target_macs`` ranks every prunable block's channels by the criterion and takes the most prunable ROUND_TO
-chunks until the MACs fall by ``TARGET_MACS_REDUCTION``. ``iterative`` prunes block by block in forward
-order, re-measuring downstream blocks after each round (``iterative.run``). Each returns
+chunks until the MACs fall by ``TARGET_MACS_REDUCTION``; ``target_latency`` the same per millisecond saved from
+a latency table, re-aimed by timing the whole pruned model (``latency_feedback``). ``iterative`` prunes block
+by block in forward order, re-measuring downstream blocks after each round (``iterative.run``). Each returns
 (pruned model, {block: removed indices}, how it was chosen, extra report fields).
 """
 

@@ -1,4 +1,5 @@
-"""The pruning stage's report: the JSON record (byte-stable: no timings), latency, and the summary tables."""
+"""The pruning stage's report: the JSON record (byte-stable: no timings, except target_latency's measured
+rounds, which its plan depends on), latency, and the summary tables."""
 
 from . import models, stage
 from .artifacts import provenance

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from mbv3prune import data as D
-from mbv3prune import stage
+from mbv3prune import measure, stage
 from mbv3prune.errors import PruneError
 from tests.helpers import write_images
 
@@ -39,6 +39,22 @@ def test_stages_split_val_with_the_checkpoints_training_seed(tmp_path):
     assert stage.prepare_data(pruned)[0]["val"] == held_out_in_training
     for meta in ({}, {"config": {}}, {"config": {"SEED": True}}):  # a plain state_dict, no or odd seed: SEED
         assert stage.with_split_seed(cfg, meta)["SPLIT_SEED"] == 0
+
+
+def test_statistics_of_images_outside_the_train_split_are_refused(tmp_path):
+    for c, name in enumerate(["a", "b"]):
+        write_images(tmp_path / "train" / name, 10, seed=c)
+    cfg = {"SEED": 0, "SPLIT_SEED": 1, "DATA_DIR": str(tmp_path)}
+    splits = stage.prepare_data(cfg)[0]
+    own = {"sample": {"files": measure.sample_record(splits["train"][:4], str(tmp_path))[0]}}
+    measure.check_sample_in_train(own, splits, cfg, "stats.pt")  # drawn from this train split: accepted
+    other = {"sample": {"files": measure.sample_record(splits["val"][:1], str(tmp_path))[0]}}
+    with pytest.raises(PruneError, match="stats.pt was captured on images outside this train split"):
+        measure.check_sample_in_train(other, splits, cfg, "stats.pt")
+    rule = {"SEED": 0, "SAMPLES_PER_CLASS": 4, "SAMPLE_FRACTION": 0.0}
+    measure.check_sample_in_train({"sample": {"rule": {**rule, "SPLIT_SEED": 1}}}, splits, cfg, "stats.pt")
+    with pytest.raises(PruneError, match="another split seed"):
+        measure.check_sample_in_train({"sample": {"rule": rule}}, splits, cfg, "stats.pt")  # older: split at SEED
 
 
 def test_flat_folder_and_csv(tmp_path):

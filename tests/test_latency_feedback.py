@@ -43,6 +43,8 @@ def test_no_rounds_trusts_the_table_and_a_repeated_plan_stops_the_search():
     same = lambda aim: ({"b": [0, 1]}, 0.05)  # noqa: E731
     chosen, best, rounds = latency_feedback.calibrate(same, lambda sel: 0.05, 0.2, rounds=3)
     assert len(rounds) == 1 and chosen == {"b": [0, 1]}
+    with pytest.raises(PruneError, match="timing failed"):
+        latency_feedback.calibrate(_plans(), lambda sel: float("nan"), 0.2)
     with pytest.raises(PruneError, match="LATENCY_CALIBRATE=-1"):
         latency_feedback.calibrate(same, lambda sel: 0.05, 0.2, rounds=-1)
 
@@ -53,6 +55,8 @@ def test_next_aim_uses_the_ratio_then_the_secant_and_stays_in_range():
     assert latency_feedback.next_aim(two, 0.2) == pytest.approx(0.6)
     assert latency_feedback.next_aim([{"aim": 0.6, "measured": 0.01}], 0.2) == latency_feedback.MAX_AIM
     assert latency_feedback.next_aim([{"aim": 0.6, "measured": 0.0}], 0.2) == latency_feedback.MAX_AIM
+    overshot = [{"aim": 0.4, "measured": 0.3}, {"aim": 0.2, "measured": -0.01}]  # doubling would repeat 0.4
+    assert latency_feedback.next_aim(overshot, 0.2) == pytest.approx(0.3)  # the midpoint of the bracket
     falling = [{"aim": 0.2, "measured": 0.1}, {"aim": 0.4, "measured": 0.05}]  # no positive slope: the ratio
     assert latency_feedback.next_aim(falling, 0.2) == latency_feedback.MAX_AIM  # 0.4 x 0.2 / 0.05, capped
 

@@ -150,5 +150,5 @@ def test_target_latency_prunes_by_a_cached_eager_latency_table(pipeline):
     rounds = report["latency_calibration"]
     assert 1 <= len(rounds) <= 2 and report["measured_latency_reduction"] in [r["measured"] for r in rounds]
     assert "table aim" in out
-    out = ok("experiment_activation_based_block_pruning.py", *args, *mode, "--TARGET_LATENCY_REDUCTION=0.05")
+    out = ok("experiment_activation_based_block_pruning.py", *args, *mode, *check, "--TARGET_LATENCY_REDUCTION=0.05")
     assert "re-using the latency table" in out
