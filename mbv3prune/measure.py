@@ -39,9 +39,14 @@ def sample(cfg, splits):
     )
 
 
+def _root(data_dir):
+    """The folder a sample's paths are relative to: DATA_DIR, or a CSV manifest's folder."""
+    return data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir)
+
+
 def sample_record(items, data_dir):
     """[[path relative to DATA_DIR, label], ...] and its sha256: exactly what was measured."""
-    root = data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir)
+    root = _root(data_dir)
     record = [[os.path.relpath(p, root), int(y)] for p, y in items]
     return record, hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
@@ -57,7 +62,7 @@ def sample_meta(cfg, items):
     if len(record) <= FILES_LISTED:
         return {**meta, "files": record}
     rule = {k: cfg[k] for k in ("SEED", "SAMPLES_PER_CLASS", "SAMPLE_FRACTION")}
-    return {**meta, "rule": {**rule, "SPLIT_SEED": cfg.get("SPLIT_SEED", cfg["SEED"])}}
+    return {**meta, "rule": {**rule, "SPLIT_SEED": stage.split_seed(cfg)}}
 
 
 def check_sample_in_train(meta, splits, cfg, path):
@@ -65,9 +70,9 @@ def check_sample_in_train(meta, splits, cfg, path):
     val images would bias every choice made on val (and the refit runs on the sample)."""
     sample = meta.get("sample", {})
     if "rule" in sample:
-        inside = sample["rule"].get("SPLIT_SEED", sample["rule"]["SEED"]) == cfg.get("SPLIT_SEED", cfg["SEED"])
+        inside = stage.split_seed(sample["rule"]) == stage.split_seed(cfg)
     elif "files" in sample:
-        root = cfg["DATA_DIR"] if os.path.isdir(cfg["DATA_DIR"]) else os.path.dirname(cfg["DATA_DIR"])
+        root = _root(cfg["DATA_DIR"])
         train = {os.path.normpath(p) for p, _ in splits["train"]}
         inside = all(os.path.normpath(os.path.join(root, p)) in train for p, _ in sample["files"])
     else:
@@ -82,11 +87,11 @@ def check_sample_in_train(meta, splits, cfg, path):
 def sample_items(meta, data_dir):
     """[(path, label)] of the sample a saved capture measured: its file list, or its rule drawn again from
     ``data_dir`` (refused when that no longer gives the recorded sha256)."""
-    root = data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir)
+    root = _root(data_dir)
     if "files" in meta["sample"]:
         return [(os.path.join(root, p), y) for p, y in meta["sample"]["files"]]
     rule = meta["sample"]["rule"]
-    splits, _ = discover(data_dir, seed=rule.get("SPLIT_SEED", rule["SEED"]))
+    splits, _ = discover(data_dir, seed=stage.split_seed(rule))
     items = sample({**rule, "DATA_DIR": data_dir}, splits)
     if sample_record(items, data_dir)[1] != meta["sample"]["sha256"]:
         raise PruneError(

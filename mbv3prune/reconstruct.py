@@ -26,6 +26,7 @@ Everything is computed in float64 on the CPU (the matrices are at most a few tho
 back in each layer's dtype and device.
 """
 
+import contextlib
 import copy
 from collections import namedtuple
 
@@ -308,9 +309,8 @@ def _run_to(model, images, roles, block, what):
     """The tensors ``what`` of ``model`` on ``images``, running the forward only as far as needed."""
     got, handles = _grab(model, roles, block, what)
     try:
-        model(images)
-    except _Stop:  # raised by the last hook on purpose: the rest of the forward is not needed
-        pass
+        with contextlib.suppress(_Stop):  # raised by the last hook on purpose: the rest of the forward is not needed
+            model(images)
     finally:
         for h in handles:
             h.remove()

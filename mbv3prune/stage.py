@@ -21,6 +21,11 @@ def with_split_seed(cfg, meta):
     return {**cfg, "SPLIT_SEED": seed}
 
 
+def split_seed(cfg):
+    """The seed train / val are split with: SPLIT_SEED (``with_split_seed``), else SEED."""
+    return cfg.get("SPLIT_SEED", cfg["SEED"])
+
+
 def prepare_data(cfg):
     """(splits, class_names) of ``DATA_DIR``, split with SPLIT_SEED (``with_split_seed``) else SEED; the demo set
     is generated first when it is the one asked for (under torchrun by rank 0, while the other ranks wait)."""
@@ -30,7 +35,7 @@ def prepare_data(cfg):
         if distributed.is_main():
             ensure(DEMO_DATA_DIR)
         distributed.barrier()
-    return D.discover(cfg["DATA_DIR"], seed=cfg.get("SPLIT_SEED", cfg["SEED"]))
+    return D.discover(cfg["DATA_DIR"], seed=split_seed(cfg))
 
 
 def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):
