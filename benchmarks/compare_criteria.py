@@ -60,6 +60,8 @@ RECONSTRUCT_CRITERIA = ["obs", "tp_taylor"]  # the criteria also measured with e
 RIDGES = [1e-4, 1e-3, 1e-2, 1e-1]  # refit and obs ridge candidates, chosen on the val split (never on test)
 RIDGE_TARGET = 0.5  # the MACs target, obs + the first RECONSTRUCT, at which the ridge is chosen
 REFIT_SAMPLES_PER_CLASS = 20  # images per class of the capture's sample the sequential refit runs on
+RESIDUAL_TARGET = True  # sequential: residual blocks also absorb the difference of the two models' block inputs
+OUTPUT_UNITS = True  # contribution / fluctuation: weigh the project conv column by its BN's scale
 RANDOM_SEEDS = [0, 1, 2]  # seeds of the random criterion
 FT_POINTS = [["global", 0.3]]  # [allocation, target] pairs also fine-tuned (~2.5 min each; random: first seed only)
 FINETUNE_EPOCHS = 3  # fine-tuning epochs at FT_POINTS (train_model.py's recipe, same for every criterion)
@@ -105,6 +107,8 @@ RESULT_KEYS = (
     "RIDGES",
     "RIDGE_TARGET",
     "REFIT_SAMPLES_PER_CLASS",
+    "RESIDUAL_TARGET",
+    "OUTPUT_UNITS",
 )
 
 
@@ -137,7 +141,7 @@ def rankings(run, cfg):
         elif name == "obs":
             out[name] = obs_criterion(run, cfg).rank(run.stats, run.blocks, run.layers, run.model)
         else:
-            out[name] = bench.ours(run, name)
+            out[name] = bench.ours(run, name, output_units=cfg["OUTPUT_UNITS"])
         print(f"ranked by {name} in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -168,7 +172,7 @@ def compensator(run, cfg, refit=None):
     """The refit (``refit``: sequential or oneshot, at the chosen ridge), else the mean compensation."""
     if refit is not None:
         batches_fn = run.refit_batches if refit == "sequential" else None
-        return reconstruct.folder(refit, run.model, batches_fn, run.ridge)
+        return reconstruct.folder(refit, run.model, batches_fn, run.ridge, cfg["RESIDUAL_TARGET"])
     if not cfg["COMPENSATE"]:
         return None
     return folder(run.capture_point)

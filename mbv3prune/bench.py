@@ -42,10 +42,13 @@ def prunable_blocks(run):
     return [name for name in run.blocks if name in run.per_channel]
 
 
-def ours(run, score, threshold=None, class_aware=False, min_class_samples=5):
-    """Ranking by one of the project's activation scores (threshold: the captured one by default)."""
+def ours(run, score, threshold=None, class_aware=False, min_class_samples=5, output_units=False):
+    """Ranking by one of the project's activation scores (threshold: the captured one by default;
+    ``output_units``: contribution and fluctuation in block-output units, as the stages' OUTPUT_UNITS)."""
     threshold = ActivationStats.of(run.stats).threshold if threshold is None else threshold
-    criterion = Criterion(score, threshold, class_aware=class_aware, min_class_samples=min_class_samples)
+    criterion = Criterion(
+        score, threshold, class_aware=class_aware, min_class_samples=min_class_samples, output_units=output_units
+    )
     return criterion.rank(run.stats, run.blocks, run.layers, run.model)
 
 

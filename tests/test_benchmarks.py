@@ -120,3 +120,22 @@ def test_statistics_of_another_checkpoint_are_refused_naming_the_file(run, tmp_p
     assert all(os.path.exists(p) for p, _ in measure.sample_items(meta, meta["sample"]["data_dir"]))
     with pytest.raises(PruneError, match=f"{stats_path} were measured on another checkpoint than {other}"):
         measure.load_checked(stats_path, other)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_compare_criteria_passes_output_units_and_residual_target_on(monkeypatch, on):
+    """The comparison's OUTPUT_UNITS reaches the weighted scores' ranking, RESIDUAL_TARGET the sequential refit."""
+    from types import SimpleNamespace
+
+    from benchmarks import compare_criteria as cc
+    from mbv3prune import config
+
+    cfg = {**config.apply_overrides(vars(cc), []), "CRITERIA": ["fluctuation"], "OUTPUT_UNITS": on}
+    cfg["RESIDUAL_TARGET"] = on
+    seen = {}
+    monkeypatch.setattr(cc.bench, "ours", lambda run, name, **kw: seen.setdefault("ours", kw))
+    monkeypatch.setattr(cc.reconstruct, "folder", lambda *args: seen.setdefault("folder", args))
+    cc.rankings(SimpleNamespace(), cfg)
+    cc.compensator(SimpleNamespace(model=None, refit_batches=None, ridge=0.01), cfg, "sequential")
+    assert seen["ours"] == {"output_units": on}
+    assert seen["folder"] == ("sequential", None, None, 0.01, on)
