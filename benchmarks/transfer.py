@@ -78,6 +78,8 @@ CRITERIA = [
     "tp_bn_scale",
 ]  # ours and the best torch-pruning criteria of examples/criteria_comparison.md
 RECONSTRUCT = ["sequential"]  # the refits also measured (obs, fluctuation and the torch-pruning criteria)
+RESIDUAL_TARGET = True  # sequential: residual blocks also absorb the difference of the two models' block inputs
+OUTPUT_UNITS = True  # contribution / fluctuation: weigh the project conv column by its BN's scale
 FT_TARGET = 0.3  # the one target also fine-tuned
 FINETUNE_EPOCHS = 2  # fine-tuning epochs at FT_TARGET (same for every criterion)
 FINETUNE_LR = 5e-4  # peak learning rate of that fine-tuning
@@ -235,6 +237,8 @@ def comparison_config(cfg, name, data_dir):
         TAYLOR_BATCHES=cfg["TAYLOR_BATCHES"],
         REPRODUCE=False,
         RECONSTRUCT=list(cfg["RECONSTRUCT"]),
+        RESIDUAL_TARGET=cfg["RESIDUAL_TARGET"],
+        OUTPUT_UNITS=cfg["OUTPUT_UNITS"],
     )
 
 

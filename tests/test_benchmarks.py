@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.helpers import ROOT, run_stage
 
@@ -124,18 +125,29 @@ def test_statistics_of_another_checkpoint_are_refused_naming_the_file(run, tmp_p
 
 @pytest.mark.parametrize("on", [True, False])
 def test_compare_criteria_passes_output_units_and_residual_target_on(monkeypatch, on):
-    """The comparison's OUTPUT_UNITS reaches the weighted scores' ranking, RESIDUAL_TARGET the sequential refit."""
+    """The comparison's OUTPUT_UNITS reaches the weighted scores' Criterion, RESIDUAL_TARGET the sequential
+    refit, and both are part of the results' identity."""
     from types import SimpleNamespace
 
     from benchmarks import compare_criteria as cc
     from mbv3prune import config
 
     cfg = {**config.apply_overrides(vars(cc), []), "CRITERIA": ["fluctuation"], "OUTPUT_UNITS": on}
-    cfg["RESIDUAL_TARGET"] = on
+    cfg["RESIDUAL_TARGET"] = not on  # opposite values: a swap of the two would show
     seen = {}
-    monkeypatch.setattr(cc.bench, "ours", lambda run, name, **kw: seen.setdefault("ours", kw))
+
+    class Recorded:
+        def __init__(self, score, threshold, **kw):
+            seen["criterion"] = (score, kw.get("output_units"))
+
+        def rank(self, *args):
+            return {}
+
+    monkeypatch.setattr(cc.bench, "Criterion", Recorded)
     monkeypatch.setattr(cc.reconstruct, "folder", lambda *args: seen.setdefault("folder", args))
-    cc.rankings(SimpleNamespace(), cfg)
+    stats = {"threshold": torch.tensor(0.5, dtype=torch.float64)}
+    cc.rankings(SimpleNamespace(stats=stats, blocks={}, layers={}, model=None), cfg)
     cc.compensator(SimpleNamespace(model=None, refit_batches=None, ridge=0.01), cfg, "sequential")
-    assert seen["ours"] == {"output_units": on}
-    assert seen["folder"] == ("sequential", None, None, 0.01, on)
+    assert seen["criterion"] == ("fluctuation", on)
+    assert seen["folder"] == ("sequential", None, None, 0.01, not on)
+    assert {"OUTPUT_UNITS", "RESIDUAL_TARGET"} <= set(cc.RESULT_KEYS)
