@@ -168,9 +168,7 @@ def main(cfg):
     original = None if cfg["ORIGINAL"] == "none" or (not cfg["ORIGINAL"] and not os.path.exists(original)) else original
     report = config.path_or_default(cfg, "REPORT", "pruning_report.json")
     report = None if cfg["REPORT"] == "none" or (not cfg["REPORT"] and not os.path.exists(report)) else report
-    cfg = stage.with_split_seed(cfg, meta)
-    splits, class_names = stage.prepare_data(cfg)
-    stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
+    cfg, splits, class_names = stage.checkpoint_data(cfg, meta)
     model.to(device)
     checks = structure_checks(model, len(class_names))
     if report:

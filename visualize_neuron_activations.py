@@ -97,9 +97,7 @@ def main(cfg):
     device = distributed.setup(cfg["DEVICE"])
     checkpoint = config.path_or_default(cfg, "CHECKPOINT", "baseline.pt")
     model, meta = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"], cfg["ALLOW_PICKLE"])
-    cfg = stage.with_split_seed(cfg, meta)
-    splits, class_names = stage.prepare_data(cfg)
-    stage.check_class_names(meta, class_names, cfg["DATA_DIR"])
+    cfg, splits, class_names = stage.checkpoint_data(cfg, meta)
     stats, stats_meta, wrote = measure.ensure_stats(
         cfg,
         models.to_device(model, device),

@@ -86,7 +86,8 @@ def load_run(cfg, *, plan=False, stats=True, structure=False, in_memory=False):
         else os.path.join(cfg["RUN_DIR"], "baseline.pt")
     )
     run.model, run.meta = models.load_checkpoint(run.checkpoint, cfg["MODEL_ARCH"], cfg.get("ALLOW_PICKLE", False))
-    cfg = run.cfg = stage.with_split_seed(cfg, run.meta)  # val must be the model's own held-out images
+    cfg, run.splits, run.class_names = stage.checkpoint_data(cfg, run.meta)  # val: the model's own held-out images
+    run.cfg = cfg
     run.blocks = (
         load_structure(os.path.join(cfg["RUN_DIR"], "mobilenetv3_block_structure.json"), run.model)
         if structure
@@ -102,8 +103,6 @@ def load_run(cfg, *, plan=False, stats=True, structure=False, in_memory=False):
         run.plan["capture_point"] if plan else run.stats_meta["identity"]["capture_point"] if stats else "project_input"
     )
     run.layers = describe_layers(run.blocks, run.capture_point)
-    run.splits, run.class_names = stage.prepare_data(cfg)
-    stage.check_class_names(run.meta, run.class_names, cfg["DATA_DIR"])
     if stats:
         measure.check_sample_in_train(run.stats_meta, run.splits, cfg, run.stats_path)
     models.to_device(run.model, run.device)

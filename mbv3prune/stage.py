@@ -38,6 +38,15 @@ def prepare_data(cfg):
     return D.discover(cfg["DATA_DIR"], seed=split_seed(cfg))
 
 
+def checkpoint_data(cfg, meta):
+    """(cfg with SPLIT_SEED, splits, class_names) for a checkpoint: DATA_DIR split with the checkpoint's own
+    training seed (``with_split_seed``), refused when it does not have the checkpoint's classes."""
+    cfg = with_split_seed(cfg, meta)
+    splits, class_names = prepare_data(cfg)
+    check_class_names(meta, class_names, cfg["DATA_DIR"])
+    return cfg, splits, class_names
+
+
 def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):
     """A loader over ``items`` with the eval transform at ``IMAGE_SIZE``, or a training loader (``train``): it
     drops a last partial batch, augments unless ``augment=False``, and under torchrun reads only this
