@@ -24,19 +24,23 @@ number of images. For every layer (a captured tensor; its key is a module name) 
 ``off`` (``n_class`` only); the overall ``hist`` is kept in every mode. ``per_class_bytes`` estimates the
 cost of each mode before a capture.
 
-Counts are int64, sums float64 (float32 stops counting exactly past 2**24). A batch is first reduced per
-channel in float32 (over the batch, then over H x W) and then added into the float64 totals: each batch
-contributes a float32 rounding error (a few 1e-7 of its sum of |a|), and nothing drifts over batches.
-The threshold is compared in float32. Per block, whatever the capture point, ``{block}/pregate_sum``
-(float64 [C]) and ``{block}/pregate_n`` (int64 []) hold the per-channel sum and count of the depthwise
-activation's output before the SE gate (``ActivationStats.pregate_mean``). A NaN or inf in a captured tensor
-stops the capture with a PruneError naming the first such layer in forward order; the check is free: NaN and inf
-propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
+Counts are int64, sums float64 (float32 stops counting exactly past 2**24). A batch is reduced per
+channel in float32 over the batch, then in float64 over H x W, and added into the float64 totals: each
+batch contributes a float32 rounding error (a few 1e-7 of its sum of |a|), and nothing drifts over
+batches. The threshold is compared in float32. Every total of a captured tensor comes from one compiled
+function, ``_batch_totals``, which inductor fuses into a loop or two that read the tensor once
+(``fused.compiled``; eager where compiling is not available). Per block, whatever the capture point,
+``{block}/pregate_sum`` (float64 [C]) and ``{block}/pregate_n`` (int64 []) hold the per-channel sum and count
+of the depthwise activation's output before the SE gate (``ActivationStats.pregate_mean``). A NaN or inf in
+a captured tensor stops the capture with a PruneError naming the first such layer in forward order; the check
+is free: NaN and inf propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs
+~15% of inference).
 
 With ``second_moments=True`` the state also holds Chan-merged moment triples ``{prefix}_n`` (int64 []),
 ``{prefix}_mean`` (float64 [C]) and ``{prefix}_m2`` (float64, centred scatter sum), see
 ``moments.capture_keys``: ``{layer}/chan_*`` (M2 [C], per-channel, every position: the variance without the
-cancellation of ``sum_sq / n - mean**2``), ``{block}/cov_*`` (M2 [C, C], the project conv input of every
+cancellation of ``sum_sq / n - mean**2``, from the same fused pass: each batch's squares are taken around
+the running mean), ``{block}/cov_*`` (M2 [C, C], the project conv input of every
 block with an expand conv, over positions) and ``{block}/se_cov_*`` (M2 [C, C], the pooled pre-gate SE
 input, one row per image). Read them with ``ActivationStats.block_moments`` / ``.moments``; they
 are not sums, so torchrun ranks merge them with ``moments.all_reduce_moments``.
@@ -48,22 +52,19 @@ overflow bin (inf included). A value's bin is read off its float32 bit pattern (
 SUB_BITS mantissa bits), so binning is exact at every edge. One ``index_add_`` per layer and batch counts
 all classes, channels and bins at once, straight into the totals (``bincount`` would zero and add a
 [K, C, NB] result every batch: about twice the cost); each batch is grouped by class first, so each
-class's rows stay in cache, and on a CPU with two or more threads the images on either side of the class
-boundary nearest the batch's middle are counted by two threads at once (their rows of ``hist_class`` are
-disjoint, and ``index_add_`` itself runs on one thread). Live, ``hist_class`` is int32 while no bin can
-overflow (``finalize``: int64).
-On one CPU thread capture costs 1.05-1.25x plain inference without histograms and 1.35-1.55x with everything
-(``benchmarks/capture_overhead.py``); memory does not grow with the number of images.
+class's rows stay in cache. Live, ``hist_class`` is int32 while no bin can overflow (``finalize``: int64).
+Counting is serial and costs about 2.5 ns an element on a CPU (a hand-written loop measured the same), a
+quarter of plain inference at 64-128 px: the largest part of the capture's overhead
+(``benchmarks/capture_overhead.py``, RESULTS.md). Memory does not grow with the number of images.
 """
 
 import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
 
-from . import moments
+from . import fused, moments
 from .activation_stats import check_threshold
 from .blocks import capture_layer, check_capture_point
 from .errors import PruneError
@@ -121,18 +122,39 @@ def bin_index(abs_values):
     return _bin_keys(abs_values).sub_(_LO_KEY - 1)
 
 
-def _channel_sum(x):
-    """Per-channel sum of [B, C, H, W] in its dtype (over the batch first: contiguous, vectorised)."""
-    return x.sum(0).sum((1, 2))
+def _batch_totals(x, threshold: float, offsets, per_image: bool, shift):
+    """One batch [B, C, H, W] of a layer reduced per channel ({name: tensor}); compiled, a loop or two.
+
+    Sums are float32 over the batch, then float64 over H x W. ``offsets`` (``_hist_offsets``): also ``idx``,
+    every element's index into the flat histogram. ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
+    also ``sq_dev``, the sum of (a - shift)**2 (per-channel second moments without cancellation).
+    """
+    x = x.float()
+    a = x.abs()
+    totals = {
+        "neuron_below": (a < threshold).sum(0, dtype=torch.int32),
+        "sum": x.sum(0).double().sum((1, 2)),
+        "sum_abs": a.sum(0).double().sum((1, 2)),
+        "sum_sq": (a * a).sum(0).double().sum((1, 2)),
+        "max_abs": a.amax(0).amax((1, 2)),  # NaN propagates: also the batch's non-finite check
+    }
+    if per_image:
+        totals["image_abs"] = a.sum((2, 3)).double()
+    if offsets is not None:
+        totals["idx"] = _bin_keys(a).to(offsets.dtype).add_(offsets).reshape(-1)
+    if shift is not None:
+        dev = x - shift[:, None, None]
+        totals["sq_dev"] = (dev * dev).sum(0).double().sum((1, 2))
+    return totals
 
 
-def _channel_amax(x):
-    return x.amax(0).amax((1, 2))
+_BATCH_TOTALS = fused.compiled(_batch_totals)
 
 
-def _count_over_batch(mask):
-    """mask [B, ...].sum(0), counted in uint8 when B < 256 (exact, and 6x faster than via int32)."""
-    return mask.view(torch.uint8).sum(0, dtype=torch.uint8 if mask.shape[0] < 256 else torch.int32)
+def _image_sums(x):
+    """Per-image, per-channel sums [B, C] (float64; float32 over H x W) of [B, C, H, W]: one eager pass
+    (compiled, a reduction over a few positions per row is slower)."""
+    return x.float().sum((2, 3)).double()
 
 
 def _block_layers(block, roles, capture_point):
@@ -238,32 +260,17 @@ def _new_layer_totals(shape, num_classes, histograms, device, per_class="histogr
 class _Accumulator:
     """Adds each captured tensor of the current batch into the running totals held in ``state``."""
 
-    def __init__(self, state, threshold, num_classes, histograms, per_class="histograms"):
+    def __init__(self, state, threshold, num_classes, histograms, per_class="histograms", moments=None):
         self.state, self.threshold, self.num_classes, self.histograms = state, threshold, num_classes, histograms
-        self.per_class = per_class
+        self.per_class, self.moments = per_class, moments  # moments: a moments.CaptureMoments fed from each pass
         self.hist_key = "hist_class" if per_class == "histograms" else "hist"
         self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
         self._ones, self._counted = {}, {}
-        self._pool, self._split = None, 0
-
-    @contextlib.contextmanager
-    def counting_in_two(self, device):
-        """Per-class histograms on a CPU with more than one thread are counted by two threads (see ``_count``)."""
-        if self.per_class != "histograms" or torch.device(device).type != "cpu" or torch.get_num_threads() < 2:
-            yield
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="histogram") as pool:
-            self._pool = pool
-            try:
-                yield
-            finally:
-                self._pool = None
 
     def start_batch(self, labels):
         """Labels (on the model's device, grouped by class) of the batch about to run."""
         self.labels, self.batch_max, self._offsets = labels, [], {}
         self.class_counts = torch.bincount(labels, minlength=self.num_classes)
-        self._split = _class_boundary(self.class_counts) if self._pool is not None else 0
 
     def _totals(self, layer, x):
         """``stat -> tensor`` of the layer's totals (made at its first batch), checked against ``x``'s shape."""
@@ -313,52 +320,43 @@ class _Accumulator:
         ones = self._ones.get(hist.dtype)
         if ones is None or ones.numel() < idx.numel() or ones.device != idx.device:
             ones = self._ones[hist.dtype] = torch.ones(idx.numel(), dtype=hist.dtype, device=idx.device)
-        flat, src = hist.view(-1), ones[: idx.numel()]
-        if not self._split or idx.device.type != "cpu":
-            flat.index_add_(0, idx, src)
-            return
-        # index_add_ is serial: the images before and after a class boundary touch disjoint rows of hist_class,
-        # so two threads count them at once (torch ops release the GIL)
-        cut = idx.numel() // self.labels.numel() * self._split
-        other = self._pool.submit(_index_add, flat, idx[cut:], src[cut:])
-        flat.index_add_(0, idx[:cut], src[:cut])
-        other.result()
+        hist.view(-1).index_add_(0, idx, ones[: idx.numel()])
 
     def layer(self, layer, x):
-        """Reduce one captured tensor [B, C, H, W] into its layer's totals."""
+        """Reduce one captured tensor [B, C, H, W] into its layer's totals (and second moments, if kept)."""
         total = self._totals(layer, x)
         b, c, h, w = x.shape
         hist = self._hist_class(layer, b * h * w) if self.histograms else None
-        x = x.float()
-        a = x.abs()
+        offsets = self._hist_offsets(c, x.device) if hist is not None else None
+        shift = self.moments.channel_shift(layer, x) if self.moments else None
+        batch = _BATCH_TOTALS(x, self.threshold, offsets, self.histograms and self.per_class == "counts", shift)
         total("n").add_(b * h * w)
         total("n_images").add_(b)
         total("n_class").add_(self.class_counts)
-        self._below_and_max(layer, total, a)
+        total("neuron_below").add_(batch["neuron_below"])
+        total("below").add_(batch["neuron_below"].sum((1, 2)))
+        torch.maximum(total("max_abs"), batch["max_abs"], out=total("max_abs"))
+        self.batch_max.append((layer, batch["max_abs"]))
+        for stat in ("sum", "sum_abs", "sum_sq"):
+            total(stat).add_(batch[stat])
         if hist is not None:
-            offsets = self._hist_offsets(c, x.device)
-            self._count(hist, _bin_keys(a).to(offsets.dtype).add_(offsets).reshape(-1))
-        if self.histograms and self.per_class == "counts":
-            total("sum_abs_class").index_add_(0, self.labels, a.sum((2, 3), dtype=torch.float64))
-        total("sum").add_(_channel_sum(x))
-        total("sum_abs").add_(_channel_sum(a))
-        total("sum_sq").add_(_channel_sum(a.mul_(a)))  # a is ours: squared in place, last
-
-    def _below_and_max(self, layer, total, a):
-        neuron_below = _count_over_batch(a < self.threshold)
-        total("neuron_below").add_(neuron_below)
-        total("below").add_(neuron_below.sum((1, 2)))
-        batch_max = _channel_amax(a)  # NaN propagates: also the batch's non-finite check
-        torch.maximum(total("max_abs"), batch_max, out=total("max_abs"))
-        self.batch_max.append((layer, batch_max))
+            self._count(hist, batch["idx"])
+        if "image_abs" in batch:
+            total("sum_abs_class").index_add_(0, self.labels, batch["image_abs"])
+        if self.moments:
+            self.moments.channel(layer, b * h * w, batch["sum"], batch["sq_dev"], shift)
+            self.moments.captured_project(layer, x, batch["sum"] / (b * h * w))
 
     def pregate(self, block, x):
         """Add the depthwise activation (before the SE gate) into the block's per-channel sum and count."""
         if f"{block}/pregate_sum" not in self.state:
             self.state[f"{block}/pregate_sum"] = _zeros((x.shape[1],), torch.float64, x.device)
             self.state[f"{block}/pregate_n"] = _zeros((), torch.int64, x.device)
-        self.state[f"{block}/pregate_sum"].add_(_channel_sum(x.float()))
+        image_sums = _image_sums(x)
+        self.state[f"{block}/pregate_sum"].add_(image_sums.sum(0))
         self.state[f"{block}/pregate_n"].add_(x.numel() // x.shape[1])
+        if self.moments:
+            self.moments.pooled(block, image_sums / (x.shape[2] * x.shape[3]))
 
     def check_finite(self):
         """PruneError naming the first layer, in forward order, whose tensor held NaN or inf in this batch."""
@@ -369,19 +367,6 @@ class _Accumulator:
             f"layer {layer}: NaN or inf in the captured activations "
             f"(batch {int(self.state['n_batches']) + 1}): check the model's weights and the input"
         )
-
-
-def _class_boundary(class_counts):
-    """The image index, in a batch grouped by class, of the class boundary nearest its middle (0: one class)."""
-    ends = class_counts.cumsum(0).tolist()
-    total = ends[-1] if ends else 0
-    inner = [e for e in ends if 0 < e < total]
-    return min(inner, key=lambda e: abs(2 * e - total)) if inner else 0
-
-
-def _index_add(flat, idx, src):
-    with torch.inference_mode():
-        flat.index_add_(0, idx, src)
 
 
 def _hooks(acc, blocks, capture_point):
@@ -506,14 +491,12 @@ def capture(
         if state is not None
         else _new_state(device, threshold)
     )
-    acc = _Accumulator(state, threshold, num_classes, histograms, per_class)
-    hooks = _hooks(acc, blocks, capture_point)
-    if second_moments:
-        seed = int(state["n_batches"])  # a resumed capture draws other positions than its first part
-        hooks += moments.CaptureMoments(
-            state, blocks, describe_layers(blocks, capture_point), positions_per_image, seed
-        ).hooks(_pregate_module)
-    with attached_hooks(model, hooks), acc.counting_in_two(device), torch.inference_mode():
+    layers = describe_layers(blocks, capture_point)
+    seed = int(state["n_batches"])  # a resumed capture draws other covariance positions than its first part
+    moment_sink = moments.CaptureMoments(state, blocks, layers, positions_per_image, seed) if second_moments else None
+    acc = _Accumulator(state, threshold, num_classes, histograms, per_class, moment_sink)
+    hooks = _hooks(acc, blocks, capture_point) + (moment_sink.hooks() if moment_sink else [])
+    with attached_hooks(model, hooks), torch.inference_mode():
         for images, labels in tqdm(
             batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True
         ):
@@ -523,7 +506,7 @@ def capture(
     missing = sorted(keys - set(state))
     if missing:
         raise PruneError(f"capture saw no activations for {missing[0]}: no batches, or blocks from another model")
-    return finalize(state, copy=False), describe_layers(blocks, capture_point)
+    return finalize(state, copy=False), layers
 
 
 def finalize(state, copy=True):

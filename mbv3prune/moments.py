@@ -80,6 +80,38 @@ def merge_(n, mean, m2, bn, bmean, bm2):
     return n, mean, m2
 
 
+def add_rows_(n, mean, m2, z, cols=None, batch_mean=None, batch_n=None, inplace=False):
+    """Merge the rows of ``z`` [rows, dim] into the running (n, mean, m2) in place; returns them.
+
+    The same result as ``merge_(n, mean, m2, *batch_moments(z, ...))`` with one float64 pass over ``m2``
+    instead of four: the batch is centred at the running mean (at its own mean for the first batch) and its
+    scatter, with the two rank-1 corrections, taken by one GEMM in z's dtype, then added to ``m2``. ``cols``,
+    ``batch_mean`` / ``batch_n`` (the exact mean and count when ``z`` is a sample of the rows) and
+    ``inplace`` as in ``batch_moments``.
+    """
+    rows = z.shape[0]
+    if batch_mean is None:
+        batch_mean, batch_n = z.mean(0), rows
+    na, nb = int(n), int(batch_n)
+    if nb == 0:
+        return n, mean, m2
+    batch_mean = batch_mean.to(mean)
+    centre = (mean if na else batch_mean).to(z)
+    zc = z.sub_(centre) if inplace else z - centre
+    if rows != nb:
+        zc.mul_((nb / rows) ** 0.5)  # the sample's scatter times nb / rows (see batch_moments)
+    # two rank-1 terms ride along in the one GEMM as extra rows: the scatter around the centre actually used
+    # minus nb off off^T is the batch's own M2; plus Chan's between-batch term na nb / n delta delta^T
+    off = (batch_mean - centre.to(mean)).to(z)
+    delta = (batch_mean - mean).to(z) * (na * nb / (na + nb)) ** 0.5
+    left = torch.cat([zc, off[None] * nb**0.5, delta[None]])
+    right = torch.cat([zc, off[None] * -(nb**0.5), delta[None]])
+    m2.add_((left.T @ (right if cols is None else right[:, right.shape[1] - cols :])).to(m2.device))
+    mean.add_(batch_mean - mean, alpha=nb / (na + nb))
+    n.add_(nb)
+    return n, mean, m2
+
+
 def zeros(dim, cols=None, diagonal=False, device="cpu"):
     """Empty running moments (n, mean, M2) for vectors of ``dim`` (see ``batch_moments`` for cols, diagonal)."""
     device = _accumulate_device(device)
@@ -100,7 +132,10 @@ class Moments:
 
     def add(self, z):
         """Merge the rows of ``z`` [rows, dim] in; returns self."""
-        merge_(self.n, self.mean, self.m2, *batch_moments(z, self.cols, self.diagonal))
+        if self.diagonal:
+            merge_(self.n, self.mean, self.m2, *batch_moments(z, diagonal=True))
+        else:
+            add_rows_(self.n, self.mean, self.m2, z, self.cols)
         return self
 
     def cov(self):
@@ -120,16 +155,6 @@ def rows_of(x):
     if x.dim() == 2:
         return x
     return x.transpose(0, 1).reshape(x.shape[1], -1).T
-
-
-def channel_moments_4d(x):
-    """(n, mean [C], M2 [C]) of a [B, C, H, W] tensor per channel, without reshaping it (float64 results)."""
-    n = x.numel() // x.shape[1]
-    mean = x.sum(0).sum((1, 2)) / n
-    centred = x - mean[:, None, None]
-    m2 = centred.mul_(centred).sum(0).sum((1, 2))
-    acc = _accumulate_device(x.device)
-    return torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc, torch.float64), m2.to(acc, torch.float64)
 
 
 def _comm_device(tensor):
@@ -193,7 +218,7 @@ def _merge_state(state, prefix, batch, diagonal=False):
     merge_(n, mean, m2, *batch)
 
 
-def sampled_rows(x, per_image, generator):
+def sampled_rows(x, per_image, generator, mean=None):
     """(exact batch mean or None, rows for the scatter, n) of a [B, C, H, W] (or [rows, C]) tensor ``x``.
 
     All n = B * H * W positions as rows, or, when an image has more than ``per_image`` positions, that many
@@ -201,53 +226,77 @@ def sampled_rows(x, per_image, generator):
     batch. Every image is a stratum of the same size H * W sampled equally, so with the exact batch mean
     and n, ``batch_moments``' scaling of the drawn rows' scatter by n / rows (= H * W / per_image) is the
     stratified Hansen-Hurwitz estimator: unbiased for the batch's scatter sum (the mean itself stays exact).
+    ``mean``: the batch's per-channel mean when the caller already has it (returned as given).
     """
     n = x.shape[0] if x.dim() == 2 else x.numel() // x.shape[1]
     if x.dim() == 2 or not per_image or x.shape[2] * x.shape[3] <= per_image:
-        return None, rows_of(x), n
+        return mean, rows_of(x), n
     b, c, h, w = x.shape
     pos = torch.randint(h * w, (b, per_image), generator=generator).to(x.device)
     picked = x.flatten(2).gather(2, pos[:, None, :].expand(b, c, per_image))  # [B, C, per_image]
-    return x.sum(0).sum((1, 2)) / n, picked.transpose(1, 2).reshape(b * per_image, c), n
+    mean = x.sum(0).sum((1, 2)) / n if mean is None else mean
+    return mean, picked.transpose(1, 2).reshape(b * per_image, c), n
 
 
 class CaptureMoments:
     """Streams second moments into a capture's ``state`` (see ``capture_keys`` for what and where).
 
-    ``positions_per_image``: positions of each image a project-input covariance is estimated on (None or 0:
-    every position; see ``sampled_rows``); the means and the per-channel moments always use every position.
+    The capture's pass feeds it (``capture._Accumulator``): ``channel`` with each captured layer's batch
+    totals, ``captured_project`` with each captured tensor (used when it is a project conv input) and
+    ``pooled`` with the pre-gate depthwise activation's per-image means; ``hooks`` adds the project conv
+    inputs that are not captured layers. ``positions_per_image``: positions of each image a project-input
+    covariance is estimated on (None or 0: every position; see ``sampled_rows``); the means and the
+    per-channel moments always use every position.
     """
 
     def __init__(self, state, blocks, layers, positions_per_image=None, seed=0):
-        self.state, self.blocks, self.layers = state, blocks, layers
+        self.state, self.layers = state, layers
         self.positions_per_image = positions_per_image
         self.generator = torch.Generator().manual_seed(seed)
+        prunable_blocks = {block: roles for block, roles in blocks.items() if prunable(roles)}
+        self.project_block = {roles["project"]: block for block, roles in prunable_blocks.items()}
+        self.se_blocks = {block for block, roles in prunable_blocks.items() if roles.get("se_fc1")}
 
-    def channel(self, layer, x):
-        """Per-channel (n, mean, M2) of a captured layer's tensor, over every position."""
-        batch = channel_moments_4d(x.float()) if x.dim() == 4 else batch_moments(x.float(), diagonal=True)
+    def channel_shift(self, layer, x):
+        """What a layer's batch is centred at for its per-channel M2 (float32 [C]): the running mean, or at
+        the first batch the first image's top-left value (any value of the data keeps the sum from cancelling)."""
+        n = self.state.get(f"{layer}/chan_n")
+        return self.state[f"{layer}/chan_mean"].float() if n is not None and int(n) else x[0, :, 0, 0].float()
+
+    def channel(self, layer, n, total, sq_dev, shift):
+        """Merge a layer's batch: ``n`` values per channel summing to ``total`` with sum (a - shift)**2 ``sq_dev``."""
+        mean = total / n
+        m2 = (sq_dev - n * (mean - shift.to(mean)) ** 2).clamp_(min=0)
+        acc = _accumulate_device(mean.device)
+        batch = torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc), m2.to(acc)
         _merge_state(self.state, f"{layer}/chan", batch, diagonal=True)
 
-    def project(self, block, x):
+    def captured_project(self, layer, x, mean):
+        """A captured tensor with its exact per-channel batch mean: merged if it is a project conv input."""
+        if self.layers[layer]["hook"] == "pre" and layer in self.project_block:
+            self.project(self.project_block[layer], x, mean)
+
+    def project(self, block, x, mean=None):
         """Covariance of the project conv input over (sampled) positions."""
-        mean, rows, n = sampled_rows(x.float(), self.positions_per_image, self.generator)
+        mean, rows, n = sampled_rows(x.float(), self.positions_per_image, self.generator, mean)
         scratch = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, not x's memory
-        _merge_state(self.state, f"{block}/cov", batch_moments(rows, mean=mean, n=n, inplace=scratch))
+        moments = _state_moments(self.state, f"{block}/cov", x.shape[1], device=x.device)
+        add_rows_(*moments, rows, batch_mean=mean, batch_n=n, inplace=scratch)
 
-    def pooled(self, block, x):
-        """Covariance of the pooled pre-gate SE input, one row per image."""
-        _merge_state(self.state, f"{block}/se_cov", batch_moments(x.float().mean((2, 3))))
+    def pooled(self, block, means):
+        """Covariance of the pooled pre-gate SE input: ``means`` [images, C], one row per image."""
+        if block in self.se_blocks:
+            moments = _state_moments(self.state, f"{block}/se_cov", means.shape[1], device=means.device)
+            add_rows_(*moments, means.float(), inplace=True)
 
-    def hooks(self, pregate_module):
-        """(module, kind, fn) hooks for ``capture.attached_hooks``."""
-        out = [(name, info["hook"], lambda x, name=name: self.channel(name, x)) for name, info in self.layers.items()]
-        for block, roles in self.blocks.items():
-            if not prunable(roles):
-                continue
-            out.append((roles["project"], "pre", lambda x, block=block: self.project(block, x)))
-            if roles.get("se_fc1"):
-                out.append((pregate_module(roles), "post", lambda x, block=block: self.pooled(block, x)))
-        return out
+    def hooks(self):
+        """(module, "pre", fn) for the project conv inputs that are not captured layers."""
+        captured = {name for name, info in self.layers.items() if info["hook"] == "pre"}
+        return [
+            (module, "pre", lambda x, block=block: self.project(block, x))
+            for module, block in self.project_block.items()
+            if module not in captured
+        ]
 
 
 def capture_keys(blocks, layers):

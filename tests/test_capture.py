@@ -2,12 +2,14 @@
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
 import torchvision
 
 from mbv3prune import capture as cap
+from mbv3prune import fused
 from mbv3prune.activation_stats import ActivationStats, deadness_from_hist, snap_threshold
 from mbv3prune.artifacts import load_tensors, save_tensors
 from mbv3prune.blocks import CAPTURE_POINTS, find_blocks
@@ -172,25 +174,36 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
         )
 
 
-def test_two_threads_count_the_same_histograms_as_one(monkeypatch):
+@pytest.mark.parametrize("per_class", ["histograms", "counts"])
+def test_compiled_reductions_give_the_eager_capture(monkeypatch, per_class):
     model, batches = make_model(), make_batches(n_batches=3, batch=8)
-    torch.set_num_threads(2)  # counted by two threads split at a class boundary (the module runs on one)
-    try:
-        split, _ = run(model, batches)
-        monkeypatch.setattr(cap, "_class_boundary", lambda counts: 0)  # no split: one thread counts
-        serial, _ = run(model, batches)
-    finally:
-        torch.set_num_threads(1)
-    assert split.keys() == serial.keys() and all(torch.equal(split[k], serial[k]) for k in split)
-    layer = "features.2.block.2.0"
-    assert int(split[f"{layer}/hist_class"].sum()) == int(split[f"{layer}/n"]) * split[f"{layer}/hist"].shape[0]
+    kw = dict(per_class=per_class, second_moments=True, positions_per_image=4)
+    compiled, _ = run(model, batches, **kw)
+    assert not cap._BATCH_TOTALS.failed  # it did compile (no silent fallback)
+    monkeypatch.setattr(cap, "_BATCH_TOTALS", cap._batch_totals)
+    eager, _ = run(model, batches, **kw)
+    assert compiled.keys() == eager.keys()
+    for key, value in compiled.items():
+        if value.dtype.is_floating_point:  # sums may be added in another order
+            torch.testing.assert_close(value, eager[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:  # counts and histograms: exactly
+            assert torch.equal(value, eager[key]), key
 
 
-def test_class_boundary_nearest_the_middle_of_a_grouped_batch():
-    assert cap._class_boundary(torch.tensor([3, 0, 5])) == 3  # images 0-2 class 0, 3-7 class 2
-    assert cap._class_boundary(torch.tensor([1, 1, 1, 5])) == 3
-    assert cap._class_boundary(torch.tensor([0, 8, 0])) == 0  # one class: nothing to split
-    assert cap._class_boundary(torch.tensor([4, 4])) == 4
+def test_a_failed_compile_warns_once_and_runs_eagerly():
+    def double(x):
+        return 2 * x
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    fn = fused.compiled(double)
+    fn.compiled = broken
+    with pytest.warns(UserWarning, match=r"double \(RuntimeError: no C\+\+ compiler found\): it runs eagerly"):
+        assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))  # eager from now on, silently
 
 
 def test_bin_index_is_exact_at_every_edge():
