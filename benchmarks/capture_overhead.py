@@ -3,30 +3,22 @@
 On the same preloaded, warmed-up images, with the same thread count, it times mobilenet_v3_large (random
 weights, BN statistics re-estimated on the images so activations have realistic magnitudes) at each
 image size: plain inference, capture without histograms (``histograms=False``), capture with everything,
-with everything plus second moments (``second_moments=True``: per-channel, project-input and pooled-SE
-covariances), the same with the project-input covariances on POSITIONS_PER_IMAGE sampled positions per image, and
-plain inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the check that
-capture replaces by a free one: NaN and inf propagate into the per-batch max |a|). Rounds are interleaved
-and each variant's fastest round is reported, in wall time and in process CPU time (the steadier of the two
-on a shared machine, with one thread). Then it reports the process's peak RSS after a short capture and
-after a long one: equal when no feature map is kept.
+the same with the per-batch reductions run eagerly (what ``fused.compiled`` saves), with everything plus
+second moments (``second_moments=True``: per-channel, project-input and pooled-SE covariances) on
+POSITIONS_PER_IMAGE sampled positions per image (the stages' default) and on every position, and plain
+inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the check that capture
+replaces by a free one: NaN and inf propagate into the per-batch max |a|). Labels come in class order
+across batches, as the stages read a stratified sample (``CLASS_ORDER=False``: random labels, every class
+in every batch). Rounds are interleaved; each variant's ratio to plain inference is taken within a round,
+and the median and quartiles over rounds are reported (a shared machine's speed drifts between rounds).
+Then it reports the process's peak RSS after a short capture and after a long one: equal when no feature
+map is kept.
 
     python -m benchmarks.capture_overhead
-    python -m benchmarks.capture_overhead --SIZES=[64] --ROUNDS=3 --THREADS=1
+    python -m benchmarks.capture_overhead --SIZES=[64] --ROUNDS=5 --THREADS=1
 
-Targets on CPU: <= 1.25x without histograms, <= 1.5x with everything. Measured (torch 2.14.1, one thread of a
-2-core AMD EPYC shared with other jobs; four runs, the spread is the machine's load):
-    64 px: 1.05-1.22x without histograms, 1.36-1.54x with everything (explicit isfinite check: 1.13-1.19x)
-    96 px: 1.09-1.22x without histograms, 1.33-1.47x with everything
-    two threads (--THREADS=0): 1.13-1.44x and 1.50-1.68x: index_add_ runs on one thread, the convolutions on two
-    peak RSS: 883 MB after 64 images and after 512.
-Second moments (2026-12-02, same machine under a load average of 8-14 from other jobs, so only rough): on one
-thread at 128 px the hooks alone cost about +0-10% of plain inference for the per-channel moments, +50% for
-the full covariances (their Gram has ~1.5x the model's multiply-accumulates at any resolution) and +25-35%
-with 512 positions per batch (the old per-batch sampling). Two threads (--THREADS=0), 128 px: everything 1.60x,
-+ second moments 1.91x (wall)
-/ 1.95x (CPU), subsampled 512: 1.73x / 1.53x; at 64 px the runs were too disturbed to quote. The 1.6x target
-with second moments is not met on this CPU; a quiet-machine rerun is needed (GPU not measured).
+Targets on CPU at the default thread count: <= 1.25x without histograms, <= 1.5x with everything, <= 1.6x
+with second moments. Measured figures are in RESULTS.md ("Capture cost").
 """
 
 import resource
@@ -35,18 +27,20 @@ import time
 import torch
 import torchvision
 
+from mbv3prune import capture as C
 from mbv3prune import config
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import attached_hooks, capture, describe_layers
 
 # ---
 ARCH = "mobilenet_v3_large"  # torchvision model timed
-SIZES = [64, 96]  # image sizes (px) timed
+SIZES = [64, 128]  # image sizes (px) timed
 BATCH = 32  # images per batch
 N_BATCHES = 10  # batches per timed pass (the per-pass setup and finalize is included)
-NUM_CLASSES = 12  # classes of the random labels (size of the per-class histograms)
-ROUNDS = 5  # interleaved timing rounds; the fastest is reported
-THREADS = 1  # torch threads (0: torch's default); 1 keeps CPU time meaningful on a shared machine
+NUM_CLASSES = 12  # classes of the labels (size of the per-class histograms)
+CLASS_ORDER = True  # labels in class order across batches, as the stages read them (False: random)
+ROUNDS = 9  # interleaved timing rounds; medians and quartiles over them are reported
+THREADS = 0  # torch threads (0: torch's default, the targets' setting; 1 keeps CPU time meaningful)
 CAPTURE_POINT = "project_input"  # tensors captured
 POSITIONS_PER_IMAGE = (
     4  # positions per image in the subsampled second-moments variant's covariances (the stages' default)
@@ -57,10 +51,12 @@ SEED = 0  # seeds the weights, images and labels
 
 
 def make_batches(size, n, gen):
-    return [
-        (torch.randn(BATCH, 3, size, size, generator=gen), torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen))
-        for _ in range(n)
-    ]
+    """``n`` batches of random images; labels in class order over all of them (CLASS_ORDER) or random."""
+    if CLASS_ORDER:
+        labels = (torch.arange(n * BATCH) * NUM_CLASSES // (n * BATCH)).view(n, BATCH)
+    else:
+        labels = torch.randint(0, NUM_CLASSES, (n, BATCH), generator=gen)
+    return [(torch.randn(BATCH, 3, size, size, generator=gen), labels[i]) for i in range(n)]
 
 
 def calibrated_model(batches):
@@ -91,22 +87,32 @@ def isfinite_checked(model, batches, blocks):
         plain(model, batches)
 
 
+def eager_capture(model, batches, blocks, **kw):
+    """A capture with the per-batch reductions run eagerly (as where torch.compile is not available)."""
+    compiled, C._BATCH_TOTALS = C._BATCH_TOTALS, C._batch_totals
+    try:
+        capture(model, batches, blocks, **kw)
+    finally:
+        C._BATCH_TOTALS = compiled
+
+
 def variants(model, blocks):
     kw = dict(capture_point=CAPTURE_POINT, num_classes=NUM_CLASSES, progress=False)
     return {
         "plain": lambda b: plain(model, b),
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
         "capture, everything": lambda b: capture(model, b, blocks, **kw),
-        "everything + 2nd moments": lambda b: capture(model, b, blocks, second_moments=True, **kw),
-        f"... {POSITIONS_PER_IMAGE} positions/image": lambda b: capture(
+        "... reduced eagerly": lambda b: eager_capture(model, b, blocks, **kw),
+        f"+ 2nd moments, {POSITIONS_PER_IMAGE} pos/image": lambda b: capture(
             model, b, blocks, second_moments=True, positions_per_image=POSITIONS_PER_IMAGE, **kw
         ),
+        "+ 2nd moments, every pos.": lambda b: capture(model, b, blocks, second_moments=True, **kw),
         "plain + isfinite check": lambda b: isfinite_checked(model, b, blocks),
     }
 
 
 def time_variants(fns, batches):
-    """{variant: (min wall seconds, min process CPU seconds) per pass}, rounds interleaved, after a warm-up pass."""
+    """{variant: [(wall s, process CPU s) per round]}, rounds interleaved, after a warm-up pass."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn(batches)
@@ -115,21 +121,29 @@ def time_variants(fns, batches):
             wall, cpu = time.perf_counter(), time.process_time()
             fn(batches)
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {name: tuple(min(col) for col in zip(*t)) for name, t in times.items()}
+    return times
+
+
+def quartiles(values):
+    """(first quartile, median, third quartile) of a list."""
+    v = sorted(values)
+    return tuple(v[round(q * (len(v) - 1))] for q in (0.25, 0.5, 0.75))
 
 
 def report_size(size, gen):
-    """Print and return {variant: (wall s, CPU s) per pass} at one image size."""
+    """Print and return {variant: (median wall s, median CPU s) per pass} at one image size."""
     batches = make_batches(size, N_BATCHES, gen)
     model = calibrated_model(batches)
-    times = time_variants(variants(model, find_blocks(model)), batches)
-    print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {torch.get_num_threads()} threads")
-    (wall0, cpu0) = times["plain"]
-    print(f"  {'':28s} {'wall ms/batch':>14s} {'ratio':>6s} {'CPU ms/batch':>13s} {'ratio':>6s}")
-    for name, (wall, cpu) in times.items():
-        ms = 1e3 / N_BATCHES
-        print(f"  {name:28s} {ms * wall:14.1f} {wall / wall0:5.2f}x {ms * cpu:13.1f} {cpu / cpu0:5.2f}x")
-    return times
+    rounds = time_variants(variants(model, find_blocks(model)), batches)
+    print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {torch.get_num_threads()} threads, {ROUNDS} rounds")
+    print(f"  {'':30s} {'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s}")
+    plain_rounds = rounds["plain"]
+    for name, times in rounds.items():
+        wall = quartiles([w / p for (w, _), (p, _) in zip(times, plain_rounds)])
+        cpu = quartiles([c / p for (_, c), (_, p) in zip(times, plain_rounds)])
+        ms = 1e3 * quartiles([w for w, _ in times])[1] / N_BATCHES
+        print(f"  {name:30s} {ms:13.1f} {wall[1]:18.2f}x [{wall[0]:.2f}, {wall[2]:.2f}] {cpu[1]:8.2f}x")
+    return {name: tuple(quartiles(list(col))[1] for col in zip(*t)) for name, t in rounds.items()}
 
 
 def peak_rss_mb():

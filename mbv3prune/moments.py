@@ -84,8 +84,8 @@ def add_rows_(n, mean, m2, z, cols=None, batch_mean=None, batch_n=None, inplace=
     """Merge the rows of ``z`` [rows, dim] into the running (n, mean, m2) in place; returns them.
 
     The same result as ``merge_(n, mean, m2, *batch_moments(z, ...))`` with one float64 pass over ``m2``
-    instead of four: the batch is centred at the running mean (at its own mean for the first batch) and its
-    scatter, with the two rank-1 corrections, taken by one GEMM in z's dtype, then added to ``m2``. ``cols``,
+    instead of four: the batch's scatter around its own mean is taken in z's dtype, Chan's between-batch
+    term added to it there (a rank-1 update), and the sum added to ``m2``. ``cols``,
     ``batch_mean`` / ``batch_n`` (the exact mean and count when ``z`` is a sample of the rows) and
     ``inplace`` as in ``batch_moments``.
     """
@@ -96,17 +96,18 @@ def add_rows_(n, mean, m2, z, cols=None, batch_mean=None, batch_n=None, inplace=
     if nb == 0:
         return n, mean, m2
     batch_mean = batch_mean.to(mean)
-    centre = (mean if na else batch_mean).to(z)
+    centre = batch_mean.to(z)  # the exact batch mean, rounded to z's dtype
     zc = z.sub_(centre) if inplace else z - centre
     if rows != nb:
         zc.mul_((nb / rows) ** 0.5)  # the sample's scatter times nb / rows (see batch_moments)
-    # two rank-1 terms ride along in the one GEMM as extra rows: the scatter around the centre actually used
-    # minus nb off off^T is the batch's own M2; plus Chan's between-batch term na nb / n delta delta^T
-    off = (batch_mean - centre.to(mean)).to(z)
-    delta = (batch_mean - mean).to(z) * (na * nb / (na + nb)) ** 0.5
-    left = torch.cat([zc, off[None] * nb**0.5, delta[None]])
-    right = torch.cat([zc, off[None] * -(nb**0.5), delta[None]])
-    m2.add_((left.T @ (right if cols is None else right[:, right.shape[1] - cols :])).to(m2.device))
+    g = zc.T @ (zc if cols is None else zc[:, zc.shape[1] - cols :])
+    off = (batch_mean - centre.to(mean)).to(z)  # the batch mean seen from the centre actually used
+    k = g.shape[1]
+    g.addr_(off, off[off.numel() - k :], alpha=-nb)  # around the rounded centre -> around the batch mean
+    if na:
+        delta = (batch_mean - mean).to(z)
+        g.addr_(delta, delta[delta.numel() - k :], alpha=na * nb / (na + nb))  # Chan's between-batch term
+    m2.add_(g.to(m2.device))
     mean.add_(batch_mean - mean, alpha=nb / (na + nb))
     n.add_(nb)
     return n, mean, m2
@@ -261,7 +262,8 @@ class CaptureMoments:
         """What a layer's batch is centred at for its per-channel M2 (float32 [C]): the running mean, or at
         the first batch the first image's top-left value (any value of the data keeps the sum from cancelling)."""
         n = self.state.get(f"{layer}/chan_n")
-        return self.state[f"{layer}/chan_mean"].float() if n is not None and int(n) else x[0, :, 0, 0].float()
+        first = x[0, :, 0, 0].float().contiguous()  # contiguous like the running mean: one compiled graph
+        return self.state[f"{layer}/chan_mean"].float() if n is not None and int(n) else first
 
     def channel(self, layer, n, total, sq_dev, shift):
         """Merge a layer's batch: ``n`` values per channel summing to ``total`` with sum (a - shift)**2 ``sq_dev``."""

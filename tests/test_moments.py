@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from mbv3prune import moments as M
 from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.blocks import find_blocks
-from mbv3prune.capture import capture
+from mbv3prune.capture import _batch_totals, capture
 from mbv3prune.reconstruct import block_fit_moments
 from tests.helpers import randomized_model
 
@@ -34,6 +34,37 @@ def test_near_constant_channel_keeps_its_variance_in_float32_batches():
     assert float(diagonal.cov()[0]) == pytest.approx(float(truth[0]), rel=0.01)
     today = sum(float((b**2).sum(0)[0]) for b in x.split(256)) / len(x) - float(x.double().mean(0)[0]) ** 2
     assert abs(today - float(truth[0])) > 0.1 * float(truth[0])  # float32 batch sums of a**2 lose it
+
+
+def test_capture_channel_moments_of_a_near_constant_channel_keep_its_variance():
+    gen = torch.Generator().manual_seed(2)
+    exact = torch.randn(40, 3, 4, 4, generator=gen, dtype=torch.float64)
+    exact[:, 0] += 1e4  # mean / std = 1e4 in channel 0
+    state = {}
+    sink = M.CaptureMoments(state, {}, {})
+    for x in exact.float().split(8):  # as the capture feeds it: shifted squares from the fused batch totals
+        shift = sink.channel_shift("L", x)
+        totals = _batch_totals(x, 0.01, None, False, shift)
+        sink.channel("L", x.numel() // x.shape[1], totals["sum"], totals["sq_dev"], shift)
+    truth = exact.transpose(0, 1).reshape(3, -1).var(1, correction=0)
+    assert int(state["L/chan_n"]) == 40 * 16
+    torch.testing.assert_close(state["L/chan_m2"] / 640, truth, rtol=0.01, atol=0)
+    torch.testing.assert_close(state["L/chan_mean"], exact.mean((0, 2, 3)), rtol=1e-7, atol=1e-6)
+
+
+def test_add_rows_equals_the_batch_moments_merge_sampled_or_not_and_for_cross_moments():
+    z = _rows().float()
+    gen = torch.Generator().manual_seed(4)
+    for cols in (None, 2):
+        fast, slow = M.zeros(6, cols), M.zeros(6, cols)
+        for chunk in z.split(500):
+            picked = chunk[torch.randint(len(chunk), (64,), generator=gen)]  # a sample with the exact mean
+            for rows, mean, n in ((chunk, None, None), (picked, chunk.mean(0), len(chunk))):
+                M.add_rows_(*fast, rows.clone(), cols, batch_mean=mean, batch_n=n, inplace=True)
+                M.merge_(*slow, *M.batch_moments(rows, cols, mean=mean, n=len(chunk)))
+        assert int(fast[0]) == int(slow[0]) == 2 * len(z)
+        torch.testing.assert_close(fast[1], slow[1], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(fast[2], slow[2], rtol=1e-5, atol=1e-2)
 
 
 def test_merged_parts_equal_the_whole_for_plain_cross_and_diagonal_moments():
