@@ -25,16 +25,17 @@ number of images. For every layer (a captured tensor; its key is a module name) 
 cost of each mode before a capture.
 
 Counts are int64, sums float64 (float32 stops counting exactly past 2**24). A batch is reduced per
-channel in float32 over the batch, then in float64 over H x W, and added into the float64 totals: each
-batch contributes a float32 rounding error (a few 1e-7 of its sum of |a|), and nothing drifts over
-batches. The threshold is compared in float32. Every total of a captured tensor comes from one compiled
-function, ``_batch_totals``, which inductor fuses into a loop or two that read the tensor once
-(``fused.compiled``; eager where compiling is not available). Per block, whatever the capture point,
-``{block}/pregate_sum`` (float64 [C]) and ``{block}/pregate_n`` (int64 []) hold the per-channel sum and count
-of the depthwise activation's output before the SE gate (``ActivationStats.pregate_mean``). A NaN or inf in
-a captured tensor stops the capture with a PruneError naming the first such layer in forward order; the check
-is free: NaN and inf propagate into the per-batch max |a| (an explicit ``isfinite(x).all()`` per tensor costs
-~15% of inference).
+channel in float32 over the batch, then in float64 over H x W (per-image sums: float32 over H x W), and
+added into the float64 totals: each batch contributes a float32 rounding error (a few 1e-7 of its sum of
+|a|), and nothing drifts over batches. The threshold is compared in float32. Every total of a captured
+tensor comes from one compiled function, ``_batch_totals``, which inductor fuses into a loop or two that
+read the tensor once (``fused.compiled``; eager where compiling is not available).
+
+Per block, whatever the capture point, ``{block}/pregate_sum`` (float64 [C]) and ``{block}/pregate_n``
+(int64 []) hold the per-channel sum and count of the depthwise activation's output before the SE gate
+(``ActivationStats.pregate_mean``). A NaN or inf in a captured tensor stops the capture with a PruneError
+naming the first such layer in forward order; the check is free: NaN and inf propagate into the per-batch
+max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
 
 With ``second_moments=True`` the state also holds Chan-merged moment triples ``{prefix}_n`` (int64 []),
 ``{prefix}_mean`` (float64 [C]) and ``{prefix}_m2`` (float64, centred scatter sum), see
@@ -127,7 +128,7 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift):
 
     Sums are float32 over the batch, then float64 over H x W. ``offsets`` (``_hist_offsets``): also ``idx``,
     every element's index into the flat histogram. ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
-    also ``sq_dev``, the sum of (a - shift)**2 (per-channel second moments without cancellation).
+    also ``dev`` and ``sq_dev``, the sums of a - shift and of its square (per-channel M2 without cancellation).
     """
     x = x.float()
     a = x.abs()
@@ -144,6 +145,7 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift):
         totals["idx"] = _bin_keys(a).to(offsets.dtype).add_(offsets).reshape(-1)
     if shift is not None:
         dev = x - shift[:, None, None]
+        totals["dev"] = dev.sum(0).double().sum((1, 2))
         totals["sq_dev"] = (dev * dev).sum(0).double().sum((1, 2))
     return totals
 
@@ -344,11 +346,12 @@ class _Accumulator:
         if "image_abs" in batch:
             total("sum_abs_class").index_add_(0, self.labels, batch["image_abs"])
         if self.moments:
-            self.moments.channel(layer, b * h * w, batch["sum"], batch["sq_dev"], shift)
+            self.moments.channel(layer, b * h * w, batch["sum"], batch["dev"], batch["sq_dev"])
             self.moments.captured_project(layer, x, batch["sum"] / (b * h * w))
 
     def pregate(self, block, x):
-        """Add the depthwise activation (before the SE gate) into the block's per-channel sum and count."""
+        """Add the depthwise activation (before the SE gate) into the block's per-channel sum and count (and,
+        with second moments, its per-image means into the pooled SE covariance)."""
         if f"{block}/pregate_sum" not in self.state:
             self.state[f"{block}/pregate_sum"] = _zeros((x.shape[1],), torch.float64, x.device)
             self.state[f"{block}/pregate_n"] = _zeros((), torch.int64, x.device)

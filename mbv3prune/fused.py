@@ -5,12 +5,14 @@ sum, sum of |a|, of a**2, max |a|, histogram bin keys) makes about ten passes ov
 as large as the tensor; at small images that costs as much as the inference itself. Compiled by inductor
 the same function is a loop or two that read the tensor once (``benchmarks/capture_overhead.py``).
 
-``compiled(fn)`` is ``fn`` compiled with ``dynamic=True`` (one kernel for every layer's shape). It runs
-``fn`` itself on devices other than CPU and CUDA, under ``TORCH_COMPILE_DISABLE=1`` (torch's own switch),
-and after compiling has failed once (no C++ compiler for the CPU, no triton for the GPU, ...), which it
-says in one line. The first call in a process compiles (seconds; inductor keeps the kernels on disk, so
-a later process loads them). Results equal the eager function's up to float rounding (reductions may
-add in another order).
+``compiled(fn)`` is ``fn`` compiled with ``dynamic=True``: one kernel for every layer's shape, a few per
+process for the combinations of arguments a capture uses (dynamo compiles at most 8 per function and runs
+eagerly past that). It runs ``fn`` itself on devices other than CPU and CUDA, under
+``TORCH_COMPILE_DISABLE=1`` (torch's own switch), and on a device type where compiling has failed once (no
+C++ compiler for the CPU, no triton for the GPU, ...), which it says in one line; running out of memory is
+raised, not taken for a compiler failure. The first call in a process compiles (seconds; inductor keeps
+the kernels on disk, so a later process loads them). Results equal the eager function's up to float
+rounding (reductions may add in another order).
 """
 
 import warnings
@@ -20,16 +22,18 @@ import torch
 
 class _Compiled:
     def __init__(self, fn):
-        self.fn, self.failed = fn, False
+        self.fn, self.failed = fn, set()  # failed: the device types where compiling failed
         self.compiled = torch.compile(fn, dynamic=True)
 
     def __call__(self, x, *args):
-        if self.failed or x.device.type not in ("cpu", "cuda"):
+        if x.device.type in self.failed or x.device.type not in ("cpu", "cuda"):
             return self.fn(x, *args)
         try:
             return self.compiled(x, *args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as error:  # any compiler failure: the eager function gives the same results
-            self.failed = True
+            self.failed.add(x.device.type)
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             warnings.warn(
                 f"torch.compile failed for {self.fn.__name__} ({type(error).__name__}: {reason}): "

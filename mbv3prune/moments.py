@@ -1,7 +1,8 @@
 """Streamed second moments: (n, mean, M2) merged Chan-style, so near-constant channels keep their variance.
 
 Each batch of vectors z [rows, dim] is centred at its own mean and reduced to a Gram in the batch's dtype
-(float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update:
+(float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update
+(``add_rows_`` adds the update's rank-1 term to the float32 Gram, then the sum to M2 in one float64 pass):
 
     n = na + nb,  delta = mean_b - mean_a,  mean = mean_a + delta * nb / n,
     M2 = M2a + M2b + outer(delta, delta[cols]) * na * nb / n.
@@ -89,6 +90,8 @@ def add_rows_(n, mean, m2, z, cols=None, batch_mean=None, batch_n=None, inplace=
     ``batch_mean`` / ``batch_n`` (the exact mean and count when ``z`` is a sample of the rows) and
     ``inplace`` as in ``batch_moments``.
     """
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()  # the Gram and the between-batch term would overflow in half precision
     rows = z.shape[0]
     if batch_mean is None:
         batch_mean, batch_n = z.mean(0), rows
@@ -260,15 +263,17 @@ class CaptureMoments:
 
     def channel_shift(self, layer, x):
         """What a layer's batch is centred at for its per-channel M2 (float32 [C]): the running mean, or at
-        the first batch the first image's top-left value (any value of the data keeps the sum from cancelling)."""
+        the first batch the first image's mean, so that the shifted values are of the order of the spread."""
         n = self.state.get(f"{layer}/chan_n")
-        first = x[0, :, 0, 0].float().contiguous()  # contiguous like the running mean: one compiled graph
-        return self.state[f"{layer}/chan_mean"].float() if n is not None and int(n) else first
+        if n is not None and int(n):
+            return self.state[f"{layer}/chan_mean"].to(x.device, torch.float32)
+        return x[0].float().mean((1, 2))
 
-    def channel(self, layer, n, total, sq_dev, shift):
-        """Merge a layer's batch: ``n`` values per channel summing to ``total`` with sum (a - shift)**2 ``sq_dev``."""
+    def channel(self, layer, n, total, dev, sq_dev):
+        """Merge a layer's batch: ``n`` values per channel summing to ``total``, whose deviations from the
+        batch's shift sum to ``dev`` and their squares to ``sq_dev``: M2 = sq_dev - dev**2 / n."""
         mean = total / n
-        m2 = (sq_dev - n * (mean - shift.to(mean)) ** 2).clamp_(min=0)
+        m2 = (sq_dev - dev * dev / n).clamp_(min=0)
         acc = _accumulate_device(mean.device)
         batch = torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc), m2.to(acc)
         _merge_state(self.state, f"{layer}/chan", batch, diagonal=True)

@@ -178,8 +178,10 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
 def test_compiled_reductions_give_the_eager_capture(monkeypatch, per_class):
     model, batches = make_model(), make_batches(n_batches=3, batch=8)
     kw = dict(per_class=per_class, second_moments=True, positions_per_image=4)
+    torch._dynamo.reset()  # a fresh recompile budget: past it dynamo would run eagerly, and this compare nothing
     compiled, _ = run(model, batches, **kw)
-    assert not cap._BATCH_TOTALS.failed  # it did compile (no silent fallback)
+    assert not cap._BATCH_TOTALS.failed  # it did compile (no fallback)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     monkeypatch.setattr(cap, "_BATCH_TOTALS", cap._batch_totals)
     eager, _ = run(model, batches, **kw)
     assert compiled.keys() == eager.keys()
@@ -204,6 +206,18 @@ def test_a_failed_compile_warns_once_and_runs_eagerly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))  # eager from now on, silently
+    assert fn.failed == {"cpu"}
+
+
+def test_running_out_of_memory_in_a_compiled_call_is_raised_not_taken_for_a_compiler_failure():
+    def oom(*args):
+        raise torch.OutOfMemoryError("out of memory")
+
+    fn = fused.compiled(lambda x: x)
+    fn.compiled = oom
+    with pytest.raises(torch.OutOfMemoryError):
+        fn(torch.ones(2))
+    assert not fn.failed
 
 
 def test_bin_index_is_exact_at_every_edge():
