@@ -10,9 +10,9 @@ process for the combinations of arguments a capture uses (dynamo compiles at mos
 eagerly past that). It runs ``fn`` itself on devices other than CPU and CUDA, under
 ``TORCH_COMPILE_DISABLE=1`` (torch's own switch), and on a device type where compiling has failed once (no
 C++ compiler for the CPU, no triton for the GPU, ...), which it says in one line; running out of memory is
-raised, not taken for a compiler failure. The first call in a process compiles (seconds; inductor keeps
-the kernels on disk, so a later process loads them). Results equal the eager function's up to float
-rounding (reductions may add in another order).
+raised, not taken for a compiler failure. The first call on a machine compiles (about 20 s on a 2-core
+CPU; inductor keeps the kernels on disk, so a later process loads them in about 2 s). Results equal the
+eager function's up to float rounding (reductions may add in another order).
 """
 
 import warnings
