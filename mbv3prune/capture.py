@@ -359,7 +359,7 @@ class _Accumulator:
         self.state[f"{block}/pregate_sum"].add_(image_sums.sum(0))
         self.state[f"{block}/pregate_n"].add_(x.numel() // x.shape[1])
         if self.moments:
-            self.moments.pooled(block, image_sums / (x.shape[2] * x.shape[3]))
+            self.moments.pooled(block, image_sums, x.shape[2] * x.shape[3])
 
     def check_finite(self):
         """PruneError naming the first layer, in forward order, whose tensor held NaN or inf in this batch."""

@@ -247,7 +247,7 @@ class CaptureMoments:
 
     The capture's pass feeds it (``capture._Accumulator``): ``channel`` with each captured layer's batch
     totals, ``captured_project`` with each captured tensor (used when it is a project conv input) and
-    ``pooled`` with the pre-gate depthwise activation's per-image means; ``hooks`` adds the project conv
+    ``pooled`` with the pre-gate depthwise activation's per-image sums; ``hooks`` adds the project conv
     inputs that are not captured layers. ``positions_per_image``: positions of each image a project-input
     covariance is estimated on (None or 0: every position; see ``sampled_rows``); the means and the
     per-channel moments always use every position.
@@ -290,11 +290,12 @@ class CaptureMoments:
         moments = _state_moments(self.state, f"{block}/cov", x.shape[1], device=x.device)
         add_rows_(*moments, rows, batch_mean=mean, batch_n=n, inplace=scratch)
 
-    def pooled(self, block, means):
-        """Covariance of the pooled pre-gate SE input: ``means`` [images, C], one row per image."""
+    def pooled(self, block, image_sums, positions):
+        """Covariance of the pooled pre-gate SE input, one row per image: ``image_sums`` [images, C] over
+        ``positions`` each (blocks without SE: nothing to do)."""
         if block in self.se_blocks:
-            moments = _state_moments(self.state, f"{block}/se_cov", means.shape[1], device=means.device)
-            add_rows_(*moments, means.float(), inplace=True)
+            moments = _state_moments(self.state, f"{block}/se_cov", image_sums.shape[1], device=image_sums.device)
+            add_rows_(*moments, (image_sums / positions).float(), inplace=True)
 
     def hooks(self):
         """(module, "pre", fn) for the project conv inputs that are not captured layers."""
