@@ -53,6 +53,7 @@ GRIDS = True  # draw the per-layer deadness grids
 RECAPTURE = False  # capture again even when saved statistics fit
 SECOND_MOMENTS = True  # also stream the project-input covariances (SCORE=obs and RECONSTRUCT need them; ~50 MB, Large)
 COV_POSITIONS_PER_IMAGE = 4  # positions per image the project-input covariances are estimated on (0 = all)
+HIST_POSITIONS_PER_IMAGE = 4  # positions per image the |a| histograms count (0 = all; counts below THRESHOLD: all)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt
 SAVE_EVERY = 50  # batches between partial saves (0 = never)
 PER_CLASS = "auto"  # per class: auto (histograms while they fit MAX_STATS_MEMORY_GB), histograms, counts or off

@@ -3,7 +3,8 @@
 Reads:  CHECKPOINT (default RUN_DIR/baseline.pt), DATA_DIR (its train split is sampled: SAMPLES_PER_CLASS
         images per class, or a stratified SAMPLE_FRACTION; every class is covered).
 Writes: RUN_DIR/activation_stats.pt (per layer and channel: counts below THRESHOLD, per-neuron counts, sums,
-        max, |a| histograms overall and per class; plain tensors, weights_only-loadable),
+        max, |a| histograms overall and per class on HIST_POSITIONS_PER_IMAGE positions drawn per image;
+        plain tensors, weights_only-loadable),
         RUN_DIR/activation_stats.json (the sample's files, capture point, threshold, checkpoint sha256),
         RUN_DIR/activation_summary.json (per-layer percentiles of |a| and suggested thresholds),
         RUN_DIR/activations/<layer>_hist.png (|a| distribution, log x, THRESHOLD and suggestions marked),
@@ -12,9 +13,10 @@ Memory does not grow with the number of images: no feature map outlives its batc
 with RESUME=True continues from its last partial save. Saved statistics are re-used when they were
 measured on the same checkpoint, sample, capture point and image size (RECAPTURE=True forces a new pass).
 Under torchrun each process (GPU) captures its own shard of the sample and the totals are added across
-processes (the same statistics as one process; with COV_POSITIONS_PER_IMAGE > 0 the project-input covariance
-is a random estimate, and several processes or a resumed capture draw other positions: 0 reproduces it
-exactly); rank 0 alone writes and prints. Partial saves and RESUME need one process.
+processes (the same statistics as one process; with COV_POSITIONS_PER_IMAGE or HIST_POSITIONS_PER_IMAGE > 0
+the project-input covariance or the histograms are random estimates, and several processes or a resumed
+capture draw other positions: 0 reproduces them exactly); rank 0 alone writes and prints. Partial saves
+and RESUME need one process.
 
     python visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=32
     torchrun --nproc_per_node=4 visualize_neuron_activations.py --RUN_DIR=runs/demo --SAMPLES_PER_CLASS=256
@@ -45,6 +47,7 @@ DEADNESS_THRESHOLD = 0.9  # for the sensitivity figure: a channel inactive more 
 RECAPTURE = False  # capture again even when saved statistics fit
 SECOND_MOMENTS = True  # also stream the project-input covariances (SCORE=obs and RECONSTRUCT need them; ~50 MB, Large)
 COV_POSITIONS_PER_IMAGE = 4  # positions per image the project-input covariances are estimated on (0 = all)
+HIST_POSITIONS_PER_IMAGE = 4  # positions per image the |a| histograms count (0 = all; counts below THRESHOLD: all)
 RESUME = False  # continue an interrupted capture from RUN_DIR/activation_stats.partial.pt (one process only)
 SAVE_EVERY = 50  # batches between partial saves (0 = never; off under torchrun with several processes)
 PER_CLASS = "auto"  # per class: auto (histograms while they fit MAX_STATS_MEMORY_GB), histograms, counts or off

@@ -2,12 +2,13 @@
 
 On the same preloaded, warmed-up images, with the same thread count, it times mobilenet_v3_large (random
 weights, BN statistics re-estimated on the images so activations have realistic magnitudes) at each
-image size: plain inference, capture without histograms (``histograms=False``), capture with everything,
-the same with the per-batch reductions run eagerly (what ``fused.compiled`` saves), with everything plus
-second moments (``second_moments=True``: per-channel, project-input and pooled-SE covariances) on
-POSITIONS_PER_IMAGE sampled positions per image (the stages' default) and on every position, and plain
-inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the check that capture
-replaces by a free one: NaN and inf propagate into the per-batch max |a|). Labels come in class order
+image size: plain inference, capture without histograms (``histograms=False``), capture with histograms
+counted on HIST_POSITIONS_PER_IMAGE positions drawn per image (the stages' default) and on every position,
+the former with the per-batch reductions run eagerly (what ``fused.compiled`` saves), with everything plus
+second moments (``second_moments=True``: per-channel, project-input and pooled-SE covariances) with the
+stages' sampling (COV_POSITIONS_PER_IMAGE and HIST_POSITIONS_PER_IMAGE positions per image) and on every
+position, and plain inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the
+check that capture replaces by a free one: NaN and inf propagate into the per-batch max |a|). Labels come in class order
 across batches, as the stages read a stratified sample (``CLASS_ORDER=False``: random labels, every class
 in every batch). Rounds are interleaved; each variant's ratio to plain inference is taken within a round,
 and the median and quartiles over rounds are reported (a shared machine's speed drifts between rounds).
@@ -42,9 +43,8 @@ CLASS_ORDER = True  # labels in class order across batches, as the stages read t
 ROUNDS = 9  # interleaved timing rounds; medians and quartiles over them are reported
 THREADS = 0  # torch threads (0: torch's default, the targets' setting; 1 keeps CPU time meaningful)
 CAPTURE_POINT = "project_input"  # tensors captured
-POSITIONS_PER_IMAGE = (
-    4  # positions per image in the subsampled second-moments variant's covariances (the stages' default)
-)
+COV_POSITIONS_PER_IMAGE = 4  # positions per image the sampled variants' covariances use (the stages' default)
+HIST_POSITIONS_PER_IMAGE = 4  # positions per image the sampled variants' histograms count (the stages' default)
 MEMORY_BATCHES = [2, 16]  # short and long capture for the peak-RSS check
 SEED = 0  # seeds the weights, images and labels
 # ---
@@ -98,13 +98,17 @@ def eager_capture(model, batches, blocks, **kw):
 
 def variants(model, blocks):
     kw = dict(capture_point=CAPTURE_POINT, num_classes=NUM_CLASSES, progress=False)
+    sampled = dict(kw, hist_positions_per_image=HIST_POSITIONS_PER_IMAGE)
     return {
         "plain": lambda b: plain(model, b),
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
-        "capture, everything": lambda b: capture(model, b, blocks, **kw),
-        "... reduced eagerly": lambda b: eager_capture(model, b, blocks, **kw),
-        f"+ 2nd moments, {POSITIONS_PER_IMAGE} pos/image": lambda b: capture(
-            model, b, blocks, second_moments=True, positions_per_image=POSITIONS_PER_IMAGE, **kw
+        f"histograms, {HIST_POSITIONS_PER_IMAGE} pos/image": lambda b: capture(model, b, blocks, **sampled),
+        "histograms, every pos.": lambda b: capture(model, b, blocks, **kw),
+        f"... {HIST_POSITIONS_PER_IMAGE} pos/image, reduced eagerly": lambda b: eager_capture(
+            model, b, blocks, **sampled
+        ),
+        f"+ 2nd moments, {COV_POSITIONS_PER_IMAGE} pos/image": lambda b: capture(
+            model, b, blocks, second_moments=True, positions_per_image=COV_POSITIONS_PER_IMAGE, **sampled
         ),
         "+ 2nd moments, every pos.": lambda b: capture(model, b, blocks, second_moments=True, **kw),
         "plain + isfinite check": lambda b: isfinite_checked(model, b, blocks),
@@ -136,13 +140,13 @@ def report_size(size, gen):
     model = calibrated_model(batches)
     rounds = time_variants(variants(model, find_blocks(model)), batches)
     print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {torch.get_num_threads()} threads, {ROUNDS} rounds")
-    print(f"  {'':30s} {'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s}")
+    print(f"  {'':34s} {'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s}")
     plain_rounds = rounds["plain"]
     for name, times in rounds.items():
         wall = quartiles([w / p for (w, _), (p, _) in zip(times, plain_rounds)])
         cpu = quartiles([c / p for (_, c), (_, p) in zip(times, plain_rounds)])
         ms = 1e3 * quartiles([w for w, _ in times])[1] / N_BATCHES
-        print(f"  {name:30s} {ms:13.1f} {wall[1]:18.2f}x [{wall[0]:.2f}, {wall[2]:.2f}] {cpu[1]:8.2f}x")
+        print(f"  {name:34s} {ms:13.1f} {wall[1]:18.2f}x [{wall[0]:.2f}, {wall[2]:.2f}] {cpu[1]:8.2f}x")
     return {name: tuple(quartiles(list(col))[1] for col in zip(*t)) for name, t in rounds.items()}
 
 

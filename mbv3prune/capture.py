@@ -55,8 +55,15 @@ all classes, channels and bins at once, straight into the totals (``bincount`` w
 [K, C, NB] result every batch: about twice the cost); each batch is grouped by class first, so each
 class's rows stay in cache. Live, ``hist_class`` is int32 while no bin can overflow (``finalize``: int64).
 Counting is serial and costs about 2.5 ns an element on a CPU (a hand-written loop measured the same), a
-quarter of plain inference at 64-128 px: the largest part of the capture's overhead
-(``benchmarks/capture_overhead.py``, RESULTS.md). Memory does not grow with the number of images.
+sixth of plain inference at 64-128 px when every element is counted (``benchmarks/capture_overhead.py``,
+RESULTS.md). So the histograms can be counted on a sample (``hist_positions_per_image``; the stages count
+4): per layer and batch, that many positions are drawn from each image uniformly with replacement
+(``moments.draw_positions``, seeded by the batch count; every position where an image has no more), and
+each channel's |a| there is counted. Every image weighs the same in a layer's histogram, as in the full
+count, so a fraction read off it (deadness at another threshold, percentiles, threshold curves, per-class
+deadness) is an unbiased estimate of the full count's; its counts sum to images x positions drawn, not to
+``n``. ``below``, ``neuron_below``, the sums and max |a| always count every position: deadness at the
+captured threshold is exact either way. Memory does not grow with the number of images.
 """
 
 import contextlib
@@ -70,7 +77,7 @@ from .activation_stats import check_threshold
 from .blocks import capture_layer, check_capture_point
 from .errors import PruneError
 
-DEFAULT_THRESHOLD = 2.0**-7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` exactly
+DEFAULT_THRESHOLD = 2.0**-7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` (counting every position)
 SUB_BITS = 2  # mantissa bits kept: 2**SUB_BITS histogram bins per octave
 LOW_EXP, HIGH_EXP = -20, 10  # regular bins span [2**LOW_EXP, 2**HIGH_EXP), about 1e-6 .. 1e3
 _SHIFT = 23 - SUB_BITS  # float32 bits >> _SHIFT = (biased exponent, top mantissa bits): monotone in |a|
@@ -123,11 +130,12 @@ def bin_index(abs_values):
     return _bin_keys(abs_values).sub_(_LO_KEY - 1)
 
 
-def _batch_totals(x, threshold: float, offsets, per_image: bool, shift):
+def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, positions=None):
     """One batch [B, C, H, W] of a layer reduced per channel ({name: tensor}); compiled, a loop or two.
 
     Sums are float32 over the batch, then float64 over H x W. ``offsets`` (``_hist_offsets``): also ``idx``,
-    every element's index into the flat histogram. ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
+    the index into the flat histogram of every element, or with ``positions`` [B, P] (flat positions per
+    image) of the elements at those positions only. ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
     also ``dev`` and ``sq_dev``, the sums of a - shift and of its square (per-channel M2 without cancellation).
     """
     x = x.float()
@@ -142,7 +150,10 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift):
     if per_image:
         totals["image_abs"] = a.sum((2, 3)).double()
     if offsets is not None:
-        totals["idx"] = _bin_keys(a).to(offsets.dtype).add_(offsets).reshape(-1)
+        counted = a.flatten(2)
+        if positions is not None:
+            counted = counted.gather(2, positions[:, None, :].expand(-1, a.shape[1], -1))
+        totals["idx"] = _bin_keys(counted).to(offsets.dtype).add_(offsets).reshape(-1)
     if shift is not None:
         dev = x - shift[:, None, None]
         totals["dev"] = dev.sum(0).double().sum((1, 2))
@@ -262,9 +273,20 @@ def _new_layer_totals(shape, num_classes, histograms, device, per_class="histogr
 class _Accumulator:
     """Adds each captured tensor of the current batch into the running totals held in ``state``."""
 
-    def __init__(self, state, threshold, num_classes, histograms, per_class="histograms", moments=None):
+    def __init__(
+        self,
+        state,
+        threshold,
+        num_classes,
+        histograms,
+        per_class="histograms",
+        moments=None,
+        hist_positions=None,
+        seed=0,
+    ):
         self.state, self.threshold, self.num_classes, self.histograms = state, threshold, num_classes, histograms
         self.per_class, self.moments = per_class, moments  # moments: a moments.CaptureMoments fed from each pass
+        self.hist_positions, self.generator = hist_positions, torch.Generator().manual_seed(seed)
         self.hist_key = "hist_class" if per_class == "histograms" else "hist"
         self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
         self._ones, self._counted = {}, {}
@@ -291,14 +313,14 @@ class _Accumulator:
 
     def _hist_offsets(self, channels, device):
         """Index of bin 0 of every (image, channel) in the flat hist_class [K, C, NUM_BINS] (or hist [C, NUM_BINS]):
-        [B, C, 1, 1] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes on Large)."""
+        [B, C, 1] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes on Large)."""
         if channels not in self._offsets:
             rows_total = (self.num_classes if self.per_class == "histograms" else 1) * channels * NUM_BINS
             dtype = torch.int32 if rows_total <= _INT32_MAX else torch.int64
             channel = torch.arange(channels, dtype=dtype, device=device)
             labels = self.labels if self.per_class == "histograms" else torch.zeros_like(self.labels)
             rows = labels.to(dtype).view(-1, 1) * channels + channel
-            self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, :, None, None]
+            self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, :, None]
         return self._offsets[channels]
 
     def _hist_class(self, layer, elements):
@@ -330,8 +352,14 @@ class _Accumulator:
         b, c, h, w = x.shape
         hist = self._hist_class(layer, b * h * w) if self.histograms else None
         offsets = self._hist_offsets(c, x.device) if hist is not None else None
+        positions = (
+            moments.draw_positions(b, h * w, self.hist_positions, self.generator, x.device)
+            if hist is not None
+            else None
+        )
         shift = self.moments.channel_shift(layer, x) if self.moments else None
-        batch = _BATCH_TOTALS(x, self.threshold, offsets, self.histograms and self.per_class == "counts", shift)
+        per_image = self.histograms and self.per_class == "counts"
+        batch = _BATCH_TOTALS(x, self.threshold, offsets, per_image, shift, positions)
         total("n").add_(b * h * w)
         total("n_images").add_(b)
         total("n_class").add_(self.class_counts)
@@ -455,6 +483,8 @@ def _one_batch(model, acc, images, labels, device):
     acc.start_batch(labels)
     model(images)
     acc.check_finite()
+    if acc.moments:
+        acc.moments.end_batch()
     acc.state["n_batches"].add_(1)
 
 
@@ -470,21 +500,25 @@ def capture(
     state=None,
     histograms=True,
     on_batch=None,
+    on_batch_every=1,
     per_class="histograms",
     second_moments=False,
     positions_per_image=None,
+    hist_positions_per_image=None,
 ):
     """Run ``model`` over ``(images, labels)`` batches and return ``(stats, layers)``: running totals, no maps.
 
     ``stats`` is a dict of CPU tensors (see the module docstring; loads with ``torch.load(weights_only=True)``),
     ``layers`` the JSON-able ``describe_layers``. ``state``: a previous (partial) result to keep
-    accumulating into; not modified. ``on_batch(i, state)`` runs after each batch (``i`` counts all
-    batches, resumed ones included); ``state`` is live: save ``finalize(state)``, never modify it.
+    accumulating into; not modified. ``on_batch(i, state)`` runs after every ``on_batch_every``-th batch
+    (``i`` counts all batches, resumed ones included, and is a multiple of ``on_batch_every``); ``state`` is
+    live and complete (waiting covariance rows merged first): save ``finalize(state)``, never modify it.
     ``histograms=False`` skips ``hist_class`` (and ``hist``). ``per_class``: what is kept per class (see the
     module docstring). ``second_moments=True`` adds the moment triples of ``moments.capture_keys``
     (per-channel, project-input and pooled SE covariances; ``positions_per_image`` subsamples the
     project-input covariance, see ``moments.sampled_rows``). Under torchrun merge them with
-    ``moments.all_reduce_moments``, never by summing.
+    ``moments.all_reduce_moments``, never by summing. ``hist_positions_per_image``: positions of each image
+    the histograms count (None or 0: every position; see the module docstring).
     """
     device = _model_device(model, device)
     keys = expected_keys(blocks, capture_point, histograms, per_class, second_moments)
@@ -497,15 +531,22 @@ def capture(
     layers = describe_layers(blocks, capture_point)
     seed = int(state["n_batches"])  # a resumed capture draws other covariance positions than its first part
     moment_sink = moments.CaptureMoments(state, blocks, layers, positions_per_image, seed) if second_moments else None
-    acc = _Accumulator(state, threshold, num_classes, histograms, per_class, moment_sink)
+    acc = _Accumulator(
+        state, threshold, num_classes, histograms, per_class, moment_sink, hist_positions_per_image, seed
+    )
     hooks = _hooks(acc, blocks, capture_point) + (moment_sink.hooks() if moment_sink else [])
     with attached_hooks(model, hooks), torch.inference_mode():
         for images, labels in tqdm(
             batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True
         ):
             _one_batch(model, acc, images, _labels(labels, num_classes, device), device)
-            if on_batch is not None:
-                on_batch(int(state["n_batches"]), state)
+            i = int(state["n_batches"])
+            if on_batch is not None and i % on_batch_every == 0:
+                if moment_sink:
+                    moment_sink.flush()
+                on_batch(i, state)
+    if moment_sink:
+        moment_sink.flush()
     missing = sorted(keys - set(state))
     if missing:
         raise PruneError(f"capture saw no activations for {missing[0]}: no batches, or blocks from another model")

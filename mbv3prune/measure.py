@@ -153,6 +153,7 @@ def identity(cfg, checkpoint, items, per_class="histograms"):
         "capture_point": cfg["CAPTURE_POINT"],
         "image_size": cfg["IMAGE_SIZE"],
         "per_class": per_class,
+        "hist_positions_per_image": cfg.get("HIST_POSITIONS_PER_IMAGE") or 0,
         **(
             {"second_moments": True, "cov_positions_per_image": cfg.get("COV_POSITIONS_PER_IMAGE") or 0}
             if cfg.get("SECOND_MOMENTS")
@@ -231,10 +232,9 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
     readable, skipped_before = [0], skipped.count
 
     def on_batch(i, live):
-        if save_every and i % save_every == 0:  # every item consumed so far: readable, or unreadable and skipped
-            consumed = done + readable[0] + skipped.count - skipped_before
-            write_json(partial + ".json", sidecar)
-            saves.save(live, consumed, skipped)
+        consumed = done + readable[0] + skipped.count - skipped_before  # readable, or unreadable and skipped
+        write_json(partial + ".json", sidecar)
+        saves.save(live, consumed, skipped)
 
     try:
         stats, layers = C.capture(
@@ -247,10 +247,12 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
             device,
             progress=distributed.is_main(),
             state=state,
-            on_batch=on_batch,
+            on_batch=on_batch if save_every else None,
+            on_batch_every=save_every or 1,
             per_class=per_class,
             second_moments=cfg.get("SECOND_MOMENTS", False),
             positions_per_image=cfg.get("COV_POSITIONS_PER_IMAGE"),
+            hist_positions_per_image=cfg.get("HIST_POSITIONS_PER_IMAGE"),
         )
     except PruneError:
         if readable[0] or distributed.world_size() == 1:
@@ -310,12 +312,20 @@ def _capture_reason(cfg, ident, force):
     return "RECAPTURE=True" if force else "RESUME=True" if resuming else stale_reason(cfg["RUN_DIR"], ident)
 
 
+def check_positions(cfg):
+    """A PruneError naming the key when a positions-per-image setting is negative."""
+    for key in ("COV_POSITIONS_PER_IMAGE", "HIST_POSITIONS_PER_IMAGE"):
+        if (cfg.get(key) or 0) < 0:
+            raise PruneError(f"{key}={cfg[key]} must be 0 (every position) or a positive number of positions")
+
+
 def ensure_stats(cfg, model, blocks, splits, class_names, checkpoint, widths, device, force=False):
     """Saved statistics when they fit this config, else a fresh capture (saved). Returns (stats, meta, wrote).
 
     Under torchrun all processes share the capture; rank 0 gets the result, the others (None, None, []).
     A capture pass records its time in RUN_DIR/timings.json ("capture": seconds, images, processes).
     """
+    check_positions(cfg)
     items = sample(cfg, splits)
     check_processes(cfg, len(items))
     per_class = per_class_mode(cfg, blocks, len(class_names))

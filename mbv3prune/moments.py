@@ -2,7 +2,9 @@
 
 Each batch of vectors z [rows, dim] is centred at its own mean and reduced to a Gram in the batch's dtype
 (float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update
-(``add_rows_`` adds the update's rank-1 term to the float32 Gram, then the sum to M2 in one float64 pass):
+(``merge_rows_`` puts the update's between-batch terms into the float32 Gram as extra rows, then adds the
+Gram to M2 in one float64 pass; it takes several batches at once, which a capture uses to pay that pass
+once per ``FLUSH_ROWS`` rows instead of once per batch):
 
     n = na + nb,  delta = mean_b - mean_a,  mean = mean_a + delta * nb / n,
     M2 = M2a + M2b + outer(delta, delta[cols]) * na * nb / n.
@@ -81,39 +83,80 @@ def merge_(n, mean, m2, bn, bmean, bm2):
     return n, mean, m2
 
 
-def add_rows_(n, mean, m2, z, cols=None, batch_mean=None, batch_n=None, inplace=False):
-    """Merge the rows of ``z`` [rows, dim] into the running (n, mean, m2) in place; returns them.
+def centred(z, batch_mean=None, batch_n=None, inplace=False):
+    """A batch of rows ``z`` [rows, dim] ready for ``merge_rows_``: ``(rows, n, mean)``.
 
-    The same result as ``merge_(n, mean, m2, *batch_moments(z, ...))`` with one float64 pass over ``m2``
-    instead of four: the batch's scatter around its own mean is taken in z's dtype, Chan's between-batch
-    term added to it there (a rank-1 update), and the sum added to ``m2``. ``cols``,
-    ``batch_mean`` / ``batch_n`` (the exact mean and count when ``z`` is a sample of the rows) and
-    ``inplace`` as in ``batch_moments``.
+    The rows are centred at the exact batch mean rounded to z's dtype (float32 for half precision) and, when
+    they are a sample of the batch's ``batch_n`` rows, scaled by sqrt(batch_n / rows), so their scatter is
+    ``batch_moments``' estimate. ``batch_mean`` / ``batch_n`` and ``inplace`` as in ``batch_moments``; the
+    rows returned never share memory with ``z`` unless ``inplace``.
     """
     if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()  # the Gram and the between-batch term would overflow in half precision
+        z = z.float()  # the Gram and the between-batch terms would overflow in half precision
     rows = z.shape[0]
     if batch_mean is None:
         batch_mean, batch_n = z.mean(0), rows
-    na, nb = int(n), int(batch_n)
-    if nb == 0:
+    batch_mean = batch_mean.to(_accumulate_device(z.device), torch.float64)
+    zc = z.sub_(batch_mean.to(z)) if inplace else z - batch_mean.to(z)
+    if rows and rows != batch_n:
+        zc.mul_((batch_n / rows) ** 0.5)  # the sample's scatter times n / rows (see batch_moments)
+    return zc, int(batch_n), batch_mean
+
+
+def merge_rows_(n, mean, m2, batches):
+    """Merge ``centred`` batches into the running (n, mean, m2) in place, in one Gram; returns them.
+
+    The scatter of the union around its new mean is each batch's scatter around its own mean plus the
+    between-group term sum_g n_g (mean_g - mean)(mean_g - mean)^T over the batches and the running moments
+    (Chan et al.'s update, for several groups at once). Those terms enter the Gram as one extra row per group,
+    sqrt(n_g) (mean_g - mean), and the rounding of each batch's centre to z's dtype (c_b, not mean_b) as a
+    row subtracted, sqrt(n_b) (mean_b - c_b), so the float64 ``m2`` is read and written once per call,
+    however many batches. ``m2``'s shape says what is kept: [dim, dim], or [dim, cols] for the scatter
+    against z's trailing columns.
+    """
+    batches = [b for b in batches if b[1]]
+    if not batches:
         return n, mean, m2
-    batch_mean = batch_mean.to(mean)
-    centre = batch_mean.to(z)  # the exact batch mean, rounded to z's dtype
-    zc = z.sub_(centre) if inplace else z - centre
-    if rows != nb:
-        zc.mul_((nb / rows) ** 0.5)  # the sample's scatter times nb / rows (see batch_moments)
-    g = zc.T @ (zc if cols is None else zc[:, zc.shape[1] - cols :])
-    off = (batch_mean - centre.to(mean)).to(z)  # the batch mean seen from the centre actually used
-    k = g.shape[1]
-    g.addr_(off, off[off.numel() - k :], alpha=-nb)  # around the rounded centre -> around the batch mean
-    if na:
-        delta = (batch_mean - mean).to(z)
-        g.addr_(delta, delta[delta.numel() - k :], alpha=na * nb / (na + nb))  # Chan's between-batch term
-    m2.add_(g.to(m2.device))
-    mean.add_(batch_mean - mean, alpha=nb / (na + nb))
-    n.add_(nb)
+    z = batches[0][0]
+    counts = [int(n)] + [nb for _, nb, _ in batches]
+    means = torch.stack([mean] + [bm.to(mean) for _, _, bm in batches])  # float64 [groups, dim], where m2 lives
+    weights = torch.tensor(counts, dtype=torch.float64, device=mean.device)
+    new_mean = (weights[:, None] * means).sum(0) / weights.sum()
+    between = (means - new_mean) * weights.sqrt()[:, None]  # a group of 0 rows (empty running moments) adds 0
+    rounding = torch.stack([(bm - bm.to(z.dtype).to(bm)) * nb**0.5 for _, nb, bm in batches])
+    _add_gram_(m2, torch.cat([zc for zc, _, _ in batches] + [between.to(z)]), rounding.to(z))
+    mean.copy_(new_mean)
+    n.add_(sum(counts[1:]))
     return n, mean, m2
+
+
+def _gram(z, less, rows, cols):
+    """z[:, rows]^T z[:, cols] - less[:, rows]^T less[:, cols]."""
+    return torch.addmm(z[:, rows].T @ z[:, cols], less[:, rows].T, less[:, cols], alpha=-1)
+
+
+def _add_gram_(m2, z, less, panel=256):
+    """m2 += z^T z - less^T less (computed in z's dtype; against the trailing columns when m2 is [dim, cols]).
+    When m2 is square, only the panels on and below the diagonal are multiplied (63% of the work at 960)."""
+    dim, cols = z.shape[1], m2.shape[1]
+    if cols != dim or dim <= panel:
+        m2.add_(_gram(z, less, slice(None), slice(dim - cols, None)).to(m2.device))
+        return
+    for i in range(0, dim, panel):
+        g = _gram(z, less, slice(i, i + panel), slice(None, i + panel)).to(m2.device)  # up to the diagonal
+        m2[i : i + panel, : i + panel].add_(g)
+        m2[:i, i : i + panel].add_(g[:, :i].T)
+
+
+def add_rows_(n, mean, m2, z, batch_mean=None, batch_n=None, inplace=False):
+    """Merge the rows of ``z`` [rows, dim] into the running (n, mean, m2) in place; returns them.
+
+    The same result as ``merge_(n, mean, m2, *batch_moments(z, ...))`` with one float64 pass over ``m2``
+    instead of four (``centred`` then ``merge_rows_``; cross moments where ``m2`` is [dim, cols]).
+    ``batch_mean`` / ``batch_n`` (the exact mean and count when ``z`` is a sample of the rows) and
+    ``inplace`` as in ``batch_moments``.
+    """
+    return merge_rows_(n, mean, m2, [centred(z, batch_mean, batch_n, inplace)])
 
 
 def zeros(dim, cols=None, diagonal=False, device="cpu"):
@@ -139,7 +182,7 @@ class Moments:
         if self.diagonal:
             merge_(self.n, self.mean, self.m2, *batch_moments(z, diagonal=True))
         else:
-            add_rows_(self.n, self.mean, self.m2, z, self.cols)
+            add_rows_(self.n, self.mean, self.m2, z)
         return self
 
     def cov(self):
@@ -222,6 +265,15 @@ def _merge_state(state, prefix, batch, diagonal=False):
     merge_(n, mean, m2, *batch)
 
 
+def draw_positions(images, positions, per_image, generator, device):
+    """[images, per_image] flat positions drawn uniformly with replacement from each image's ``positions``
+    (seeded ``generator``, drawn on the CPU), or None (every position) when ``per_image`` is 0 / None or an
+    image has no more positions than that."""
+    if not per_image or positions <= per_image:
+        return None
+    return torch.randint(positions, (images, per_image), generator=generator).to(device)
+
+
 def sampled_rows(x, per_image, generator, mean=None):
     """(exact batch mean or None, rows for the scatter, n) of a [B, C, H, W] (or [rows, C]) tensor ``x``.
 
@@ -233,10 +285,10 @@ def sampled_rows(x, per_image, generator, mean=None):
     ``mean``: the batch's per-channel mean when the caller already has it (returned as given).
     """
     n = x.shape[0] if x.dim() == 2 else x.numel() // x.shape[1]
-    if x.dim() == 2 or not per_image or x.shape[2] * x.shape[3] <= per_image:
+    pos = None if x.dim() == 2 else draw_positions(x.shape[0], x.shape[2] * x.shape[3], per_image, generator, x.device)
+    if pos is None:
         return mean, rows_of(x), n
-    b, c, h, w = x.shape
-    pos = torch.randint(h * w, (b, per_image), generator=generator).to(x.device)
+    b, c = x.shape[:2]
     picked = x.flatten(2).gather(2, pos[:, None, :].expand(b, c, per_image))  # [B, C, per_image]
     mean = x.sum(0).sum((1, 2)) / n if mean is None else mean
     return mean, picked.transpose(1, 2).reshape(b * per_image, c), n
@@ -251,7 +303,17 @@ class CaptureMoments:
     inputs that are not captured layers. ``positions_per_image``: positions of each image a project-input
     covariance is estimated on (None or 0: every position; see ``sampled_rows``); the means and the
     per-channel moments always use every position.
+
+    Covariance rows wait, centred, until a prefix has ``FLUSH_ROWS`` of them at the end of a batch
+    (``end_batch``), then merge in one Gram and one float64 pass over its M2 (``merge_rows_``): per batch,
+    that pass over the 960 x 960 totals cost more than the Gram itself. A batch with ``FLUSH_ROWS`` rows of
+    its own (every position) merges at once, so fewer than twice that many rows per covariance are ever held
+    (at most 37 MB for Large). ``flush()`` merges whatever waits; the state is complete only after it
+    (``capture`` flushes before ``on_batch`` and at the end). Flushing earlier or later changes the result
+    only by float rounding.
     """
+
+    FLUSH_ROWS = 512  # rows a covariance collects before they are merged (memory: 4 bytes x rows x dim)
 
     def __init__(self, state, blocks, layers, positions_per_image=None, seed=0):
         self.state, self.layers = state, layers
@@ -260,6 +322,7 @@ class CaptureMoments:
         prunable_blocks = {block: roles for block, roles in blocks.items() if prunable(roles)}
         self.project_block = {roles["project"]: block for block, roles in prunable_blocks.items()}
         self.se_blocks = {block for block, roles in prunable_blocks.items() if roles.get("se_fc1")}
+        self.pending = {}  # prefix -> [centred batches waiting to be merged]
 
     def channel_shift(self, layer, x):
         """What a layer's batch is centred at for its per-channel M2 (float32 [C]): the running mean, or at
@@ -287,15 +350,34 @@ class CaptureMoments:
         """Covariance of the project conv input over (sampled) positions."""
         mean, rows, n = sampled_rows(x.float(), self.positions_per_image, self.generator, mean)
         scratch = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, not x's memory
-        moments = _state_moments(self.state, f"{block}/cov", x.shape[1], device=x.device)
-        add_rows_(*moments, rows, batch_mean=mean, batch_n=n, inplace=scratch)
+        self._add(f"{block}/cov", centred(rows, mean, n, inplace=scratch))
 
     def pooled(self, block, image_sums, positions):
         """Covariance of the pooled pre-gate SE input, one row per image: ``image_sums`` [images, C] over
         ``positions`` each (blocks without SE: nothing to do)."""
         if block in self.se_blocks:
-            moments = _state_moments(self.state, f"{block}/se_cov", image_sums.shape[1], device=image_sums.device)
-            add_rows_(*moments, (image_sums / positions).float(), inplace=True)
+            self._add(f"{block}/se_cov", centred((image_sums / positions).float(), inplace=True))
+
+    def _add(self, prefix, batch):
+        _state_moments(self.state, prefix, batch[0].shape[1], device=batch[0].device)  # the keys exist from now
+        self.pending.setdefault(prefix, []).append(batch)
+        if len(batch[0]) >= self.FLUSH_ROWS:  # large enough alone (every position): merged now, never held
+            self.flush_one(prefix)
+
+    def flush_one(self, prefix):
+        """Merge the waiting rows of one covariance into the state."""
+        merge_rows_(*_state_moments(self.state, prefix, 0), self.pending.pop(prefix, []))
+
+    def flush(self, rows=0):
+        """Merge the waiting rows of every covariance with at least ``rows`` of them (0: all) into the state."""
+        for prefix in list(self.pending):
+            if sum(len(z) for z, _, _ in self.pending[prefix]) >= rows:
+                self.flush_one(prefix)
+
+    def end_batch(self):
+        """After a batch's forward pass: merge the covariances that have collected ``FLUSH_ROWS`` rows (between
+        passes, where their Grams do not evict the forward's data from the caches)."""
+        self.flush(self.FLUSH_ROWS)
 
     def hooks(self):
         """(module, "pre", fn) for the project conv inputs that are not captured layers."""

@@ -174,10 +174,10 @@ def test_stats_equal_direct_computation_on_stored_maps(point):
         )
 
 
-@pytest.mark.parametrize("per_class", ["histograms", "counts"])
-def test_compiled_reductions_give_the_eager_capture(monkeypatch, per_class):
+@pytest.mark.parametrize("per_class, hist_positions", [("histograms", None), ("counts", None), ("histograms", 4)])
+def test_compiled_reductions_give_the_eager_capture(monkeypatch, per_class, hist_positions):
     model, batches = make_model(), make_batches(n_batches=3, batch=8)
-    kw = dict(per_class=per_class, second_moments=True, positions_per_image=4)
+    kw = dict(per_class=per_class, second_moments=True, positions_per_image=4, hist_positions_per_image=hist_positions)
     torch._dynamo.reset()  # a fresh recompile budget: past it dynamo would run eagerly, and this compare nothing
     compiled, _ = run(model, batches, **kw)
     assert not cap._BATCH_TOTALS.failed  # it did compile (no fallback)
@@ -218,6 +218,52 @@ def test_running_out_of_memory_in_a_compiled_call_is_raised_not_taken_for_a_comp
     with pytest.raises(torch.OutOfMemoryError):
         fn(torch.ones(2))
     assert not fn.failed
+
+
+def test_sampled_histograms_count_the_drawn_positions_and_the_other_stats_every_position():
+    model, batches = make_model(), make_batches()
+    blocks, per_image = find_blocks(model), 4
+    sampled, _ = run(model, batches, hist_positions_per_image=per_image)
+    exact, _ = run(model, batches)
+    maps, _ = stored_maps(model, blocks, "project_input", batches)
+    edges, gen = sampled["hist_edges"], torch.Generator().manual_seed(0)  # the capture's draws, in its order
+    want = {layer: torch.zeros_like(sampled[f"{layer}/hist_class"]) for layer in maps}
+    for i, (_, labels) in enumerate(batches):
+        order = torch.argsort(labels, stable=True)  # the capture groups a batch by class
+        for layer, x in maps.items():  # forward order, as the hooks run
+            x = x[i * len(labels) : (i + 1) * len(labels)][order].flatten(2)
+            b, c, hw = x.shape
+            if hw > per_image:
+                x = x.gather(2, torch.randint(hw, (b, per_image), generator=gen)[:, None, :].expand(b, c, -1))
+            rows = labels[order].view(-1, 1, 1) * c + torch.arange(c).view(1, -1, 1)
+            counts = torch.bincount((rows * cap.NUM_BINS + reference_bins(x.abs(), edges)).flatten(), minlength=0)
+            want[layer].view(-1)[: counts.numel()] += counts
+    sampled_somewhere = False
+    for layer, x in maps.items():
+        hw = x.shape[2] * x.shape[3]
+        assert torch.equal(sampled[f"{layer}/hist_class"], want[layer]), layer
+        assert (sampled[f"{layer}/hist"].sum(1) == len(x) * min(hw, per_image)).all(), layer
+        sampled_somewhere |= hw > per_image
+    assert sampled_somewhere
+    for key, value in exact.items():  # below, neuron_below, sums, max |a|, per-class image counts: every position
+        if not key.endswith(("/hist", "/hist_class")):
+            assert torch.equal(sampled[key], value), key
+
+
+def test_sampled_histogram_fractions_are_unbiased():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 8, 8, generator=gen) * torch.linspace(0.01, 3, 64).view(1, 1, 8, 8)  # position-dependent
+    edges, offsets = cap.hist_edges(), (torch.arange(3) * cap.NUM_BINS - (cap._LO_KEY - 1)).view(1, 3, 1)
+    offsets = offsets.expand(6, 3, 1).int()
+
+    def fractions(positions):
+        idx = cap._batch_totals(x, 0.1, offsets, False, None, positions)["idx"]
+        hist = torch.bincount(idx.long(), minlength=3 * cap.NUM_BINS).view(3, -1).double()
+        return deadness_from_hist(hist, edges, 2.0**-1)
+
+    draws = torch.stack([fractions(torch.randint(64, (6, 4), generator=gen)) for _ in range(2000)])
+    exact = fractions(None)
+    assert ((draws.mean(0) - exact).abs() < 4 * draws.std(0) / 2000**0.5 + 1e-12).all(), (draws.mean(0), exact)
 
 
 def test_bin_index_is_exact_at_every_edge():
@@ -347,6 +393,22 @@ def test_on_batch_checkpoint_resumes_to_the_same_result():
     whole, _ = run(model, batches, on_batch=on_batch)
     assert seen == [1, 2, 3, 4]
     resumed, _ = run(model, batches[3:], state=checkpoints[3])
+    assert_same_stats(resumed, whole)
+
+
+def test_on_batch_runs_every_nth_batch_on_a_state_with_every_moment_row_merged():
+    model, batches = make_model(), make_batches(5)
+    kw = dict(second_moments=True, per_class="off")
+    seen, checkpoints = [], {}
+
+    def on_batch(i, state):
+        seen.append(i)
+        checkpoints[i] = cap.finalize(state)
+
+    whole, _ = run(model, batches, on_batch=on_batch, on_batch_every=2, **kw)
+    assert seen == [2, 4]
+    assert int(checkpoints[4]["features.4/cov_n"]) == int(checkpoints[4]["features.4.block.3.0/n"])  # none waits
+    resumed, _ = run(model, batches[4:], state=checkpoints[4], **kw)
     assert_same_stats(resumed, whole)
 
 

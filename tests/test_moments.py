@@ -60,7 +60,7 @@ def test_add_rows_equals_the_batch_moments_merge_sampled_or_not_and_for_cross_mo
         for chunk in z.split(500):
             picked = chunk[torch.randint(len(chunk), (64,), generator=gen)]  # a sample with the exact mean
             for rows, mean, n in ((chunk, None, None), (picked, chunk.mean(0), len(chunk))):
-                M.add_rows_(*fast, rows.clone(), cols, batch_mean=mean, batch_n=n, inplace=True)
+                M.add_rows_(*fast, rows.clone(), batch_mean=mean, batch_n=n, inplace=True)
                 M.merge_(*slow, *M.batch_moments(rows, cols, mean=mean, n=len(chunk)))
         assert int(fast[0]) == int(slow[0]) == 2 * len(z)
         torch.testing.assert_close(fast[1], slow[1], rtol=1e-6, atol=1e-5)
@@ -79,6 +79,34 @@ def test_merged_parts_equal_the_whole_for_plain_cross_and_diagonal_moments():
         assert torch.allclose(parts.cov(), whole.cov(), atol=1e-10)
     cross = M.Moments(z.shape[1], cols=2).add(z).cov()
     assert torch.allclose(cross, torch.cov(z.T, correction=0)[:, -2:], atol=1e-10)
+
+
+@pytest.mark.parametrize("dim, cols", [(6, None), (300, None), (300, 40)])  # 300 > the Gram's 256-wide panels
+def test_batches_merged_at_once_equal_the_float64_scatter_of_their_rows(dim, cols):
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(900, dim, generator=gen, dtype=torch.float64) + 50 * torch.rand(dim, generator=gen)  # offset
+    n, mean, m2 = M.zeros(dim, cols)
+    M.add_rows_(n, mean, m2, z[:100].float())  # running moments, then three batches in one Gram
+    M.merge_rows_(n, mean, m2, [M.centred(chunk.float()) for chunk in (z[100:107], z[107:500], z[500:])])
+    truth = (z - z.mean(0)).T @ (z - z.mean(0))[:, dim - (cols or dim) :]
+    assert int(n) == 900
+    torch.testing.assert_close(mean, z.mean(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(m2, truth, rtol=1e-5, atol=1e-5 * len(z))  # unit variances: a diagonal of 900
+    if dim > 256 and cols is None:
+        assert torch.equal(m2, m2.T)  # both triangles from the same panels
+
+
+def test_capture_covariances_do_not_depend_on_when_the_waiting_rows_are_merged(monkeypatch):
+    model = randomized_model("mobilenet_v3_small")
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 0, 1, 1])) for _ in range(5)]
+    kw = dict(num_classes=2, progress=False, second_moments=True, histograms=False)
+    waited, _ = capture(model, batches, find_blocks(model), **kw)
+    monkeypatch.setattr(M.CaptureMoments, "FLUSH_ROWS", 1)  # merged at every batch
+    at_once, _ = capture(model, batches, find_blocks(model), **kw)
+    for key in M.capture_keys(find_blocks(model), {}):  # float32 Grams summed in another grouping: rounding
+        scale = float(at_once[key].abs().max()) if at_once[key].is_floating_point() else 0
+        torch.testing.assert_close(waited[key], at_once[key], rtol=1e-5, atol=1e-6 * scale, msg=key)
 
 
 def test_positions_sampled_per_image_give_an_unbiased_scatter_and_all_positions_when_few():
@@ -169,15 +197,19 @@ def test_reading_a_capture_without_second_moments_is_refused_naming_the_key():
         ActivationStats({}).block_moments("features.4")
 
 
-def test_statistics_sampled_at_other_covariance_positions_are_stale(tmp_path):
+@pytest.mark.parametrize("key", ["COV_POSITIONS_PER_IMAGE", "HIST_POSITIONS_PER_IMAGE"])
+def test_statistics_sampled_at_other_positions_are_stale_and_negative_positions_refused(tmp_path, key):
     from mbv3prune import measure
     from mbv3prune.artifacts import write_json
+    from mbv3prune.errors import PruneError
 
     (tmp_path / "model.pt").write_bytes(b"weights")
     cfg = {"DATA_DIR": str(tmp_path), "CAPTURE_POINT": "project_input", "IMAGE_SIZE": 32, "SECOND_MOMENTS": True}
-    identity = lambda **kw: measure.identity({**cfg, **kw}, str(tmp_path / "model.pt"), [])  # noqa: E731
+    identity = lambda value: measure.identity({**cfg, key: value}, str(tmp_path / "model.pt"), [])  # noqa: E731
     (tmp_path / measure.STATS_PT).write_bytes(b"")
-    write_json(str(tmp_path / measure.STATS_JSON), {"identity": identity(COV_POSITIONS_PER_IMAGE=4)})
-    assert measure.stale_reason(str(tmp_path), identity(COV_POSITIONS_PER_IMAGE=4)) is None
+    write_json(str(tmp_path / measure.STATS_JSON), {"identity": identity(4)})
+    assert measure.stale_reason(str(tmp_path), identity(4)) is None
     for asked in (0, None):  # every position asked for: 4-per-image statistics must not be re-used
-        assert "cov positions per image" in measure.stale_reason(str(tmp_path), identity(COV_POSITIONS_PER_IMAGE=asked))
+        assert key.lower().replace("_", " ") in measure.stale_reason(str(tmp_path), identity(asked))
+    with pytest.raises(PruneError, match=f"{key}=-1"):
+        measure.check_positions({key: -1})

@@ -221,6 +221,7 @@ def test_killed_capture_resumes_to_the_uninterrupted_result(run, tmp_path):
     args = [a.replace(run_dir, work) for a in args] + [
         "--BATCH_SIZE=4",
         "--COV_POSITIONS_PER_IMAGE=0",
+        "--HIST_POSITIONS_PER_IMAGE=0",
         "--SAVE_EVERY=1",
         "--RECAPTURE=True",
     ]
