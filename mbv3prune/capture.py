@@ -151,8 +151,8 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, position
         totals["image_abs"] = a.sum((2, 3)).double()
     if offsets is not None:
         counted = a.flatten(2)
-        if positions is not None:
-            counted = counted.gather(2, positions[:, None, :].expand(-1, a.shape[1], -1))
+        if positions is not None:  # gathered from the input: gathering from |x| would make inductor store |x|
+            counted = x.flatten(2).gather(2, positions[:, None, :].expand(-1, x.shape[1], -1)).abs()
         totals["idx"] = _bin_keys(counted).to(offsets.dtype).add_(offsets).reshape(-1)
     if shift is not None:
         dev = x - shift[:, None, None]

@@ -108,42 +108,45 @@ def merge_rows_(n, mean, m2, batches):
 
     The scatter of the union around its new mean is each batch's scatter around its own mean plus the
     between-group term sum_g n_g (mean_g - mean)(mean_g - mean)^T over the batches and the running moments
-    (Chan et al.'s update, for several groups at once). Those terms enter the Gram as one extra row per group,
-    sqrt(n_g) (mean_g - mean), and the rounding of each batch's centre to z's dtype (c_b, not mean_b) as a
-    row subtracted, sqrt(n_b) (mean_b - c_b), so the float64 ``m2`` is read and written once per call,
-    however many batches. ``m2``'s shape says what is kept: [dim, dim], or [dim, cols] for the scatter
-    against z's trailing columns.
+    (Chan et al.'s update, for several groups at once). Those terms enter the Gram as a small matrix of one
+    row per group, sqrt(n_g) (mean_g - mean), and the rounding of each batch's centre to z's dtype (c_b, not
+    mean_b) as a row subtracted, sqrt(n_b) (mean_b - c_b), so the float64 ``m2`` is read and written once
+    per call, however many batches (a single batch's rows are not copied). ``m2``'s shape says what is
+    kept: [dim, dim], or [dim, cols] for the scatter against z's trailing columns.
     """
     batches = [b for b in batches if b[1]]
     if not batches:
         return n, mean, m2
-    z = batches[0][0]
+    z = batches[0][0] if len(batches) == 1 else torch.cat([zc for zc, _, _ in batches])
     counts = [int(n)] + [nb for _, nb, _ in batches]
     means = torch.stack([mean] + [bm.to(mean) for _, _, bm in batches])  # float64 [groups, dim], where m2 lives
     weights = torch.tensor(counts, dtype=torch.float64, device=mean.device)
     new_mean = (weights[:, None] * means).sum(0) / weights.sum()
     between = (means - new_mean) * weights.sqrt()[:, None]  # a group of 0 rows (empty running moments) adds 0
     rounding = torch.stack([(bm - bm.to(z.dtype).to(bm)) * nb**0.5 for _, nb, bm in batches])
-    _add_gram_(m2, torch.cat([zc for zc, _, _ in batches] + [between.to(z)]), rounding.to(z))
+    signs = torch.cat([torch.ones(len(between)), -torch.ones(len(rounding))]).to(mean)
+    small = torch.cat([between, rounding])
+    _add_gram_(m2, z, small.to(z), (small * signs[:, None]).to(z))
     mean.copy_(new_mean)
     n.add_(sum(counts[1:]))
     return n, mean, m2
 
 
-def _gram(z, less, rows, cols):
-    """z[:, rows]^T z[:, cols] - less[:, rows]^T less[:, cols]."""
-    return torch.addmm(z[:, rows].T @ z[:, cols], less[:, rows].T, less[:, cols], alpha=-1)
+def _gram(z, small, signed, rows, cols):
+    """z[:, rows]^T z[:, cols] + signed[:, rows]^T small[:, cols] (``signed``: ``small``, the rows to subtract
+    negated)."""
+    return torch.addmm(z[:, rows].T @ z[:, cols], signed[:, rows].T, small[:, cols])
 
 
-def _add_gram_(m2, z, less, panel=256):
-    """m2 += z^T z - less^T less (computed in z's dtype; against the trailing columns when m2 is [dim, cols]).
+def _add_gram_(m2, z, small, signed, panel=256):
+    """m2 += z^T z + signed^T small, in z's dtype (against the trailing columns when m2 is [dim, cols]).
     When m2 is square, only the panels on and below the diagonal are multiplied (63% of the work at 960)."""
     dim, cols = z.shape[1], m2.shape[1]
     if cols != dim or dim <= panel:
-        m2.add_(_gram(z, less, slice(None), slice(dim - cols, None)).to(m2.device))
+        m2.add_(_gram(z, small, signed, slice(None), slice(dim - cols, None)).to(m2.device))
         return
     for i in range(0, dim, panel):
-        g = _gram(z, less, slice(i, i + panel), slice(None, i + panel)).to(m2.device)  # up to the diagonal
+        g = _gram(z, small, signed, slice(i, i + panel), slice(None, i + panel)).to(m2.device)  # to the diagonal
         m2[i : i + panel, : i + panel].add_(g)
         m2[:i, i : i + panel].add_(g[:, :i].T)
 
