@@ -12,8 +12,10 @@ check that capture replaces by a free one: NaN and inf propagate into the per-ba
 across batches, as the stages read a stratified sample (``CLASS_ORDER=False``: random labels, every class
 in every batch). Rounds are interleaved; each variant's ratio to plain inference is taken within a round,
 and the median and quartiles over rounds are reported (a shared machine's speed drifts between rounds).
-Then it reports the process's peak RSS after a short capture and after a long one: equal when no feature
-map is kept.
+Minor page faults per batch are printed beside each variant: on a VM a fault costs microseconds, and glibc
+returns large freed blocks to the system, so a process that faults on every batch's activations runs slower
+(RESULTS.md). Then it reports the process's peak RSS after a short capture and after a long one: equal when
+no feature map is kept.
 
     python -m benchmarks.capture_overhead
     python -m benchmarks.capture_overhead --SIZES=[64] --ROUNDS=5 --THREADS=1
@@ -115,16 +117,20 @@ def variants(model, blocks):
     }
 
 
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_variants(fns, batches):
-    """{variant: [(wall s, process CPU s) per round]}, rounds interleaved, after a warm-up pass."""
+    """{variant: [(wall s, process CPU s, minor page faults) per round]}, rounds interleaved, after a warm-up."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn(batches)
     for _ in range(ROUNDS):
         for name, fn in fns.items():
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu, faults = time.perf_counter(), time.process_time(), minor_faults()
             fn(batches)
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu, minor_faults() - faults))
     return times
 
 
@@ -140,14 +146,18 @@ def report_size(size, gen):
     model = calibrated_model(batches)
     rounds = time_variants(variants(model, find_blocks(model)), batches)
     print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {torch.get_num_threads()} threads, {ROUNDS} rounds")
-    print(f"  {'':34s} {'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s}")
+    header = (
+        f"{'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s} {'faults/batch':>12s}"
+    )
+    print(f"  {'':34s} {header}")
     plain_rounds = rounds["plain"]
     for name, times in rounds.items():
-        wall = quartiles([w / p for (w, _), (p, _) in zip(times, plain_rounds)])
-        cpu = quartiles([c / p for (_, c), (_, p) in zip(times, plain_rounds)])
-        ms = 1e3 * quartiles([w for w, _ in times])[1] / N_BATCHES
-        print(f"  {name:34s} {ms:13.1f} {wall[1]:18.2f}x [{wall[0]:.2f}, {wall[2]:.2f}] {cpu[1]:8.2f}x")
-    return {name: tuple(quartiles(list(col))[1] for col in zip(*t)) for name, t in rounds.items()}
+        wall = quartiles([w / p for (w, _, _), (p, _, _) in zip(times, plain_rounds)])
+        cpu = quartiles([c / p for (_, c, _), (_, p, _) in zip(times, plain_rounds)])
+        ms = 1e3 * quartiles([w for w, _, _ in times])[1] / N_BATCHES
+        faults = quartiles([f for _, _, f in times])[1] / N_BATCHES
+        print(f"  {name:34s} {ms:13.1f} {wall[1]:18.2f}x [{wall[0]:.2f}, {wall[2]:.2f}] {cpu[1]:8.2f}x {faults:12.0f}")
+    return {name: tuple(quartiles(list(col))[1] for col in list(zip(*t))[:2]) for name, t in rounds.items()}
 
 
 def peak_rss_mb():
