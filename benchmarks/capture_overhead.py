@@ -98,13 +98,16 @@ def eager_capture(model, batches, blocks, **kw):
         C._BATCH_TOTALS = compiled
 
 
+DEFAULT_VARIANT = f"histograms, {HIST_POSITIONS_PER_IMAGE} pos/image"  # the capture stages' histograms
+
+
 def variants(model, blocks):
     kw = dict(capture_point=CAPTURE_POINT, num_classes=NUM_CLASSES, progress=False)
     sampled = dict(kw, hist_positions_per_image=HIST_POSITIONS_PER_IMAGE)
     return {
         "plain": lambda b: plain(model, b),
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
-        f"histograms, {HIST_POSITIONS_PER_IMAGE} pos/image": lambda b: capture(model, b, blocks, **sampled),
+        DEFAULT_VARIANT: lambda b: capture(model, b, blocks, **sampled),
         "histograms, every pos.": lambda b: capture(model, b, blocks, **kw),
         f"... {HIST_POSITIONS_PER_IMAGE} pos/image, reduced eagerly": lambda b: eager_capture(
             model, b, blocks, **sampled

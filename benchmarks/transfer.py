@@ -197,6 +197,7 @@ def capture(cfg, run_dir, data_dir, checkpoint):
         THRESHOLD=cfg["THRESHOLD"],
         DEADNESS_THRESHOLD=cfg["DEADNESS_THRESHOLD"],
         SECOND_MOMENTS=True,
+        HIST_POSITIONS_PER_IMAGE=0,  # per-species deadness and activity: exact counts, not a 4-position sample
     )
     device = models.pick_device(cfg["DEVICE"])
     model, _ = models.load_checkpoint(checkpoint, cfg["MODEL_ARCH"])

@@ -60,10 +60,12 @@ RESULTS.md). So the histograms can be counted on a sample (``hist_positions_per_
 4): per layer and batch, that many positions are drawn from each image uniformly with replacement
 (``moments.draw_positions``, seeded by the batch count; every position where an image has no more), and
 each channel's |a| there is counted. Every image weighs the same in a layer's histogram, as in the full
-count, so a fraction read off it (deadness at another threshold, percentiles, threshold curves, per-class
-deadness) is an unbiased estimate of the full count's; its counts sum to images x positions drawn, not to
-``n``. ``below``, ``neuron_below``, the sums and max |a| always count every position: deadness at the
-captured threshold is exact either way. Memory does not grow with the number of images.
+count, so a channel's fraction of |a| below any threshold (deadness at another threshold, the threshold
+curves) is an unbiased estimate of the full count's, and percentiles are read off that estimate; its counts
+sum to images x positions drawn, not to ``n``. ``below``, ``neuron_below``, the sums and max |a| always count
+every position: deadness at the captured threshold is exact either way. Per-class deadness is a minimum over
+classes of small samples, which sampling would bias, so CLASS_AWARE captures count every position
+(``measure.hist_positions``). Memory does not grow with the number of images.
 """
 
 import contextlib
@@ -76,6 +78,7 @@ from . import fused, moments
 from .activation_stats import check_threshold
 from .blocks import capture_layer, check_capture_point
 from .errors import PruneError
+from .moments import seeded_generator
 
 DEFAULT_THRESHOLD = 2.0**-7  # ~0.0078, a bin edge: histogram deadness then equals ``below`` (counting every position)
 SUB_BITS = 2  # mantissa bits kept: 2**SUB_BITS histogram bins per octave
@@ -85,6 +88,7 @@ _LO_KEY = (LOW_EXP + 127) << SUB_BITS
 _HI_KEY = (HIGH_EXP + 127) << SUB_BITS
 NUM_BINS = _HI_KEY - _LO_KEY + 3  # zero, underflow, regular bins, overflow
 _INT32_MAX = 2**31 - 1
+_HIST_SEED_OFFSET = 2**40  # the histogram positions' seed is the capture's seed plus this
 LAYER_STATS = ("n", "n_images", "below", "neuron_below", "sum", "sum_abs", "sum_sq", "max_abs", "n_class")
 BLOCK_STATS = ("pregate_sum", "pregate_n")
 GLOBAL_STATS = ("hist_edges", "threshold", "n_batches")
@@ -283,10 +287,12 @@ class _Accumulator:
         moments=None,
         hist_positions=None,
         seed=0,
+        device="cpu",
     ):
         self.state, self.threshold, self.num_classes, self.histograms = state, threshold, num_classes, histograms
         self.per_class, self.moments = per_class, moments  # moments: a moments.CaptureMoments fed from each pass
-        self.hist_positions, self.generator = hist_positions, torch.Generator().manual_seed(seed)
+        self.hist_positions = hist_positions
+        self.generator = seeded_generator(seed + _HIST_SEED_OFFSET, device)  # a stream apart from the covariance's
         self.hist_key = "hist_class" if per_class == "histograms" else "hist"
         self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
         self._ones, self._counted = {}, {}
@@ -520,6 +526,8 @@ def capture(
     ``moments.all_reduce_moments``, never by summing. ``hist_positions_per_image``: positions of each image
     the histograms count (None or 0: every position; see the module docstring).
     """
+    if on_batch_every < 1:
+        raise PruneError(f"on_batch_every={on_batch_every} must be at least 1")
     device = _model_device(model, device)
     keys = expected_keys(blocks, capture_point, histograms, per_class, second_moments)
     threshold = check_threshold(threshold)
@@ -530,9 +538,11 @@ def capture(
     )
     layers = describe_layers(blocks, capture_point)
     seed = int(state["n_batches"])  # a resumed capture draws other covariance positions than its first part
-    moment_sink = moments.CaptureMoments(state, blocks, layers, positions_per_image, seed) if second_moments else None
+    moment_sink = (
+        moments.CaptureMoments(state, blocks, layers, positions_per_image, seed, device) if second_moments else None
+    )
     acc = _Accumulator(
-        state, threshold, num_classes, histograms, per_class, moment_sink, hist_positions_per_image, seed
+        state, threshold, num_classes, histograms, per_class, moment_sink, hist_positions_per_image, seed, device
     )
     hooks = _hooks(acc, blocks, capture_point) + (moment_sink.hooks() if moment_sink else [])
     with attached_hooks(model, hooks), torch.inference_mode():

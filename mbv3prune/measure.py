@@ -153,7 +153,7 @@ def identity(cfg, checkpoint, items, per_class="histograms"):
         "capture_point": cfg["CAPTURE_POINT"],
         "image_size": cfg["IMAGE_SIZE"],
         "per_class": per_class,
-        "hist_positions_per_image": cfg.get("HIST_POSITIONS_PER_IMAGE") or 0,
+        "hist_positions_per_image": hist_positions(cfg),
         **(
             {"second_moments": True, "cov_positions_per_image": cfg.get("COV_POSITIONS_PER_IMAGE") or 0}
             if cfg.get("SECOND_MOMENTS")
@@ -167,8 +167,10 @@ def stale_reason(run_dir, ident):
     if not (os.path.exists(os.path.join(run_dir, STATS_PT)) and os.path.exists(os.path.join(run_dir, STATS_JSON))):
         return "no saved statistics"
     saved = read_json(os.path.join(run_dir, STATS_JSON), "activation statistics").get("identity", {})
+    saved = {"hist_positions_per_image": 0, **saved}  # statistics from before the key counted every position
     for key, value in ident.items():
-        if saved.get(key) != value:
+        every_position = key.endswith("_positions_per_image") and saved.get(key) == 0  # fits any sample asked
+        if saved.get(key) != value and not every_position:
             return f"saved statistics were measured with another {key.replace('_', ' ')}"
     return None
 
@@ -252,7 +254,7 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
             per_class=per_class,
             second_moments=cfg.get("SECOND_MOMENTS", False),
             positions_per_image=cfg.get("COV_POSITIONS_PER_IMAGE"),
-            hist_positions_per_image=cfg.get("HIST_POSITIONS_PER_IMAGE"),
+            hist_positions_per_image=hist_positions(cfg),
         )
     except PruneError:
         if readable[0] or distributed.world_size() == 1:
@@ -310,6 +312,13 @@ def _capture_reason(cfg, ident, force):
     """Why a capture is needed (None: the saved statistics fit)."""
     resuming = cfg["RESUME"] and os.path.exists(os.path.join(cfg["RUN_DIR"], PARTIAL))
     return "RECAPTURE=True" if force else "RESUME=True" if resuming else stale_reason(cfg["RUN_DIR"], ident)
+
+
+def hist_positions(cfg):
+    """Positions per image the histograms count: HIST_POSITIONS_PER_IMAGE (0 = every position), but every
+    position with CLASS_AWARE, whose per-class deadness (a minimum over classes of small samples) a sampled
+    count would bias toward sparing channels."""
+    return 0 if cfg.get("CLASS_AWARE") else cfg.get("HIST_POSITIONS_PER_IMAGE") or 0
 
 
 def check_positions(cfg):

@@ -2,7 +2,7 @@
 
 Each batch of vectors z [rows, dim] is centred at its own mean and reduced to a Gram in the batch's dtype
 (float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update
-(``merge_rows_`` puts the update's between-batch terms into the float32 Gram as extra rows, then adds the
+(``merge_rows_`` adds the update's between-batch terms to the float32 Gram as one small product, then the
 Gram to M2 in one float64 pass; it takes several batches at once, which a capture uses to pay that pass
 once per ``FLUSH_ROWS`` rows instead of once per batch):
 
@@ -268,13 +268,21 @@ def _merge_state(state, prefix, batch, diagonal=False):
     merge_(n, mean, m2, *batch)
 
 
+def seeded_generator(seed, device="cpu"):
+    """A seeded generator on ``device``, so positions are drawn where the activations are (no host copy and no
+    synchronisation per layer on a GPU); MPS draws on the CPU."""
+    device = _accumulate_device(device)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def draw_positions(images, positions, per_image, generator, device):
     """[images, per_image] flat positions drawn uniformly with replacement from each image's ``positions``
-    (seeded ``generator``, drawn on the CPU), or None (every position) when ``per_image`` is 0 / None or an
+    (seeded ``generator``, drawn on its device), or None (every position) when ``per_image`` is 0 / None or an
     image has no more positions than that."""
     if not per_image or positions <= per_image:
         return None
-    return torch.randint(positions, (images, per_image), generator=generator).to(device)
+    drawn = torch.randint(positions, (images, per_image), generator=generator, device=generator.device)
+    return drawn.to(device)
 
 
 def sampled_rows(x, per_image, generator, mean=None):
@@ -318,10 +326,10 @@ class CaptureMoments:
 
     FLUSH_ROWS = 512  # rows a covariance collects before they are merged (memory: 4 bytes x rows x dim)
 
-    def __init__(self, state, blocks, layers, positions_per_image=None, seed=0):
+    def __init__(self, state, blocks, layers, positions_per_image=None, seed=0, device="cpu"):
         self.state, self.layers = state, layers
         self.positions_per_image = positions_per_image
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed, device)
         prunable_blocks = {block: roles for block, roles in blocks.items() if prunable(roles)}
         self.project_block = {roles["project"]: block for block, roles in prunable_blocks.items()}
         self.se_blocks = {block for block, roles in prunable_blocks.items() if roles.get("se_fc1")}

@@ -151,3 +151,12 @@ def test_compare_criteria_passes_output_units_and_residual_target_on(monkeypatch
     assert seen["criterion"] == ("fluctuation", on)
     assert seen["folder"] == ("sequential", None, None, 0.01, not on)
     assert {"OUTPUT_UNITS", "RESIDUAL_TARGET"} <= set(cc.RESULT_KEYS)
+
+
+def test_perf_summary_reads_the_capture_variants_the_overhead_benchmark_measures(capsys):
+    from benchmarks import capture_overhead, perf
+
+    ratios = {name: {"wall_ratio": 1.5, "cpu_ratio": 1.5} for name in capture_overhead.variants(None, None)}
+    rss = [{"images": 200, "peak_rss_mb": 900.0}, {"images": 2000, "peak_rss_mb": 900.0}]
+    perf.summary({"capture": {"overhead_one_thread": {"64px": ratios}, "peak_rss": rss, "rss_ratio": 1.0}})
+    assert "capture/plain, histograms" in capsys.readouterr().out

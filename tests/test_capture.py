@@ -226,7 +226,7 @@ def test_sampled_histograms_count_the_drawn_positions_and_the_other_stats_every_
     sampled, _ = run(model, batches, hist_positions_per_image=per_image)
     exact, _ = run(model, batches)
     maps, _ = stored_maps(model, blocks, "project_input", batches)
-    edges, gen = sampled["hist_edges"], torch.Generator().manual_seed(0)  # the capture's draws, in its order
+    edges, gen = sampled["hist_edges"], torch.Generator().manual_seed(cap._HIST_SEED_OFFSET)  # the draws, in order
     want = {layer: torch.zeros_like(sampled[f"{layer}/hist_class"]) for layer in maps}
     for i, (_, labels) in enumerate(batches):
         order = torch.argsort(labels, stable=True)  # the capture groups a batch by class

@@ -92,8 +92,19 @@ def test_batches_merged_at_once_equal_the_float64_scatter_of_their_rows(dim, col
     assert int(n) == 900
     torch.testing.assert_close(mean, z.mean(0), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(m2, truth, rtol=1e-5, atol=1e-5 * len(z))  # unit variances: a diagonal of 900
-    if dim > 256 and cols is None:
-        assert torch.equal(m2, m2.T)  # both triangles from the same panels
+    if dim > 256 and cols is None:  # both triangles from the same panels
+        torch.testing.assert_close(m2, m2.T, rtol=1e-12, atol=0)
+
+
+def test_the_rounding_of_a_batch_centre_to_float32_is_taken_back():
+    gen = torch.Generator().manual_seed(8)
+    z = (1e4 + 0.01 * torch.randn(4000, 3, generator=gen, dtype=torch.float64)).float()  # mean / std = 1e6
+    exact = z.double()
+    n, mean, m2 = M.zeros(3)
+    for chunk in exact.split(1000):  # the exact float64 batch mean: 1e4 rounds to float32 within ~5e-4 = std / 20
+        M.add_rows_(n, mean, m2, chunk.float(), batch_mean=chunk.mean(0), batch_n=len(chunk))
+    truth = (exact - exact.mean(0)).T @ (exact - exact.mean(0))
+    torch.testing.assert_close(m2, truth, rtol=2e-4, atol=0)  # uncorrected (or the wrong sign): off by ~0.5%
 
 
 def test_capture_covariances_do_not_depend_on_when_the_waiting_rows_are_merged(monkeypatch):
@@ -211,5 +222,7 @@ def test_statistics_sampled_at_other_positions_are_stale_and_negative_positions_
     assert measure.stale_reason(str(tmp_path), identity(4)) is None
     for asked in (0, None):  # every position asked for: 4-per-image statistics must not be re-used
         assert key.lower().replace("_", " ") in measure.stale_reason(str(tmp_path), identity(asked))
+    write_json(str(tmp_path / measure.STATS_JSON), {"identity": identity(0)})
+    assert measure.stale_reason(str(tmp_path), identity(4)) is None  # every position counted: fits a sample
     with pytest.raises(PruneError, match=f"{key}=-1"):
         measure.check_positions({key: -1})

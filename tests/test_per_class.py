@@ -76,3 +76,10 @@ def test_a_large_sample_is_recorded_by_its_rule_and_recovered(image_folder, monk
     os.remove(items[0][0])
     with pytest.raises(PruneError, match="no longer gives the 9 images"):
         measure.sample_items(meta, data)
+
+
+def test_class_aware_statistics_count_every_position():
+    # a per-class minimum of small sampled fractions would be biased toward sparing channels
+    assert measure.hist_positions({"HIST_POSITIONS_PER_IMAGE": 4}) == 4
+    assert measure.hist_positions({"HIST_POSITIONS_PER_IMAGE": 4, "CLASS_AWARE": True}) == 0
+    assert measure.hist_positions({"HIST_POSITIONS_PER_IMAGE": 0}) == 0
