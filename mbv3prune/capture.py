@@ -537,7 +537,7 @@ def capture(
         else _new_state(device, threshold)
     )
     layers = describe_layers(blocks, capture_point)
-    seed = int(state["n_batches"])  # a resumed capture draws other covariance positions than its first part
+    seed = int(state["n_batches"])  # a resumed capture draws other positions than its first part
     moment_sink = (
         moments.CaptureMoments(state, blocks, layers, positions_per_image, seed, device) if second_moments else None
     )
