@@ -44,20 +44,9 @@ def batch_moments(z, cols=None, diagonal=False, mean=None, n=None, inplace=False
     unbiased estimate of the whole batch's scatter under simple random sampling of rows. ``inplace``: z is
     a scratch copy that may be centred in place (saves one copy of the batch).
     """
-    rows = z.shape[0]
-    if mean is None:
-        mean, n = z.mean(0), rows
-    zc = z.sub_(mean.to(z.dtype)) if inplace else z - mean.to(z.dtype)
-    if diagonal:
-        m2 = (zc * zc).sum(0)
-    else:
-        right = zc if cols is None else zc[:, zc.shape[1] - cols :]
-        m2 = zc.T @ right
-    acc = _accumulate_device(z.device)
-    m2 = m2.to(acc, torch.float64)
-    if n != rows:
-        m2 *= n / rows
-    return torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc, torch.float64), m2
+    zc, n, mean = centred(z, mean, n, inplace)
+    m2 = (zc * zc).sum(0) if diagonal else zc.T @ (zc if cols is None else zc[:, zc.shape[1] - cols :])
+    return torch.tensor(n, dtype=torch.int64, device=mean.device), mean, m2.to(mean)
 
 
 def _outer(delta, m2):
@@ -124,9 +113,7 @@ def merge_rows_(n, mean, m2, batches):
     new_mean = (weights[:, None] * means).sum(0) / weights.sum()
     between = (means - new_mean) * weights.sqrt()[:, None]  # a group of 0 rows (empty running moments) adds 0
     rounding = torch.stack([(bm - bm.to(z.dtype).to(bm)) * nb**0.5 for _, nb, bm in batches])
-    signs = torch.cat([torch.ones(len(between)), -torch.ones(len(rounding))]).to(mean)
-    small = torch.cat([between, rounding])
-    _add_gram_(m2, z, small.to(z), (small * signs[:, None]).to(z))
+    _add_gram_(m2, z, torch.cat([between, rounding]).to(z), torch.cat([between, -rounding]).to(z))
     mean.copy_(new_mean)
     n.add_(sum(counts[1:]))
     return n, mean, m2
