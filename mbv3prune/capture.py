@@ -89,6 +89,7 @@ _HI_KEY = (HIGH_EXP + 127) << SUB_BITS
 NUM_BINS = _HI_KEY - _LO_KEY + 3  # zero, underflow, regular bins, overflow
 _INT32_MAX = 2**31 - 1
 _HIST_SEED_OFFSET = 2**40  # the histogram positions' seed is the capture's seed plus this
+_GATHER_BELOW = 16  # maps with fewer positions are histogrammed through the positions' gather (faster)
 LAYER_STATS = ("n", "n_images", "below", "neuron_below", "sum", "sum_abs", "sum_sq", "max_abs", "n_class")
 BLOCK_STATS = ("pregate_sum", "pregate_n")
 GLOBAL_STATS = ("hist_edges", "threshold", "n_batches")
@@ -137,9 +138,9 @@ def bin_index(abs_values):
 def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, positions=None):
     """One batch [B, C, H, W] of a layer reduced per channel ({name: tensor}); compiled, a loop or two.
 
-    Sums are float32 over the batch, then float64 over H x W. ``offsets`` (``_hist_offsets``): also ``idx``,
-    the index into the flat histogram of every element, or with ``positions`` [B, P] (flat positions per
-    image) of the elements at those positions only. ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
+    Sums are float32 over the batch, then float64 over H x W. ``offsets`` [B, 1, C] (``_hist_offsets``): also
+    ``idx``, the index into the flat histogram of every element, or with ``positions`` [B, P] (flat positions
+    per image) of the elements at those positions only (in [B, P, C] order). ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
     also ``dev`` and ``sq_dev``, the sums of a - shift and of its square (per-channel M2 without cancellation).
     """
     x = x.float()
@@ -153,10 +154,11 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, position
     }
     if per_image:
         totals["image_abs"] = a.sum((2, 3)).double()
-    if offsets is not None:
-        counted = a.flatten(2)
-        if positions is not None:  # gathered from the input: gathering from |x| would make inductor store |x|
-            counted = x.flatten(2).gather(2, positions[:, None, :].expand(-1, x.shape[1], -1)).abs()
+    if offsets is not None and positions is None:  # [B, C, H * W]: every position, in x's order
+        totals["idx"] = _bin_keys(a.flatten(2)).to(offsets.dtype).add_(offsets.transpose(1, 2)).reshape(-1)
+    elif offsets is not None:  # [B, P, C], channels innermost: inductor's loop over a short P runs 4x slower
+        # gathered from x: gathering from |x| would make inductor store |x|
+        counted = x.flatten(2).gather(2, positions[:, None, :].expand(-1, x.shape[1], -1)).transpose(1, 2).abs()
         totals["idx"] = _bin_keys(counted).to(offsets.dtype).add_(offsets).reshape(-1)
     if shift is not None:
         dev = x - shift[:, None, None]
@@ -319,14 +321,14 @@ class _Accumulator:
 
     def _hist_offsets(self, channels, device):
         """Index of bin 0 of every (image, channel) in the flat hist_class [K, C, NUM_BINS] (or hist [C, NUM_BINS]):
-        [B, C, 1] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes on Large)."""
+        [B, 1, C] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes on Large)."""
         if channels not in self._offsets:
             rows_total = (self.num_classes if self.per_class == "histograms" else 1) * channels * NUM_BINS
             dtype = torch.int32 if rows_total <= _INT32_MAX else torch.int64
             channel = torch.arange(channels, dtype=dtype, device=device)
             labels = self.labels if self.per_class == "histograms" else torch.zeros_like(self.labels)
             rows = labels.to(dtype).view(-1, 1) * channels + channel
-            self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, :, None]
+            self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, None, :]
         return self._offsets[channels]
 
     def _hist_class(self, layer, elements):
@@ -345,6 +347,15 @@ class _Accumulator:
                 self.state[key] = self.state[key].to(dtype)
         return self.state[key]
 
+    def _hist_positions(self, images, positions, device):
+        """[images, P] positions of each image the histograms count (``moments.draw_positions``), or None: every
+        position. Maps of fewer than 16 positions are counted at all of them through the same gather (inductor's
+        loop over every position in a map that small is the slow one)."""
+        drawn = moments.draw_positions(images, positions, self.hist_positions, self.generator, device)
+        if drawn is None and positions < _GATHER_BELOW:
+            return torch.arange(positions, device=device).expand(images, positions)
+        return drawn
+
     def _count(self, hist, idx):
         """hist[idx] += 1 for every element of the int32 index (a contiguous source of ones is faster than expand)."""
         ones = self._ones.get(hist.dtype)
@@ -358,11 +369,7 @@ class _Accumulator:
         b, c, h, w = x.shape
         hist = self._hist_class(layer, b * h * w) if self.histograms else None
         offsets = self._hist_offsets(c, x.device) if hist is not None else None
-        positions = (
-            moments.draw_positions(b, h * w, self.hist_positions, self.generator, x.device)
-            if hist is not None
-            else None
-        )
+        positions = self._hist_positions(b, h * w, x.device) if hist is not None else None
         shift = self.moments.channel_shift(layer, x) if self.moments else None
         per_image = self.histograms and self.per_class == "counts"
         batch = _BATCH_TOTALS(x, self.threshold, offsets, per_image, shift, positions)

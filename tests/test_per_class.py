@@ -42,7 +42,7 @@ def test_histogram_offsets_do_not_overflow_past_18000_classes():
     acc.start_batch(torch.tensor([19_999]))
     offsets = acc._hist_offsets(960, torch.device("cpu"))
     want = (19_999 * 960 + 959) * C.NUM_BINS - (C._LO_KEY - 1)  # past 2**31: an int32 offset wraps negative
-    assert offsets.dtype == torch.int64 and int(offsets[0, -1]) == want
+    assert offsets.dtype == torch.int64 and int(offsets[0, 0, -1]) == want
 
 
 def _cfg(**kw):
