@@ -140,8 +140,9 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, position
 
     Sums are float32 over the batch, then float64 over H x W. ``offsets`` [B, 1, C] (``_hist_offsets``): also
     ``idx``, the index into the flat histogram of every element, or with ``positions`` [B, P] (flat positions
-    per image) of the elements at those positions only (in [B, P, C] order). ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]:
-    also ``dev`` and ``sq_dev``, the sums of a - shift and of its square (per-channel M2 without cancellation).
+    per image) of the elements at those positions only (in [B, P, C] order). ``per_image``: also
+    ``image_abs`` [B, C]. ``shift`` [C]: also ``dev`` and ``sq_dev``, the sums of a - shift and of its square
+    (per-channel M2 without cancellation).
     """
     x = x.float()
     a = x.abs()
