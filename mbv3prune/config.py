@@ -3,7 +3,8 @@
 A script defines its constants, one comment each, then ends with ``config.run(main, globals())``:
 ``--NAME=value`` replaces a constant (the value is a Python literal; a bare word is a string), an unknown
 name or a value of another type is refused with one line listing the valid names, and ``--help`` prints
-every constant with its value and comment. ``DEBUG=True`` shows tracebacks of the project's errors.
+every constant with its value and comment. ``DEBUG=True`` shows tracebacks of the project's errors. Every
+script runs with glibc's heap kept by the process (``heap.keep_heap``).
 """
 
 import ast
@@ -13,6 +14,7 @@ import sys
 import tokenize
 
 from .errors import PruneError, run_main
+from .heap import keep_heap
 
 
 def constant_names(namespace):
@@ -141,6 +143,7 @@ def run(main, namespace, argv=None):
         print(help_text(namespace))
         return
     debug = any(a.replace(" ", "") == "--DEBUG=True" for a in argv)
+    keep_heap()  # no page faults on every batch's activations (mbv3prune.heap)
     run_main(lambda: main(apply_overrides(namespace, argv)), debug=debug)
 
 

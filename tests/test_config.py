@@ -1,3 +1,7 @@
+import platform
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,3 +86,31 @@ def test_script_help_and_unknown_name():
     bad = run_script("train_model.py", "--EPOCH=3")
     assert bad.returncode == 2
     assert "unknown constant --EPOCH" in bad.stderr and "EPOCHS" in bad.stderr and "Traceback" not in bad.stderr
+
+
+_WHERE = """
+import sys, torch
+from mbv3prune import config
+
+def main(cfg):
+    block = torch.ones(10 << 20)  # 40 MB: above glibc's largest threshold for a mapping of its own
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+        if lo <= block.data_ptr() < hi:
+            print("heap" if line.rstrip().endswith("[heap]") else "mmap")
+
+if sys.argv[1] == "script":
+    config.run(main, {"__file__": "where"}, [])
+else:
+    main({})
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_heap tunes glibc's malloc only")
+def test_scripts_take_activation_sized_blocks_from_the_kept_heap():
+    def where(mode):  # by default glibc maps such a block on its own, unmapped (and faulted in again) when freed
+        out = subprocess.run([sys.executable, "-c", _WHERE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert where("plain") == "mmap"
+    assert where("script") == "heap"
