@@ -354,7 +354,7 @@ class _Accumulator:
         loop over every position in a map that small is the slow one)."""
         drawn = moments.draw_positions(images, positions, self.hist_positions, self.generator, device)
         if drawn is None and positions < _GATHER_BELOW:
-            return torch.arange(positions, device=device).expand(images, positions)
+            return torch.arange(positions, device=device).repeat(images, 1)  # contiguous, as a draw: the same graph
         return drawn
 
     def _count(self, hist, idx):
