@@ -3,8 +3,8 @@
 A script defines its constants, one comment each, then ends with ``config.run(main, globals())``:
 ``--NAME=value`` replaces a constant (the value is a Python literal; a bare word is a string), an unknown
 name or a value of another type is refused with one line listing the valid names, and ``--help`` prints
-every constant with its value and comment. ``DEBUG=True`` shows tracebacks of the project's errors. Every
-script runs with glibc's heap kept by the process (``heap.keep_heap``).
+every constant with its value and comment. ``DEBUG=True`` shows tracebacks of the project's errors. A
+script run from the command line keeps glibc's heap (``heap.keep_heap``).
 """
 
 import ast
@@ -137,13 +137,15 @@ def help_text(namespace):
 
 
 def run(main, namespace, argv=None):
-    """Resolve the script's constants from ``argv`` (default ``sys.argv[1:]``), then run ``main(cfg)``."""
+    """Resolve the script's constants from ``argv`` (default ``sys.argv[1:]``: from the command line, which
+    also keeps glibc's heap), then run ``main(cfg)``."""
+    if argv is None:  # from the command line: the process is the script's (not, say, a test run's)
+        keep_heap()  # no page faults on every batch's activations (mbv3prune.heap)
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(help_text(namespace))
         return
     debug = any(a.replace(" ", "") == "--DEBUG=True" for a in argv)
-    keep_heap()  # no page faults on every batch's activations (mbv3prune.heap)
     run_main(lambda: main(apply_overrides(namespace, argv)), debug=debug)
 
 

@@ -9,12 +9,12 @@ stands depends on what the process freed before, so the same inference ran at 30
 benchmark (RESULTS.md). ``keep_heap()`` turns glibc's own mappings off (``M_MMAP_MAX`` 0: every block comes
 from the heap, whatever its size) and keeps up to 1 GB of free heap top, so freed activations are reused
 from the heap: what CPU-inference guides get from jemalloc or tcmalloc. Freed memory stays with the process
-(memory that grows with the data still grows the same). A no-op where the C library has no ``mallopt``
-(macOS, musl).
+(its RSS stays at its peak until it exits). Applied by ``config.run`` for a script run from the command
+line. A no-op off Linux and where the C library has no working ``mallopt`` (musl).
 """
 
 import ctypes
-import ctypes.util
+import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before the rest is handed back to the system
@@ -22,9 +22,12 @@ TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before the rest is hande
 
 def keep_heap():
     """Keep glibc's heap (see the module docstring); True where it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    applied = [mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    return all(applied)

@@ -1,3 +1,4 @@
+import os
 import platform
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from mbv3prune.config import apply_overrides, constant_comments, help_text, parse_value
 from mbv3prune.errors import PruneError
-from tests.helpers import run_script
+from tests.helpers import ROOT, run_script
 
 
 def namespace():
@@ -99,18 +100,18 @@ def main(cfg):
         if lo <= block.data_ptr() < hi:
             print("heap" if line.rstrip().endswith("[heap]") else "mmap")
 
-if sys.argv[1] == "script":
-    config.run(main, {"__file__": "where"}, [])
-else:
-    main({})
+mode, sys.argv = sys.argv[1], sys.argv[:1]  # as a script with no arguments
+config.run(main, {"__file__": "where"}) if mode == "script" else main({})
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_heap tunes glibc's malloc only")
 def test_scripts_take_activation_sized_blocks_from_the_kept_heap():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+
     def where(mode):  # by default glibc maps such a block on its own, unmapped (and faulted in again) when freed
-        out = subprocess.run([sys.executable, "-c", _WHERE, mode], capture_output=True, text=True, check=True)
-        return out.stdout.split()[-1]
+        cmd = [sys.executable, "-c", _WHERE, mode]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env).stdout.split()[-1]
 
     assert where("plain") == "mmap"
     assert where("script") == "heap"
