@@ -12,10 +12,11 @@ check that capture replaces by a free one: NaN and inf propagate into the per-ba
 across batches, as the stages read a stratified sample (``CLASS_ORDER=False``: random labels, every class
 in every batch). Rounds are interleaved; each variant's ratio to plain inference is taken within a round,
 and the median and quartiles over rounds are reported (a shared machine's speed drifts between rounds).
-Minor page faults per batch are printed beside each variant: on a VM a fault costs microseconds, and glibc
-returns large freed blocks to the system, so a process that faults on every batch's activations runs slower
-(RESULTS.md). Then it reports the process's peak RSS after a short capture and after a long one: equal when
-no feature map is kept.
+Minor page faults per batch are printed beside each variant: like every script, this one keeps glibc's heap
+(``mbv3prune.heap``), so they should be 0; on a VM a fault costs microseconds, and with glibc's defaults the
+plain inference itself faulted on its activations every batch, and ran at 30 or 22 ms a batch at 64 px
+depending on what the process had freed before (RESULTS.md). Then it reports the process's peak RSS after
+a short capture and after a long one: equal when no feature map is kept.
 
     python -m benchmarks.capture_overhead
     python -m benchmarks.capture_overhead --SIZES=[64] --ROUNDS=5 --THREADS=1
