@@ -3,8 +3,9 @@
 Each batch of vectors z [rows, dim] is centred at its own mean and reduced to a Gram in the batch's dtype
 (float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update
 (``merge_rows_`` adds the update's between-batch terms to the float32 Gram as one small product, then the
-Gram to M2 in one float64 pass; it takes several batches at once, which a capture uses to pay that pass
-once per ``FLUSH_ROWS`` rows instead of once per batch):
+Gram to M2 in one float64 pass; it takes several batches at once, and can leave the Gram in a float32
+staging buffer, which a capture uses to pay that pass once per ``FOLD_EVERY`` x ``FLUSH_ROWS`` rows instead
+of once per batch):
 
     n = na + nb,  delta = mean_b - mean_a,  mean = mean_a + delta * nb / n,
     M2 = M2a + M2b + outer(delta, delta[cols]) * na * nb / n.
@@ -92,7 +93,7 @@ def centred(z, batch_mean=None, batch_n=None, inplace=False):
     return zc, int(batch_n), batch_mean
 
 
-def merge_rows_(n, mean, m2, batches):
+def merge_rows_(n, mean, m2, batches, staged=None):
     """Merge ``centred`` batches into the running (n, mean, m2) in place, in one Gram; returns them.
 
     The scatter of the union around its new mean is each batch's scatter around its own mean plus the
@@ -101,7 +102,9 @@ def merge_rows_(n, mean, m2, batches):
     row per group, sqrt(n_g) (mean_g - mean), and the rounding of each batch's centre to z's dtype (c_b, not
     mean_b) as a row subtracted, sqrt(n_b) (mean_b - c_b), so the float64 ``m2`` is read and written once
     per call, however many batches (a single batch's rows are not copied). ``m2``'s shape says what is
-    kept: [dim, dim], or [dim, cols] for the scatter against z's trailing columns.
+    kept: [dim, dim], or [dim, cols] for the scatter against z's trailing columns. ``staged`` (a
+    ``staging`` buffer): the Gram is added there instead, by BLAS in place, and ``m2`` is complete only after
+    ``fold_(m2, staged)`` (n and mean are updated at once either way).
     """
     batches = [b for b in batches if b[1]]
     if not batches:
@@ -113,29 +116,44 @@ def merge_rows_(n, mean, m2, batches):
     new_mean = (weights[:, None] * means).sum(0) / weights.sum()
     between = (means - new_mean) * weights.sqrt()[:, None]  # a group of 0 rows (empty running moments) adds 0
     rounding = torch.stack([(bm - bm.to(z.dtype).to(bm)) * nb**0.5 for _, nb, bm in batches])
-    _add_gram_(m2, z, torch.cat([between, rounding]).to(z), torch.cat([between, -rounding]).to(z))
+    small, signed = torch.cat([between, rounding]).to(z), torch.cat([between, -rounding]).to(z)
+    if staged is None:
+        fold_(m2, _stage_gram_(staging(m2, z), z, small, signed))
+    else:
+        _stage_gram_(staged, z, small, signed)
     mean.copy_(new_mean)
     n.add_(sum(counts[1:]))
     return n, mean, m2
 
 
-def _gram(z, small, signed, rows, cols):
-    """z[:, rows]^T z[:, cols] + signed[:, rows]^T small[:, cols] (``signed``: ``small``, the rows to subtract
-    negated)."""
-    return torch.addmm(z[:, rows].T @ z[:, cols], signed[:, rows].T, small[:, cols])
+def staging(m2, z):
+    """A zeroed buffer in z's dtype and device, of ``m2``'s shape, that Grams are added into (``merge_rows_``)."""
+    return torch.zeros(m2.shape, dtype=z.dtype, device=z.device)
 
 
-def _add_gram_(m2, z, small, signed, panel=256):
-    """m2 += z^T z + signed^T small, in z's dtype (against the trailing columns when m2 is [dim, cols]).
-    When m2 is square, only the panels on and below the diagonal are multiplied (63% of the work at 960)."""
-    dim, cols = z.shape[1], m2.shape[1]
+def _stage_gram_(staged, z, small, signed, panel=256):
+    """staged += z^T z + signed^T small in place (against the trailing columns when staged is [dim, cols]);
+    returns staged. When it is square and wider than ``panel``, only the panels on and below the diagonal
+    are multiplied (63% of the work at 960): ``fold_`` reads its lower triangle only."""
+    dim, cols = z.shape[1], staged.shape[1]
     if cols != dim or dim <= panel:
-        m2.add_(_gram(z, small, signed, slice(None), slice(dim - cols, None)).to(m2.device))
-        return
+        col = slice(dim - cols, None)
+        staged.addmm_(z.T, z[:, col]).addmm_(signed.T, small[:, col])
+        return staged
     for i in range(0, dim, panel):
-        g = _gram(z, small, signed, slice(i, i + panel), slice(None, i + panel)).to(m2.device)  # to the diagonal
-        m2[i : i + panel, : i + panel].add_(g)
-        m2[:i, i : i + panel].add_(g[:, :i].T)
+        rows, col = slice(i, i + panel), slice(None, i + panel)
+        staged[rows, col].addmm_(z[:, rows].T, z[:, col]).addmm_(signed[:, rows].T, small[:, col])
+    return staged
+
+
+def fold_(m2, staged):
+    """m2 += the Grams added into ``staged`` (a square one mirrored from its lower triangle), in float64 on
+    m2's device; staged is zeroed."""
+    if m2.dim() == 2 and m2.shape[0] == m2.shape[1]:
+        m2.add_(staged.tril().to(m2)).add_(staged.tril(-1).T.to(m2))
+    else:
+        m2.add_(staged.to(m2))
+    staged.zero_()
 
 
 def add_rows_(n, mean, m2, z, batch_mean=None, batch_n=None, inplace=False):
@@ -303,15 +321,19 @@ class CaptureMoments:
     per-channel moments always use every position.
 
     Covariance rows wait, centred, until a prefix has ``FLUSH_ROWS`` of them at the end of a batch
-    (``end_batch``), then merge in one Gram and one float64 pass over its M2 (``merge_rows_``): per batch,
-    that pass over the 960 x 960 totals cost more than the Gram itself. A batch with ``FLUSH_ROWS`` rows of
-    its own (every position) merges at once, so fewer than twice that many rows per covariance are ever held
-    (at most 37 MB for Large). ``flush()`` merges whatever waits; the state is complete only after it
-    (``capture`` flushes before ``on_batch`` and at the end). Flushing earlier or later changes the result
-    only by float rounding.
+    (``end_batch``), then merge in one Gram (``merge_rows_``), which BLAS adds in place into a float32
+    staging buffer of the covariance's shape; every ``FOLD_EVERY`` merges the buffer is added into the
+    float64 M2 (``fold_``): per batch, that pass over the 960 x 960 totals cost more than the Gram itself,
+    and once per merge it still cost 40% on top of the Grams. A batch with ``FLUSH_ROWS`` rows of its own
+    (every position) merges at once, so fewer than twice that many rows per covariance are ever held (at
+    most 37 MB for Large; the staging buffers take 25 MB more). ``flush()`` merges whatever waits and folds
+    every buffer; the state is complete only after it (``capture`` flushes before ``on_batch`` and at the
+    end). Flushing or folding earlier or later changes the result only by float rounding (float32 sums of
+    at most ``FOLD_EVERY`` Grams, each already a float32 sum of its rows).
     """
 
     FLUSH_ROWS = 512  # rows a covariance collects before they are merged (memory: 4 bytes x rows x dim)
+    FOLD_EVERY = 8  # merges a covariance's float32 staging buffer sums before it is added into the float64 M2
 
     def __init__(self, state, blocks, layers, positions_per_image=None, seed=0, device="cpu"):
         self.state, self.layers = state, layers
@@ -321,6 +343,7 @@ class CaptureMoments:
         self.project_block = {roles["project"]: block for block, roles in prunable_blocks.items()}
         self.se_blocks = {block for block, roles in prunable_blocks.items() if roles.get("se_fc1")}
         self.pending = {}  # prefix -> [centred batches waiting to be merged]
+        self.staged = {}  # prefix -> [float32 buffer of merged Grams not yet in M2, merges in it]
 
     def channel_shift(self, layer, x):
         """What a layer's batch is centred at for its per-channel M2 (float32 [C]): the running mean, or at
@@ -363,14 +386,37 @@ class CaptureMoments:
             self.flush_one(prefix)
 
     def flush_one(self, prefix):
-        """Merge the waiting rows of one covariance into the state."""
-        merge_rows_(*_state_moments(self.state, prefix, 0), self.pending.pop(prefix, []))
+        """Merge the waiting rows of one covariance (their Gram into its staging buffer; folded into M2 every
+        ``FOLD_EVERY`` merges)."""
+        n, mean, m2 = _state_moments(self.state, prefix, 0)
+        batches = self.pending.pop(prefix, [])
+        if not batches:
+            return
+        if prefix not in self.staged:
+            with torch.inference_mode(False):  # usable after the capture's inference mode, like the state
+                self.staged[prefix] = [staging(m2, batches[0][0]), 0]
+        entry = self.staged[prefix]
+        merge_rows_(n, mean, m2, batches, entry[0])
+        entry[1] += 1
+        if entry[1] >= self.FOLD_EVERY:
+            self.fold(prefix)
+
+    def fold(self, prefix):
+        """Add one covariance's staged Grams into its float64 M2."""
+        entry = self.staged.get(prefix)
+        if entry and entry[1]:
+            fold_(self.state[f"{prefix}_m2"], entry[0])
+            entry[1] = 0
 
     def flush(self, rows=0):
-        """Merge the waiting rows of every covariance with at least ``rows`` of them (0: all) into the state."""
+        """Merge the waiting rows of every covariance with at least ``rows`` of them; ``rows=0``: merge all
+        and fold every staging buffer, so the state is complete."""
         for prefix in list(self.pending):
             if sum(len(z) for z, _, _ in self.pending[prefix]) >= rows:
                 self.flush_one(prefix)
+        if not rows:
+            for prefix in self.staged:
+                self.fold(prefix)
 
     def end_batch(self):
         """After a batch's forward pass: merge the covariances that have collected ``FLUSH_ROWS`` rows (between

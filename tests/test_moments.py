@@ -81,13 +81,20 @@ def test_merged_parts_equal_the_whole_for_plain_cross_and_diagonal_moments():
     assert torch.allclose(cross, torch.cov(z.T, correction=0)[:, -2:], atol=1e-10)
 
 
+@pytest.mark.parametrize("staged", [False, True])  # the Grams added into a float32 buffer, folded in afterwards
 @pytest.mark.parametrize("dim, cols", [(6, None), (300, None), (300, 40)])  # 300 > the Gram's 256-wide panels
-def test_batches_merged_at_once_equal_the_float64_scatter_of_their_rows(dim, cols):
+def test_batches_merged_at_once_equal_the_float64_scatter_of_their_rows(dim, cols, staged):
     gen = torch.Generator().manual_seed(6)
     z = torch.randn(900, dim, generator=gen, dtype=torch.float64) + 50 * torch.rand(dim, generator=gen)  # offset
     n, mean, m2 = M.zeros(dim, cols)
-    M.add_rows_(n, mean, m2, z[:100].float())  # running moments, then three batches in one Gram
-    M.merge_rows_(n, mean, m2, [M.centred(chunk.float()) for chunk in (z[100:107], z[107:500], z[500:])])
+    M.add_rows_(n, mean, m2, z[:100].float())  # running moments, then three batches in two merges
+    first, buffer = m2.clone(), M.staging(m2, z.float()) if staged else None
+    M.merge_rows_(n, mean, m2, [M.centred(chunk.float()) for chunk in (z[100:107], z[107:500])], buffer)
+    M.merge_rows_(n, mean, m2, [M.centred(z[500:].float())], buffer)
+    if staged:
+        assert torch.equal(m2, first)  # the Grams wait in the buffer until the fold
+        M.fold_(m2, buffer)
+        assert not bool(buffer.any())
     truth = (z - z.mean(0)).T @ (z - z.mean(0))[:, dim - (cols or dim) :]
     assert int(n) == 900
     torch.testing.assert_close(mean, z.mean(0), rtol=1e-6, atol=1e-5)
@@ -107,17 +114,20 @@ def test_the_rounding_of_a_batch_centre_to_float32_is_taken_back():
     torch.testing.assert_close(m2, truth, rtol=2e-4, atol=0)  # uncorrected (or the wrong sign): off by ~0.5%
 
 
-def test_capture_covariances_do_not_depend_on_when_the_waiting_rows_are_merged(monkeypatch):
+def test_capture_covariances_do_not_depend_on_when_the_waiting_rows_are_merged_or_folded(monkeypatch):
     model = randomized_model("mobilenet_v3_small")
     gen = torch.Generator().manual_seed(7)
     batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 0, 1, 1])) for _ in range(5)]
     kw = dict(num_classes=2, progress=False, second_moments=True, histograms=False)
     waited, _ = capture(model, batches, find_blocks(model), **kw)
-    monkeypatch.setattr(M.CaptureMoments, "FLUSH_ROWS", 1)  # merged at every batch
+    monkeypatch.setattr(M.CaptureMoments, "FLUSH_ROWS", 1)  # merged at every batch, folded at the end
     at_once, _ = capture(model, batches, find_blocks(model), **kw)
+    monkeypatch.setattr(M.CaptureMoments, "FOLD_EVERY", 2)  # and folded into float64 every other batch
+    folded, _ = capture(model, batches, find_blocks(model), **kw)
     for key in M.capture_keys(find_blocks(model), {}):  # float32 Grams summed in another grouping: rounding
         scale = float(at_once[key].abs().max()) if at_once[key].is_floating_point() else 0
         torch.testing.assert_close(waited[key], at_once[key], rtol=1e-5, atol=1e-6 * scale, msg=key)
+        torch.testing.assert_close(folded[key], at_once[key], rtol=1e-5, atol=1e-6 * scale, msg=key)
 
 
 def test_positions_sampled_per_image_give_an_unbiased_scatter_and_all_positions_when_few():
