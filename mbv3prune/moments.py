@@ -4,8 +4,8 @@ Each batch of vectors z [rows, dim] is centred at its own mean and reduced to a 
 (float32 BLAS for float32 activations), then merged into float64 running totals with Chan et al.'s update
 (``merge_rows_`` adds the update's between-batch terms to the float32 Gram as one small product, then the
 Gram to M2 in one float64 pass; it takes several batches at once, and can leave the Gram in a float32
-staging buffer, which a capture uses to pay that pass once per ``FOLD_EVERY`` x ``FLUSH_ROWS`` rows instead
-of once per batch):
+staging buffer, which a capture uses to pay that pass once per ``FOLD_EVERY`` merges of at least
+``FLUSH_ROWS`` rows instead of once per batch):
 
     n = na + nb,  delta = mean_b - mean_a,  mean = mean_a + delta * nb / n,
     M2 = M2a + M2b + outer(delta, delta[cols]) * na * nb / n.
@@ -100,8 +100,8 @@ def merge_rows_(n, mean, m2, batches, staged=None):
     between-group term sum_g n_g (mean_g - mean)(mean_g - mean)^T over the batches and the running moments
     (Chan et al.'s update, for several groups at once). Those terms enter the Gram as a small matrix of one
     row per group, sqrt(n_g) (mean_g - mean), and the rounding of each batch's centre to z's dtype (c_b, not
-    mean_b) as a row subtracted, sqrt(n_b) (mean_b - c_b), so the float64 ``m2`` is read and written once
-    per call, however many batches (a single batch's rows are not copied). ``m2``'s shape says what is
+    mean_b) as a row subtracted, sqrt(n_b) (mean_b - c_b), so one Gram per call covers however many
+    batches (a single batch's rows are not copied). ``m2``'s shape says what is
     kept: [dim, dim], or [dim, cols] for the scatter against z's trailing columns. ``staged`` (a
     ``staging`` buffer): the Gram is added there instead, by BLAS in place, and ``m2`` is complete only after
     ``fold_(m2, staged)`` (n and mean are updated at once either way).
@@ -150,9 +150,11 @@ def fold_(m2, staged):
     """m2 += the Grams added into ``staged`` (a square one mirrored from its lower triangle), in float64 on
     m2's device; staged is zeroed."""
     if m2.dim() == 2 and m2.shape[0] == m2.shape[1]:
-        m2.add_(staged.tril().to(m2)).add_(staged.tril(-1).T.to(m2))
+        gram = staged.tril()
+        gram += staged.tril(-1).T  # the two parts do not overlap: exact
     else:
-        m2.add_(staged.to(m2))
+        gram = staged
+    m2.add_(gram.to(m2.device))  # moved in float32 (MPS has no float64), added in float64
     staged.zero_()
 
 

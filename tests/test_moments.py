@@ -236,3 +236,20 @@ def test_statistics_sampled_at_other_positions_are_stale_and_negative_positions_
     assert measure.stale_reason(str(tmp_path), identity(4)) is None  # every position counted: fits a sample
     with pytest.raises(PruneError, match=f"{key}=-1"):
         measure.check_positions({key: -1})
+
+
+def test_a_wide_capture_covariance_staged_and_folded_equals_the_float64_scatter(monkeypatch):
+    monkeypatch.setattr(M.CaptureMoments, "FLUSH_ROWS", 100)  # a merge every other batch of 64 rows
+    monkeypatch.setattr(M.CaptureMoments, "FOLD_EVERY", 2)  # folded mid-stream and by the final flush
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(64 * 7, 300, generator=gen, dtype=torch.float64) + 20 * torch.rand(300, generator=gen)
+    state = {}
+    sink = M.CaptureMoments(state, {}, {})
+    for batch in z.float().split(64):  # 300 wide: the Grams' panels, then their mirror at the fold
+        sink._add("B/cov", M.centred(batch))
+        sink.end_batch()
+    sink.flush()
+    truth = (z - z.mean(0)).T @ (z - z.mean(0))
+    assert int(state["B/cov_n"]) == len(z) and not bool(sink.staged["B/cov"][0].any())
+    torch.testing.assert_close(state["B/cov_m2"], truth, rtol=1e-5, atol=1e-5 * len(z))
+    torch.testing.assert_close(state["B/cov_m2"], state["B/cov_m2"].T, rtol=0, atol=0)
