@@ -155,11 +155,12 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, position
     }
     if per_image:
         totals["image_abs"] = a.sum((2, 3)).double()
-    if offsets is not None and positions is None:  # [B, C, H * W]: every position, in x's order
-        totals["idx"] = _bin_keys(a.flatten(2)).to(offsets.dtype).add_(offsets.transpose(1, 2)).reshape(-1)
-    elif offsets is not None:  # [B, P, C], channels innermost: inductor's loop over a short P runs 4x slower
-        # gathered from x: gathering from |x| would make inductor store |x|
-        counted = x.flatten(2).gather(2, positions[:, None, :].expand(-1, x.shape[1], -1)).transpose(1, 2).abs()
+    if offsets is not None:
+        if positions is None:  # [B, C, H * W]: every position, in x's order
+            counted, offsets = a.flatten(2), offsets.transpose(1, 2)
+        else:  # [B, P, C], channels innermost: inductor's loop over a short P runs 4x slower. Gathered from
+            # x: gathering from |x| would make inductor store the whole |x|
+            counted = x.flatten(2).gather(2, positions[:, None, :].expand(-1, x.shape[1], -1)).transpose(1, 2).abs()
         totals["idx"] = _bin_keys(counted).to(offsets.dtype).add_(offsets).reshape(-1)
     if shift is not None:
         dev = x - shift[:, None, None]

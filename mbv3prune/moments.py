@@ -184,7 +184,7 @@ class Moments:
     """Running moments of streamed rows: ``add(z)`` per batch, then ``n``, ``mean`` and ``cov()`` (M2 / n)."""
 
     def __init__(self, dim, cols=None, diagonal=False, device="cpu"):
-        self.cols, self.diagonal = cols, diagonal
+        self.diagonal = diagonal  # the cross-moment columns live in m2's shape
         self.n, self.mean, self.m2 = zeros(dim, cols, diagonal, device)
 
     def add(self, z):
