@@ -33,9 +33,11 @@ read the tensor once (``fused.compiled``; eager where compiling is not available
 
 Per block, whatever the capture point, ``{block}/pregate_sum`` (float64 [C]) and ``{block}/pregate_n``
 (int64 []) hold the per-channel sum and count of the depthwise activation's output before the SE gate
-(``ActivationStats.pregate_mean``). A NaN or inf in a captured tensor stops the capture with a PruneError
-naming the first such layer in forward order; the check is free: NaN and inf propagate into the per-batch
-max |a| (an explicit ``isfinite(x).all()`` per tensor costs ~15% of inference).
+(``ActivationStats.pregate_mean``); in a block without SE that tensor is also the project conv's input, so
+where it is captured (``project_input``, ``activation``) the layer's batch sums are reused instead of a
+second hook. A NaN or inf in a captured tensor stops the capture with a PruneError naming the first such
+layer in forward order; the check is free: NaN and inf propagate into the per-batch max |a| (an explicit
+``isfinite(x).all()`` per tensor costs ~15% of inference).
 
 With ``second_moments=True`` the state also holds Chan-merged moment triples ``{prefix}_n`` (int64 []),
 ``{prefix}_mean`` (float64 [C]) and ``{prefix}_m2`` (float64, centred scatter sum), see
@@ -215,6 +217,16 @@ def _pregate_module(roles):
     return roles.get("depthwise_act", roles["depthwise_bn"])
 
 
+def _pregate_layer(roles, capture_point):
+    """The captured layer whose tensor is the block's pre-gate activation, or None. Only in blocks without SE:
+    nothing lies between the depthwise activation and the project conv there (the capture point
+    ``activation`` captures the former, ``project_input`` the latter); with SE the pre-gate hook also feeds
+    the pooled SE covariance its per-image sums."""
+    if roles.get("se_fc1") or capture_point not in ("project_input", "activation"):
+        return None
+    return capture_layer(roles, capture_point)
+
+
 def _register(module, kind, fn):
     """Hook ``fn`` on the module's input (``pre``) or output; the hook returns None, so it never alters them."""
     if kind == "pre":
@@ -300,6 +312,7 @@ class _Accumulator:
         self.hist_key = "hist_class" if per_class == "histograms" else "hist"
         self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
         self._ones, self._counted = {}, {}
+        self.pregate_of = {}  # captured layer -> the block whose pre-gate activation it is (see _hooks)
 
     def start_batch(self, labels):
         """Labels (on the model's device, grouped by class) of the batch about to run."""
@@ -388,6 +401,8 @@ class _Accumulator:
             self._count(hist, batch["idx"])
         if "image_abs" in batch:
             total("sum_abs_class").index_add_(0, self.labels, batch["image_abs"])
+        if layer in self.pregate_of:  # the block's pre-gate activation, not hooked twice (_pregate_layer)
+            self._add_pregate(self.pregate_of[layer], batch["sum"], b * h * w)
         if self.moments:
             self.moments.channel(layer, b * h * w, batch["sum"], batch["dev"], batch["sq_dev"])
             self.moments.captured_project(layer, x, batch["sum"] / (b * h * w))
@@ -395,14 +410,17 @@ class _Accumulator:
     def pregate(self, block, x):
         """Add the depthwise activation (before the SE gate) into the block's per-channel sum and count (and,
         with second moments, its per-image means into the pooled SE covariance)."""
-        if f"{block}/pregate_sum" not in self.state:
-            self.state[f"{block}/pregate_sum"] = _zeros((x.shape[1],), torch.float64, x.device)
-            self.state[f"{block}/pregate_n"] = _zeros((), torch.int64, x.device)
         image_sums = _image_sums(x)
-        self.state[f"{block}/pregate_sum"].add_(image_sums.sum(0))
-        self.state[f"{block}/pregate_n"].add_(x.numel() // x.shape[1])
+        self._add_pregate(block, image_sums.sum(0), x.numel() // x.shape[1])
         if self.moments:
             self.moments.pooled(block, image_sums, x.shape[2] * x.shape[3])
+
+    def _add_pregate(self, block, total, n):
+        if f"{block}/pregate_sum" not in self.state:
+            self.state[f"{block}/pregate_sum"] = _zeros(total.shape, torch.float64, total.device)
+            self.state[f"{block}/pregate_n"] = _zeros((), torch.int64, total.device)
+        self.state[f"{block}/pregate_sum"].add_(total)
+        self.state[f"{block}/pregate_n"].add_(n)
 
     def check_finite(self):
         """PruneError naming the first layer, in forward order, whose tensor held NaN or inf in this batch."""
@@ -416,14 +434,18 @@ class _Accumulator:
 
 
 def _hooks(acc, blocks, capture_point):
-    """(module, kind, fn) for every captured layer and every block's pre-gate depthwise activation."""
+    """(module, kind, fn) for every captured layer and every block's pre-gate depthwise activation that is not
+    a captured tensor (``_pregate_layer``: those are added from the layer's totals)."""
     hooks = [
         (name, info["hook"], lambda x, name=name: acc.layer(name, x))
         for name, info in describe_layers(blocks, capture_point).items()
     ]
+    acc.pregate_of = {_pregate_layer(roles, capture_point): block for block, roles in blocks.items()}
+    acc.pregate_of.pop(None, None)
     hooks += [
         (_pregate_module(roles), "post", lambda x, block=block: acc.pregate(block, x))
         for block, roles in blocks.items()
+        if _pregate_layer(roles, capture_point) is None
     ]
     return hooks
 
