@@ -52,7 +52,7 @@ Histogram bins are fixed (``hist_edges()``), identical for every layer and run: 
 (strictly, |a| < 2**-128, i.e. zeros and the tiniest float32 subnormals), bin 1 the underflow
 (0 < |a| < 2**-20), then 2**SUB_BITS bins per octave from 2**-20 (~9.5e-7) to 2**10 (1024), then an
 overflow bin (inf included). A value's bin is read off its float32 bit pattern (exponent and the top
-SUB_BITS mantissa bits), so binning is exact at every edge. One ``index_add_`` per layer and batch counts
+SUB_BITS mantissa bits), so binning is exact at every edge. One ``scatter_add_`` per layer and batch counts
 all classes, channels and bins at once, straight into the totals (``bincount`` would zero and add a
 [K, C, NB] result every batch: about twice the cost); each batch is grouped by class first, so each
 class's rows stay in cache. Live, ``hist_class`` is int32 while no bin can overflow (``finalize``: int64).
@@ -137,14 +137,22 @@ def bin_index(abs_values):
     return _bin_keys(abs_values).sub_(_LO_KEY - 1)
 
 
-def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, positions=None):
+def _hist_offsets(rows, channels):
+    """Index of bin 0 of every (image, channel) in a flat [rows, C, NUM_BINS] histogram: [B, 1, C] in the dtype of
+    ``rows`` [B], each image's histogram row (its class, or 0 for one histogram of every class)."""
+    channel = torch.arange(channels, dtype=rows.dtype, device=rows.device)
+    return ((rows[:, None] * channels + channel) * NUM_BINS - (_LO_KEY - 1))[:, None, :]
+
+
+def _batch_totals(x, threshold: float, rows, per_image: bool, shift, positions=None):
     """One batch [B, C, H, W] of a layer reduced per channel ({name: tensor}); compiled, a loop or two.
 
-    Sums are float32 over the batch, then float64 over H x W. ``offsets`` [B, 1, C] (``_hist_offsets``): also
-    ``idx``, the index into the flat histogram of every element, or with ``positions`` [B, P] (flat positions
-    per image) of the elements at those positions only (in [B, P, C] order). ``per_image``: also
-    ``image_abs`` [B, C]. ``shift`` [C]: also ``dev`` and ``sq_dev``, the sums of a - shift and of its square
-    (per-channel M2 without cancellation).
+    Sums are float32 over the batch, then float64 over H x W. ``rows`` [B] (``_Accumulator._hist_rows``, int32
+    or int64: the index's dtype): also ``idx``, the index into the flat histogram [K, C, NUM_BINS] of every
+    element (image i counts into row ``rows[i]``; the offsets are computed in the kernel), or with
+    ``positions`` [B, P] (flat positions per image) of the elements at those positions only (in [B, P, C]
+    order). ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]: also ``dev`` and ``sq_dev``, the sums of
+    a - shift and of its square (per-channel M2 without cancellation).
     """
     x = x.float()
     a = x.abs()
@@ -157,7 +165,8 @@ def _batch_totals(x, threshold: float, offsets, per_image: bool, shift, position
     }
     if per_image:
         totals["image_abs"] = a.sum((2, 3)).double()
-    if offsets is not None:
+    if rows is not None:
+        offsets = _hist_offsets(rows, x.shape[1])
         if positions is None:  # [B, C, H * W]: every position, in x's order
             counted, offsets = a.flatten(2), offsets.transpose(1, 2)
         else:  # [B, P, C], channels innermost: inductor's loop over a short P runs 4x slower. Gathered from
@@ -310,13 +319,13 @@ class _Accumulator:
         self.hist_positions = hist_positions
         self.generator = seeded_generator(seed + _HIST_SEED_OFFSET, device)  # a stream apart from the covariance's
         self.hist_key = "hist_class" if per_class == "histograms" else "hist"
-        self.labels, self.class_counts, self.batch_max, self._offsets = None, None, [], {}
+        self.labels, self.class_counts, self.batch_max, self._rows = None, None, [], {}
         self._ones, self._counted = {}, {}
         self.pregate_of = {}  # captured layer -> the block whose pre-gate activation it is (see _hooks)
 
     def start_batch(self, labels):
         """Labels (on the model's device, grouped by class) of the batch about to run."""
-        self.labels, self.batch_max, self._offsets = labels, [], {}
+        self.labels, self.batch_max, self._rows = labels, [], {}
         self.class_counts = torch.bincount(labels, minlength=self.num_classes)
 
     def _totals(self, layer, x):
@@ -334,17 +343,16 @@ class _Accumulator:
             )
         return lambda stat: self.state[f"{layer}/{stat}"]
 
-    def _hist_offsets(self, channels, device):
-        """Index of bin 0 of every (image, channel) in the flat hist_class [K, C, NUM_BINS] (or hist [C, NUM_BINS]):
-        [B, 1, C] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes on Large)."""
-        if channels not in self._offsets:
-            rows_total = (self.num_classes if self.per_class == "histograms" else 1) * channels * NUM_BINS
-            dtype = torch.int32 if rows_total <= _INT32_MAX else torch.int64
-            channel = torch.arange(channels, dtype=dtype, device=device)
+    def _hist_rows(self, channels):
+        """Each image's row of the layer's flat histogram (its label in hist_class [K, C, NUM_BINS], 0 in hist
+        [C, NUM_BINS]) as [B] int32, or int64 once K x C x NUM_BINS passes 2**31 - 1 (past about 18,000 classes
+        on Large): the dtype of the histogram index ``_batch_totals`` computes from it."""
+        rows_total = (self.num_classes if self.per_class == "histograms" else 1) * channels * NUM_BINS
+        dtype = torch.int32 if rows_total <= _INT32_MAX else torch.int64
+        if dtype not in self._rows:
             labels = self.labels if self.per_class == "histograms" else torch.zeros_like(self.labels)
-            rows = labels.to(dtype).view(-1, 1) * channels + channel
-            self._offsets[channels] = (rows * NUM_BINS - (_LO_KEY - 1))[:, None, :]
-        return self._offsets[channels]
+            self._rows[dtype] = labels.to(dtype)
+        return self._rows[dtype]
 
     def _hist_class(self, layer, elements):
         """The layer's hist_class before counting ``elements`` more per channel.
@@ -376,18 +384,18 @@ class _Accumulator:
         ones = self._ones.get(hist.dtype)
         if ones is None or ones.numel() < idx.numel() or ones.device != idx.device:
             ones = self._ones[hist.dtype] = torch.ones(idx.numel(), dtype=hist.dtype, device=idx.device)
-        hist.view(-1).index_add_(0, idx, ones[: idx.numel()])
+        hist.view(-1).scatter_add_(0, idx, ones[: idx.numel()])  # 15-20% faster than index_add_ on a CPU
 
     def layer(self, layer, x):
         """Reduce one captured tensor [B, C, H, W] into its layer's totals (and second moments, if kept)."""
         total = self._totals(layer, x)
         b, c, h, w = x.shape
         hist = self._hist_class(layer, b * h * w) if self.histograms else None
-        offsets = self._hist_offsets(c, x.device) if hist is not None else None
+        rows = self._hist_rows(c) if hist is not None else None
         positions = self._hist_positions(b, h * w, x.device) if hist is not None else None
         shift = self.moments.channel_shift(layer, x) if self.moments else None
         per_image = self.histograms and self.per_class == "counts"
-        batch = _BATCH_TOTALS(x, self.threshold, offsets, per_image, shift, positions)
+        batch = _BATCH_TOTALS(x, self.threshold, rows, per_image, shift, positions)
         total("n").add_(b * h * w)
         total("n_images").add_(b)
         total("n_class").add_(self.class_counts)

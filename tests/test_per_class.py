@@ -1,4 +1,4 @@
-"""Many species: what the capture keeps per class (PER_CLASS, MAX_STATS_MEMORY_GB), int64 histogram offsets,
+"""Many species: what the capture keeps per class (PER_CLASS, MAX_STATS_MEMORY_GB), int64 histogram indices,
 and a compact but recoverable sample record."""
 
 import os
@@ -37,12 +37,15 @@ def test_counts_and_off_keep_the_overall_histogram_and_per_class_means():
     assert C.per_class_bytes([100], 1000, "counts") * 100 < C.per_class_bytes([100], 1000, "histograms")
 
 
-def test_histogram_offsets_do_not_overflow_past_18000_classes():
+def test_histogram_index_does_not_overflow_past_18000_classes():
     acc = C._Accumulator({}, 0.01, 20_000, True)
     acc.start_batch(torch.tensor([19_999]))
-    offsets = acc._hist_offsets(960, torch.device("cpu"))
-    want = (19_999 * 960 + 959) * C.NUM_BINS - (C._LO_KEY - 1)  # past 2**31: an int32 offset wraps negative
-    assert offsets.dtype == torch.int64 and int(offsets[0, 0, -1]) == want
+    assert acc._hist_rows(960).dtype == torch.int64 and acc._hist_rows(16).dtype == torch.int32
+    x = torch.zeros(1, 960, 1, 1)
+    x[0, -1] = 1.0  # |a| = 1: bin C.bin_index(1.0) of the last channel
+    idx = C._batch_totals(x, 0.01, acc._hist_rows(960), False, None)["idx"]
+    want = (19_999 * 960 + 959) * C.NUM_BINS + int(C.bin_index(torch.ones(1))[0])  # past 2**31: int32 wraps
+    assert idx.dtype == torch.int64 and int(idx[-1]) == want
 
 
 def _cfg(**kw):
