@@ -148,8 +148,9 @@ def _batch_totals(x, threshold: float, rows, per_image: bool, shift, positions=N
     """One batch [B, C, H, W] of a layer reduced per channel ({name: tensor}); compiled, a loop or two.
 
     Sums are float32 over the batch, then float64 over H x W. ``rows`` [B] (``_Accumulator._hist_rows``, int32
-    or int64: the index's dtype): also ``idx``, the index into the flat histogram [K, C, NUM_BINS] of every
-    element (image i counts into row ``rows[i]``; the offsets are computed in the kernel), or with
+    or int64: the index's dtype): also ``idx``, the index into the flat histogram [K, C, NUM_BINS] (or [C,
+    NUM_BINS], every row 0) of every element (image i counts into row ``rows[i]``; the offsets are computed in
+    the kernel), or with
     ``positions`` [B, P] (flat positions per image) of the elements at those positions only (in [B, P, C]
     order). ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]: also ``dev`` and ``sq_dev``, the sums of
     a - shift and of its square (per-channel M2 without cancellation).
@@ -228,9 +229,10 @@ def _pregate_module(roles):
 
 def _pregate_layer(roles, capture_point):
     """The captured layer whose tensor is the block's pre-gate activation, or None. Only in blocks without SE:
-    nothing lies between the depthwise activation and the project conv there (the capture point
-    ``activation`` captures the former, ``project_input`` the latter); with SE the pre-gate hook also feeds
-    the pooled SE covariance its per-image sums."""
+    in torchvision's ``InvertedResidual`` (the only block ``blocks.find_blocks`` accepts) nothing lies between
+    the depthwise activation and the project conv there (the capture point ``activation`` captures the
+    former, ``project_input`` the latter); with SE the pre-gate hook also feeds the pooled SE covariance its
+    per-image sums."""
     if roles.get("se_fc1") or capture_point not in ("project_input", "activation"):
         return None
     return capture_layer(roles, capture_point)
@@ -380,7 +382,8 @@ class _Accumulator:
         return drawn
 
     def _count(self, hist, idx):
-        """hist[idx] += 1 for every element of the int32 index (a contiguous source of ones is faster than expand)."""
+        """hist[idx] += 1 for every element of the int32 or int64 index (a contiguous source of ones is faster
+        than expand)."""
         ones = self._ones.get(hist.dtype)
         if ones is None or ones.numel() < idx.numel() or ones.device != idx.device:
             ones = self._ones[hist.dtype] = torch.ones(idx.numel(), dtype=hist.dtype, device=idx.device)

@@ -43,9 +43,10 @@ def test_histogram_index_does_not_overflow_past_18000_classes():
     assert acc._hist_rows(960).dtype == torch.int64 and acc._hist_rows(16).dtype == torch.int32
     x = torch.zeros(1, 960, 1, 1)
     x[0, -1] = 1.0  # |a| = 1: bin C.bin_index(1.0) of the last channel
-    idx = C._batch_totals(x, 0.01, acc._hist_rows(960), False, None)["idx"]
     want = (19_999 * 960 + 959) * C.NUM_BINS + int(C.bin_index(torch.ones(1))[0])  # past 2**31: int32 wraps
-    assert idx.dtype == torch.int64 and int(idx[-1]) == want
+    for totals in (C._batch_totals, C._BATCH_TOTALS):  # eager and compiled
+        idx = totals(x, 0.01, acc._hist_rows(960), False, None)["idx"]
+        assert idx.dtype == torch.int64 and int(idx[-1]) == want
 
 
 def _cfg(**kw):
