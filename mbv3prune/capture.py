@@ -138,7 +138,7 @@ def bin_index(abs_values):
 
 
 def _hist_offsets(rows, channels):
-    """Index of bin 0 of every (image, channel) in a flat [rows, C, NUM_BINS] histogram: [B, 1, C] in the dtype of
+    """Index of bin 0 of every (image, channel) in a flat [K, C, NUM_BINS] histogram: [B, 1, C] in the dtype of
     ``rows`` [B], each image's histogram row (its class, or 0 for one histogram of every class)."""
     channel = torch.arange(channels, dtype=rows.dtype, device=rows.device)
     return ((rows[:, None] * channels + channel) * NUM_BINS - (_LO_KEY - 1))[:, None, :]
@@ -150,10 +150,9 @@ def _batch_totals(x, threshold: float, rows, per_image: bool, shift, positions=N
     Sums are float32 over the batch, then float64 over H x W. ``rows`` [B] (``_Accumulator._hist_rows``, int32
     or int64: the index's dtype): also ``idx``, the index into the flat histogram [K, C, NUM_BINS] (or [C,
     NUM_BINS], every row 0) of every element (image i counts into row ``rows[i]``; the offsets are computed in
-    the kernel), or with
-    ``positions`` [B, P] (flat positions per image) of the elements at those positions only (in [B, P, C]
-    order). ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]: also ``dev`` and ``sq_dev``, the sums of
-    a - shift and of its square (per-channel M2 without cancellation).
+    the kernel), or with ``positions`` [B, P] (flat positions per image) of the elements at those positions
+    only (in [B, P, C] order). ``per_image``: also ``image_abs`` [B, C]. ``shift`` [C]: also ``dev`` and
+    ``sq_dev``, the sums of a - shift and of its square (per-channel M2 without cancellation).
     """
     x = x.float()
     a = x.abs()
