@@ -124,6 +124,20 @@ class Criterion:
             n_remove=hidden - self.min_kept(hidden),
         )
 
+    def output_costs(self):
+        """Whether ``costs`` applies: contribution and fluctuation in output units, whose squares are the change
+        of the block's output a channel's removal leaves (fluctuation**2 is obs's cost with a diagonal
+        covariance), so that, like obs's, they can be summed and ranked per millisecond saved."""
+        return self.output_units and self.score in scores.WEIGHTED
+
+    def costs(self, stats, blocks, layers, weights):
+        """{block: [(cost, channel)]}: the square of the score in output units (``output_costs``), over the same
+        channels as ``rank``; lower = cheaper to remove."""
+        if not self.output_costs():
+            raise PruneError(f"SCORE={self.score} with OUTPUT_UNITS={self.output_units} is not a cost")
+        ranking = self.rank(stats, blocks, layers, weights)
+        return {name: [(p * p, c) for p, c in ranked] for name, ranked in ranking.items()}
+
     def removals(self, stats, blocks, weights):
         """{block: [(channel, cost of removing it next)]} in greedy OBS order for every prunable block."""
         out = {}

@@ -152,6 +152,8 @@ def to_latency_target(run, cfg, crit, target):
     if crit.score == "obs":
         removals = crit.removals(run.stats, blocks, run.model)
         ranking, kind = {b: [(cost, c) for c, cost in r] for b, r in removals.items()}, "removal"
+    elif crit.output_costs():  # contribution / fluctuation in output units: costs, ranked per ms like obs's
+        ranking, kind = crit.costs(run.stats, blocks, run.layers, run.model), "cost"
     else:
         ranking, kind = crit.rank(run.stats, blocks, run.layers, run.model), "prunability"
 
@@ -186,7 +188,12 @@ def prune_one_shot(run, cfg, crit):
         chosen, measured = distributed.from_main(
             lambda: to_latency_target(run, cfg, crit, cfg["TARGET_LATENCY_REDUCTION"])
         )
-        how = f"most prunable by {crit.score} per ms saved to {cfg['TARGET_LATENCY_REDUCTION']:.0%} of latency"
+        by = (
+            f"cheapest by {crit.score} per ms saved"
+            if crit.score == "obs" or crit.output_costs()
+            else f"most prunable by {crit.score}, chunks timed by the latency table"
+        )
+        how = f"{by} to {cfg['TARGET_LATENCY_REDUCTION']:.0%} of latency"
         extra = {
             "target_latency_reduction": cfg["TARGET_LATENCY_REDUCTION"],
             "latency_runtime": cfg["LATENCY_RUNTIME"],

@@ -1,9 +1,11 @@
 """The Criterion object with SCORE=obs and output units: joint choice, its links to fluctuation, its refusals."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from mbv3prune import models, scores
+from mbv3prune import latency, models, pruning, scores
 from mbv3prune.blocks import find_blocks
 from mbv3prune.criterion import Criterion
 from mbv3prune.errors import PruneError
@@ -122,3 +124,54 @@ def test_bn_recalibrate_auto_keeps_the_statistics_only_when_val_improves(tiny_da
     assert unchanged != step["kept"]
     with pytest.raises(PruneError, match="BN_RECALIBRATE"):
         recover(model, loaders, names, torch.device("cpu"), {**cfg, "BN_RECALIBRATE": "sometimes"})
+
+
+def _latency_choice(model, blocks, stats, crit, monkeypatch, tmp_path):
+    """(kind, ranking) that the pruning stage's target_latency hands the selection, on an injected table."""
+    prunable = {b: r for b, r in blocks.items() if "expand" in r}
+    table = {"model_ms": 10.0, "blocks": {}}
+    for b, r in prunable.items():
+        h = r["hidden_channels"]
+        grid = latency.width_grid(h, crit.min_kept(h), crit.round_to)
+        table["blocks"][b] = {"hidden": h, "ms": {w: 1.0 + w / h for w in grid}}
+    seen, real = {}, latency.to_latency_target
+
+    def spy(ranking, blocks, table, aim, min_keep_ratio, round_to, kind):
+        seen.update(kind=kind, ranking=ranking)
+        return real(ranking, blocks, table, aim, min_keep_ratio, round_to, kind)
+
+    monkeypatch.setattr(latency, "load_or_build", lambda *a: (table, True))
+    monkeypatch.setattr(latency, "to_latency_target", spy)
+    run = SimpleNamespace(
+        stats=stats,
+        blocks=blocks,
+        per_channel={b: 1 for b in prunable},
+        layers={b: r["project"] for b, r in prunable.items()},
+        model=model,
+        device="cpu",
+    )
+    cfg = {"RUN_DIR": str(tmp_path), "LATENCY_RUNTIME": "eager", "LATENCY_BATCH": 1, "IMAGE_SIZE": 32}
+    chosen, _ = pruning.to_latency_target(run, {**cfg, "LATENCY_REPEATS": 3, "LATENCY_CALIBRATE": 0}, crit, 0.2)
+    assert chosen
+    return seen["kind"], seen["ranking"]
+
+
+def test_target_latency_ranks_magnitudes_in_output_units_as_costs_per_millisecond(small, monkeypatch, tmp_path):
+    model, blocks = small
+    gen, stats = torch.Generator().manual_seed(0), {}
+    for b, r in blocks.items():
+        if "expand" in r:
+            var = torch.rand(r["hidden_channels"], generator=gen, dtype=torch.float64) + 0.1
+            stats.update(moment_stats(r, torch.diag(var), block=b))
+    for score in scores.WEIGHTED:
+        crit = Criterion(score, 1.0, output_units=True)
+        kind, ranking = _latency_choice(model, blocks, stats, crit, monkeypatch, tmp_path)
+        roles = blocks[BLOCK]
+        value = crit.values(stats, roles, roles["project"], model)
+        assert kind == "cost" and ranking[BLOCK] == list(zip((value**2).tolist(), range(len(value))))
+        kind, _ = _latency_choice(model, blocks, stats, crit.replace(output_units=False), monkeypatch, tmp_path)
+        assert kind == "prunability"  # raw column norms are not comparable across blocks: ranked as target_macs does
+    kind, _ = _latency_choice(model, blocks, stats, Criterion("obs", 1.0), monkeypatch, tmp_path)
+    assert kind == "removal"
+    with pytest.raises(PruneError, match="is not a cost"):
+        Criterion("mean_abs", 1.0, output_units=True).costs(stats, blocks, {}, model)
