@@ -100,6 +100,7 @@ def eager_capture(model, batches, blocks, **kw):
 
 
 DEFAULT_VARIANT = f"histograms, {HIST_POSITIONS_PER_IMAGE} pos/image"  # the capture stages' histograms
+MOMENTS_VARIANT = f"+ 2nd moments, {COV_POSITIONS_PER_IMAGE} pos/image"  # ... with the stages' second moments
 
 
 def variants(model, blocks):
@@ -113,7 +114,7 @@ def variants(model, blocks):
         f"... {HIST_POSITIONS_PER_IMAGE} pos/image, reduced eagerly": lambda b: eager_capture(
             model, b, blocks, **sampled
         ),
-        f"+ 2nd moments, {COV_POSITIONS_PER_IMAGE} pos/image": lambda b: capture(
+        MOMENTS_VARIANT: lambda b: capture(
             model, b, blocks, second_moments=True, positions_per_image=COV_POSITIONS_PER_IMAGE, **sampled
         ),
         "+ 2nd moments, every pos.": lambda b: capture(model, b, blocks, second_moments=True, **kw),

@@ -4,7 +4,8 @@ Reads:  runs/demo/ (after `make demo`: its baseline is re-used, every later stag
         latency on real photos, runs/flowers/ (after `make flowers`) when it is there.
 Writes: OUT (runs/bench/perf.json: every figure, the machine, the versions) and prints one table per part.
 1. Capture overhead: capture time / plain inference time on the same preloaded images (benchmarks.
-   capture_overhead, one thread), and peak RSS of a capture of 200 vs 2,000 images (benchmarks.capture_memory).
+   capture_overhead, at OVERHEAD_THREADS: torch's default, the targets' setting), and peak RSS of a capture of
+   200 vs 2,000 images (benchmarks.capture_memory).
 2. The demo pipeline, stage by stage: wall time of each stage script as `make demo` runs it (a fresh
    process each, the capture forced with RECAPTURE=True); the training time is the one recorded when the
    baseline was trained (timings.json), not trained again.
@@ -48,7 +49,8 @@ RUNTIME_BATCHES = [1, 32]  # batch sizes of the runtimes part
 RUNTIME_REPEATS = 200  # interleaved rounds of the runtimes part (the median is reported)
 RUNTIME_WARMUP = 20  # untimed rounds first
 RUNTIME_THREADS = 0  # intra-op threads of eager and onnxruntime in the runtimes part (0: torch's default)
-OVERHEAD_SIZES = [64, 96]  # image sizes of the capture-overhead measurement
+OVERHEAD_SIZES = [64, 128]  # image sizes of the capture-overhead measurement
+OVERHEAD_THREADS = 0  # torch threads of the capture-overhead measurement (0: torch's default; 1: CPU time meaningful)
 OUT = "runs/bench/perf.json"  # where the figures are written
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 DEBUG = False  # show tracebacks of the project's errors
@@ -67,11 +69,12 @@ DEMO_STAGES = [  # what `make demo` runs after training (keep in step with the M
 
 
 def capture_part(cfg):
-    """Capture / plain inference time ratios (one thread) and peak RSS at 200 vs 2,000 images."""
+    """Capture / plain inference time ratios (at OVERHEAD_THREADS) and peak RSS at 200 vs 2,000 images."""
     from benchmarks import capture_memory, capture_overhead
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg["OVERHEAD_THREADS"] or threads)
+    measured_threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     out = {}
     try:
@@ -88,7 +91,8 @@ def capture_part(cfg):
         {"COUNTS": [200, 2000], "IMAGE_SIZE": 64, "BATCH_SIZE": 64, "DATA_DIR": "runs/bench_data", "CHILD": 0}
     )
     return {
-        "overhead_one_thread": out,
+        "overhead": out,
+        "overhead_threads": measured_threads,
         "peak_rss": memory,
         "rss_ratio": round(memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"], 3),
     }
@@ -236,11 +240,10 @@ def summary(result):
     if "capture" in result:
         from benchmarks import capture_overhead
 
-        rows = [
-            [size, v["capture, no histograms"]["wall_ratio"], v[capture_overhead.DEFAULT_VARIANT]["wall_ratio"]]
-            for size, v in result["capture"]["overhead_one_thread"].items()
-        ]
-        print("\n" + stage.table(rows, ["size", "capture/plain, no histograms", "capture/plain, histograms"]))
+        names = ["capture, no histograms", capture_overhead.DEFAULT_VARIANT, capture_overhead.MOMENTS_VARIANT]
+        rows = [[size, *(v[n]["wall_ratio"] for n in names)] for size, v in result["capture"]["overhead"].items()]
+        head = [f"size ({result['capture']['overhead_threads']} threads)", "capture/plain, no histograms"]
+        print("\n" + stage.table(rows, [*head, "histograms", "+ second moments"]))
         rss = result["capture"]["peak_rss"]
         print(
             f"peak RSS {rss[0]['images']} images {rss[0]['peak_rss_mb']} MB, {rss[-1]['images']} images "
