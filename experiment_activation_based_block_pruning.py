@@ -13,8 +13,9 @@ it covers the BN, the depthwise conv, SE fc1 / fc2 and the project conv. Blocks 
 skipped (their channels are tied to the stem and the residual path).
 PRUNE_MODE: target_macs (one global ranking by SCORE, ROUND_TO chunks, until MACs fall by
 TARGET_MACS_REDUCTION; obs ranks chunks by their cost per MAC saved), target_latency (the same per
-millisecond saved, from a measured per-block latency table, re-aimed until the whole pruned model timed in
-that runtime saves the target: mbv3prune/latency_feedback.py), threshold (exactly the plan's `prune` indices)
+millisecond saved, contribution and fluctuation in output units by their squares as costs too, from a
+measured per-block latency table, re-aimed until the whole pruned model timed in that runtime saves the
+target: mbv3prune/latency_feedback.py), threshold (exactly the plan's `prune` indices)
 or iterative (block by block, re-measuring downstream blocks after each round: mbv3prune/iterative.py).
 RECONSTRUCT=sequential refits each block's kept project conv and SE fc1 columns by least squares, in forward
 order, on the pruned model's inputs toward the original model's outputs (mbv3prune/reconstruct.py), so no

@@ -68,12 +68,19 @@ DEMO_STAGES = [  # what `make demo` runs after training (keep in step with the M
 ]
 
 
+def thread_count(cfg, key):
+    """``cfg[key]`` threads, or torch's current count for 0; a negative count is refused in one line."""
+    if cfg[key] < 0:
+        raise PruneError(f"{key}={cfg[key]} must be 0 (torch's default) or a number of threads")
+    return cfg[key] or torch.get_num_threads()
+
+
 def capture_part(cfg):
     """Capture / plain inference time ratios (at OVERHEAD_THREADS) and peak RSS at 200 vs 2,000 images."""
     from benchmarks import capture_memory, capture_overhead
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["OVERHEAD_THREADS"] or threads)
+    torch.set_num_threads(thread_count(cfg, "OVERHEAD_THREADS"))
     measured_threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -154,7 +161,7 @@ def runtimes_part(cfg, device):
         print(f"  onnxruntime here has no provider for {device}: both runtimes timed on the CPU")
         device = torch.device("cpu")
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["RUNTIME_THREADS"] or threads)
+    torch.set_num_threads(thread_count(cfg, "RUNTIME_THREADS"))
     try:
         rows = []
         for run, size, pruned in cfg["RUNTIME_RUNS"]:

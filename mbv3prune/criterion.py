@@ -125,9 +125,10 @@ class Criterion:
         )
 
     def output_costs(self):
-        """Whether ``costs`` applies: contribution and fluctuation in output units, whose squares are the change
-        of the block's output a channel's removal leaves (fluctuation**2 is obs's cost with a diagonal
-        covariance), so that, like obs's, they can be summed and ranked per millisecond saved."""
+        """Whether ``costs`` applies: contribution and fluctuation in output units, whose squares are costs in
+        the block's output, summed and ranked per millisecond saved like obs's: fluctuation**2 is exactly the
+        error a channel's removal leaves after mean compensation (obs's cost with a diagonal covariance),
+        contribution**2 a proxy (a lower bound of the error without compensation)."""
         return self.output_units and self.score in scores.WEIGHTED
 
     def costs(self, stats, blocks, layers, weights):

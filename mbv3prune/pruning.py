@@ -5,7 +5,8 @@ the sweep.
 MACs and ``FALLBACK_TARGET`` is set, the most prunable channels go to that MACs target instead.
 ``target_macs`` ranks every prunable block's channels by the criterion and takes the most prunable ROUND_TO
 chunks until the MACs fall by ``TARGET_MACS_REDUCTION``; ``target_latency`` the same per millisecond saved from
-a latency table, re-aimed by timing the whole pruned model (``latency_feedback``). ``iterative`` prunes block
+a latency table (obs, and contribution / fluctuation in output units, by their summed cost per millisecond:
+``Criterion.costs``), re-aimed by timing the whole pruned model (``latency_feedback``). ``iterative`` prunes block
 by block in forward order, re-measuring downstream blocks after each round (``iterative.run``). Each returns
 (pruned model, {block: removed indices}, how it was chosen, extra report fields).
 """

@@ -161,13 +161,14 @@ def test_target_latency_ranks_magnitudes_in_output_units_as_costs_per_millisecon
     gen, stats = torch.Generator().manual_seed(0), {}
     for b, r in blocks.items():
         if "expand" in r:
-            var = torch.rand(r["hidden_channels"], generator=gen, dtype=torch.float64) + 0.1
-            stats.update(moment_stats(r, torch.diag(var), block=b))
+            var, mean = (torch.rand(r["hidden_channels"], generator=gen, dtype=torch.float64) + 0.1 for _ in "vm")
+            stats.update(moment_stats(r, torch.diag(var), block=b, mean=mean))  # contribution reads the mean
     for score in scores.WEIGHTED:
         crit = Criterion(score, 1.0, output_units=True)
         kind, ranking = _latency_choice(model, blocks, stats, crit, monkeypatch, tmp_path)
         roles = blocks[BLOCK]
         value = crit.values(stats, roles, roles["project"], model)
+        assert value.min() > 0 and value.unique().numel() == len(value)  # the square is told from the value
         assert kind == "cost" and ranking[BLOCK] == list(zip((value**2).tolist(), range(len(value))))
         kind, _ = _latency_choice(model, blocks, stats, crit.replace(output_units=False), monkeypatch, tmp_path)
         assert kind == "prunability"  # raw column norms are not comparable across blocks: ranked as target_macs does
