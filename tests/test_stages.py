@@ -143,10 +143,11 @@ def test_target_latency_prunes_by_a_cached_eager_latency_table(pipeline):
     check = ["--LATENCY_CALIBRATE=1", "--LATENCY_CHECK_REPEATS=3"]
     out = ok("experiment_activation_based_block_pruning.py", *args, *mode, *check, "--TARGET_LATENCY_REDUCTION=0.1")
     report = json.load(open(os.path.join(run, "pruning_report.json")))
-    # a real (timed) table and whole-model check: how far they get depends on the machine's load; reaching the
-    # target is tested on injected tables and measurements (test_latency.py, test_latency_feedback.py)
-    assert report["mode"] == "target_latency" and report["predicted_latency_reduction"] > 0
-    assert report["macs_reduction"] > 0 and "measured the latency table" in out
+    # a real (timed) table and whole-model check: how far they get depends on the machine's load (even whether a
+    # chunk saves time at 32 px), so only the wiring is asserted here; the selection and reaching the target are
+    # tested on injected tables and measurements (test_latency.py, test_latency_feedback.py, test_criterion.py)
+    assert report["mode"] == "target_latency" and report["predicted_latency_reduction"] >= 0
+    assert report["macs_reduction"] >= 0 and "measured the latency table" in out
     rounds = report["latency_calibration"]
     assert 1 <= len(rounds) <= 2 and report["measured_latency_reduction"] in [r["measured"] for r in rounds]
     assert "table aim" in out
