@@ -15,8 +15,10 @@ and the median and quartiles over rounds are reported (a shared machine's speed 
 Minor page faults per batch are printed beside each variant: like every script, this one keeps glibc's heap
 (``mbv3prune.heap``), so they should be 0; on a VM a fault costs microseconds, and with glibc's defaults the
 plain inference itself faulted on its activations every batch, and ran at 30 or 22 ms a batch at 64 px
-depending on what the process had freed before (RESULTS.md). Then it reports the process's peak RSS after
-a short capture and after a long one: equal when no feature map is kept.
+depending on what the process had freed before (RESULTS.md). On a GPU (``DEVICE=auto`` finds it) the model
+and the preloaded images are moved there and every pass is timed CUDA-synchronised. Then it reports the
+process's peak RSS after a short capture and after a long one (on the CPU): equal when no feature map is
+kept.
 
     python -m benchmarks.capture_overhead
     python -m benchmarks.capture_overhead --SIZES=[64] --ROUNDS=5 --THREADS=1
@@ -32,9 +34,10 @@ import torch
 import torchvision
 
 from mbv3prune import capture as C
-from mbv3prune import config
+from mbv3prune import config, models
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import attached_hooks, capture, describe_layers
+from mbv3prune.timing import synchronizer
 
 # ---
 ARCH = "mobilenet_v3_large"  # torchvision model timed
@@ -50,6 +53,7 @@ COV_POSITIONS_PER_IMAGE = 4  # positions per image the sampled variants' covaria
 HIST_POSITIONS_PER_IMAGE = 4  # positions per image the sampled variants' histograms count (the stages' default)
 MEMORY_BATCHES = [2, 16]  # short and long capture for the peak-RSS check
 SEED = 0  # seeds the weights, images and labels
+DEVICE = "auto"  # where the overhead is timed: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 # ---
 
 
@@ -126,15 +130,18 @@ def minor_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_variants(fns, batches):
-    """{variant: [(wall s, process CPU s, minor page faults) per round]}, rounds interleaved, after a warm-up."""
-    times = {name: [] for name in fns}
+def time_variants(fns, batches, device="cpu"):
+    """{variant: [(wall s, process CPU s, minor page faults) per round]}, rounds interleaved, after a warm-up;
+    ``device``'s queued work is waited for before each clock reading."""
+    times, sync = {name: [] for name in fns}, synchronizer(device)
     for fn in fns.values():
         fn(batches)
     for _ in range(ROUNDS):
         for name, fn in fns.items():
+            sync()
             wall, cpu, faults = time.perf_counter(), time.process_time(), minor_faults()
             fn(batches)
+            sync()
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu, minor_faults() - faults))
     return times
 
@@ -145,12 +152,14 @@ def quartiles(values):
     return tuple(v[round(q * (len(v) - 1))] for q in (0.25, 0.5, 0.75))
 
 
-def report_size(size, gen):
-    """Print and return {variant: (median wall s, median CPU s) per pass} at one image size."""
+def report_size(size, gen, device="cpu"):
+    """Print and return {variant: (median wall s, median CPU s) per pass} at one image size, on ``device``."""
     batches = make_batches(size, N_BATCHES, gen)
-    model = calibrated_model(batches)
-    rounds = time_variants(variants(model, find_blocks(model)), batches)
-    print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {torch.get_num_threads()} threads, {ROUNDS} rounds")
+    model = calibrated_model(batches).to(device)
+    batches = [(images.to(device), labels) for images, labels in batches]
+    rounds = time_variants(variants(model, find_blocks(model)), batches, device)
+    threads = f"{torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else str(device)
+    print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {threads}, {ROUNDS} rounds")
     header = (
         f"{'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s} {'faults/batch':>12s}"
     )
@@ -192,8 +201,9 @@ def main(cfg):
     if THREADS:
         torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(SEED)
+    device = models.pick_device(DEVICE)
     for size in SIZES:
-        report_size(size, gen)
+        report_size(size, gen, device)
     report_memory(gen)
 
 

@@ -16,8 +16,8 @@ Writes: OUT (runs/bench/perf.json: every figure, the machine, the versions) and 
    baseline and pruned timed as interleaved rounds in one process, one runtime at a time, at RUNTIME_THREADS
    intra-op threads in both (median of RUNTIME_REPEATS): the fraction of latency saved, and its ratio to the
    fraction of MACs saved.
-On a GPU (DEVICE=auto finds it) parts 3 and 4 run there (part 4 on the CPU when onnxruntime has no CUDA
-provider); parts 1 and 2 measure what the stages do on this machine.
+On a GPU (DEVICE=auto finds it) parts 1, 3 and 4 run there (part 1's peak RSS and part 4 on the CPU when
+onnxruntime has no CUDA provider); part 2 measures what the stages do on this machine.
 
     python -m benchmarks.perf
     python -m benchmarks.perf --PARTS='["latency"]'
@@ -75,8 +75,9 @@ def thread_count(cfg, key):
     return cfg[key] or torch.get_num_threads()
 
 
-def capture_part(cfg):
-    """Capture / plain inference time ratios (at OVERHEAD_THREADS) and peak RSS at 200 vs 2,000 images."""
+def capture_part(cfg, device):
+    """Capture / plain inference time ratios (on ``device``, at OVERHEAD_THREADS) and peak RSS at 200 vs 2,000
+    images."""
     from benchmarks import capture_memory, capture_overhead
 
     threads = torch.get_num_threads()
@@ -86,7 +87,7 @@ def capture_part(cfg):
     out = {}
     try:
         for size in cfg["OVERHEAD_SIZES"]:
-            times = capture_overhead.report_size(size, gen)
+            times = capture_overhead.report_size(size, gen, device)
             wall0, cpu0 = times["plain"]
             out[f"{size}px"] = {
                 name: {"wall_ratio": round(w / wall0, 3), "cpu_ratio": round(c / cpu0, 3)}
@@ -99,6 +100,7 @@ def capture_part(cfg):
     )
     return {
         "overhead": out,
+        "overhead_device": str(device),
         "overhead_threads": measured_threads,
         "peak_rss": memory,
         "rss_ratio": round(memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"], 3),
@@ -228,7 +230,7 @@ def main(cfg):
     result = {"schema_version": 1, "kind": "mbv3prune-perf", "machine": machine(device), "config": cfg}
     if "capture" in cfg["PARTS"]:
         print("capture overhead and memory:")
-        result["capture"] = capture_part(cfg)
+        result["capture"] = capture_part(cfg, device)
     if "pipeline" in cfg["PARTS"]:
         print(f"demo pipeline ({cfg['DEMO_DIR']}), stage by stage:")
         result["pipeline"] = pipeline_part(cfg)
@@ -249,7 +251,9 @@ def summary(result):
 
         names = ["capture, no histograms", capture_overhead.DEFAULT_VARIANT, capture_overhead.MOMENTS_VARIANT]
         rows = [[size, *(v[n]["wall_ratio"] for n in names)] for size, v in result["capture"]["overhead"].items()]
-        head = [f"size ({result['capture']['overhead_threads']} threads)", "capture/plain, no histograms"]
+        where = result["capture"].get("overhead_device", "cpu")
+        where = f"{result['capture']['overhead_threads']} threads" if where == "cpu" else where
+        head = [f"size ({where})", "capture/plain, no histograms"]
         print("\n" + stage.table(rows, [*head, "histograms", "+ second moments"]))
         rss = result["capture"]["peak_rss"]
         print(

@@ -162,3 +162,13 @@ def test_perf_summary_reads_the_capture_variants_the_overhead_benchmark_measures
     perf.summary({"capture": capture})
     out = capsys.readouterr().out
     assert "capture/plain, no histograms" in out and "+ second moments" in out and "(2 threads)" in out
+
+
+def test_capture_overhead_times_every_variant_on_the_given_device(monkeypatch):
+    from benchmarks import capture_overhead as co
+
+    for name, value in {"ARCH": "mobilenet_v3_small", "BATCH": 4, "N_BATCHES": 2, "ROUNDS": 1}.items():
+        monkeypatch.setattr(co, name, value)
+    times = co.report_size(32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert set(times) == set(co.variants(None, None)) and co.MOMENTS_VARIANT in times
+    assert all(wall > 0 and cpu >= 0 for wall, cpu in times.values())
