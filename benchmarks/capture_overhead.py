@@ -152,14 +152,21 @@ def quartiles(values):
     return tuple(v[round(q * (len(v) - 1))] for q in (0.25, 0.5, 0.75))
 
 
+def timed_on(device, threads=None):
+    """Where a measurement ran, for its table: "N threads" on the CPU (default: torch's count now), else the
+    device."""
+    if torch.device(device).type == "cpu":
+        return f"{threads or torch.get_num_threads()} threads"
+    return str(device)
+
+
 def report_size(size, gen, device="cpu"):
     """Print and return {variant: (median wall s, median CPU s) per pass} at one image size, on ``device``."""
     batches = make_batches(size, N_BATCHES, gen)
     model = calibrated_model(batches).to(device)
     batches = [(images.to(device), labels) for images, labels in batches]
     rounds = time_variants(variants(model, find_blocks(model)), batches, device)
-    threads = f"{torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else str(device)
-    print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {threads}, {ROUNDS} rounds")
+    print(f"\n{ARCH} at {size} px, {N_BATCHES} x {BATCH} images, {timed_on(device)}, {ROUNDS} rounds")
     header = (
         f"{'wall ms/batch':>13s} {'capture / plain, median [quartiles]':>36s} {'CPU ratio':>9s} {'faults/batch':>12s}"
     )

@@ -251,8 +251,7 @@ def summary(result):
 
         names = ["capture, no histograms", capture_overhead.DEFAULT_VARIANT, capture_overhead.MOMENTS_VARIANT]
         rows = [[size, *(v[n]["wall_ratio"] for n in names)] for size, v in result["capture"]["overhead"].items()]
-        where = result["capture"].get("overhead_device", "cpu")
-        where = f"{result['capture']['overhead_threads']} threads" if where == "cpu" else where
+        where = capture_overhead.timed_on(result["capture"]["overhead_device"], result["capture"]["overhead_threads"])
         head = [f"size ({where})", "capture/plain, no histograms"]
         print("\n" + stage.table(rows, [*head, "histograms", "+ second moments"]))
         rss = result["capture"]["peak_rss"]

@@ -450,12 +450,14 @@ def _hooks(acc, blocks, capture_point):
         (name, info["hook"], lambda x, name=name: acc.layer(name, x))
         for name, info in describe_layers(blocks, capture_point).items()
     ]
-    acc.pregate_of = {_pregate_layer(roles, capture_point): block for block, roles in blocks.items()}
-    acc.pregate_of.pop(None, None)
+    acc.pregate_of = {
+        layer: block for block, roles in blocks.items() if (layer := _pregate_layer(roles, capture_point))
+    }
+    reused = set(acc.pregate_of.values())
     hooks += [
         (_pregate_module(roles), "post", lambda x, block=block: acc.pregate(block, x))
         for block, roles in blocks.items()
-        if _pregate_layer(roles, capture_point) is None
+        if block not in reused
     ]
     return hooks
 

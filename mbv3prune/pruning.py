@@ -163,11 +163,12 @@ def to_latency_target(run, cfg, crit, target):
 
     if not cfg["LATENCY_CALIBRATE"]:
         chosen, predicted = plan_at(target)
-        return chosen, {"predicted_latency_reduction": round(predicted, 6)}
+        return chosen, {"latency_ranking": kind, "predicted_latency_reduction": round(predicted, 6)}
     with latency_feedback.WholeModel(run.model, run.blocks, spec, cfg["LATENCY_CHECK_REPEATS"]) as measure:
         chosen, best, rounds = latency_feedback.calibrate(plan_at, measure, target, cfg["LATENCY_CALIBRATE"])
     print(report.calibration_table(rounds, best, cfg["LATENCY_RUNTIME"], cfg["LATENCY_BATCH"]))
     return chosen, {
+        "latency_ranking": kind,
         "predicted_latency_reduction": rounds[best]["predicted"],
         "measured_latency_reduction": rounds[best]["measured"],
         "latency_calibration": rounds,
@@ -190,9 +191,9 @@ def prune_one_shot(run, cfg, crit):
             lambda: to_latency_target(run, cfg, crit, cfg["TARGET_LATENCY_REDUCTION"])
         )
         by = (
-            f"cheapest by {crit.score} per ms saved"
-            if crit.score == "obs" or crit.output_costs()
-            else f"most prunable by {crit.score}, chunks timed by the latency table"
+            f"most prunable by {crit.score}, chunks timed by the latency table"
+            if measured["latency_ranking"] == "prunability"
+            else f"cheapest by {crit.score} per ms saved"
         )
         how = f"{by} to {cfg['TARGET_LATENCY_REDUCTION']:.0%} of latency"
         extra = {

@@ -158,7 +158,13 @@ def test_perf_summary_reads_the_capture_variants_the_overhead_benchmark_measures
 
     ratios = {name: {"wall_ratio": 1.5, "cpu_ratio": 1.5} for name in capture_overhead.variants(None, None)}
     rss = [{"images": 200, "peak_rss_mb": 900.0}, {"images": 2000, "peak_rss_mb": 900.0}]
-    capture = {"overhead": {"64px": ratios}, "overhead_threads": 2, "peak_rss": rss, "rss_ratio": 1.0}
+    capture = {
+        "overhead": {"64px": ratios},
+        "overhead_device": "cpu",
+        "overhead_threads": 2,
+        "peak_rss": rss,
+        "rss_ratio": 1.0,
+    }
     perf.summary({"capture": capture})
     out = capsys.readouterr().out
     assert "capture/plain, no histograms" in out and "+ second moments" in out and "(2 threads)" in out
