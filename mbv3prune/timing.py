@@ -14,9 +14,13 @@ from .errors import PruneError
 
 
 def synchronizer(device):
-    """A function that waits for ``device``'s queued work (a no-op off CUDA)."""
+    """A function that waits for ``device``'s queued work (CUDA and MPS run asynchronously; a no-op on the CPU)."""
     device = torch.device(device)
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return lambda: torch.mps.synchronize()
+    return lambda: None
 
 
 def _check_counts(repeats, warmup):

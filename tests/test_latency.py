@@ -12,7 +12,7 @@ from mbv3prune.artifacts import read_json
 from mbv3prune.blocks import find_blocks
 from mbv3prune.errors import PruneError
 from mbv3prune.plan import min_kept
-from mbv3prune.timing import interleaved_ms, median_ms
+from mbv3prune.timing import interleaved_ms, median_ms, synchronizer
 from tests.helpers import randomized_model
 
 SIZE = 32
@@ -162,6 +162,15 @@ def test_timing_medians_are_positive_and_interleaved_calls_all_run():
     assert median_ms(lambda: sum(range(1000)), repeats=3, warmup=0) > 0
     with pytest.raises(PruneError, match="repeats"):
         median_ms(lambda: None, repeats=0)
+
+
+def test_synchronizer_waits_for_the_device_that_runs_asynchronously(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", str(device))))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
+    for device in ("cpu", "cuda:1", "mps"):
+        synchronizer(device)()
+    assert waited == [("cuda", "cuda:1"), ("mps", None)]
 
 
 @pytest.fixture(scope="module")
