@@ -16,7 +16,7 @@ Minor page faults per batch are printed beside each variant: like every script, 
 (``mbv3prune.heap``), so they should be 0; on a VM a fault costs microseconds, and with glibc's defaults the
 plain inference itself faulted on its activations every batch, and ran at 30 or 22 ms a batch at 64 px
 depending on what the process had freed before (RESULTS.md). On a GPU (``DEVICE=auto`` finds it) the model
-and the preloaded images are moved there and every pass is timed CUDA-synchronised. Then it reports the
+and the preloaded images are moved there and every pass is timed synchronised. Then it reports the
 process's peak RSS after a short capture and after a long one (on the CPU): equal when no feature map is
 kept.
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import batches
+from .timing import synchronizer
 
 
 @torch.inference_mode()
@@ -89,10 +90,10 @@ def recalibrate_bn(model, loader, device, skipped, max_batches=None):
 
 @torch.inference_mode()
 def latency_ms(model, image_size, batch_size, device, repeats=20, warmup=3):
-    """Median wall time of one forward pass at ``batch_size`` in milliseconds (CUDA synchronised)."""
+    """Median wall time of one forward pass at ``batch_size`` in milliseconds (synchronised on CUDA and MPS)."""
     model.eval()
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(warmup):
         model(x)
     sync()

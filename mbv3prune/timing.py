@@ -1,4 +1,4 @@
-"""Wall-clock timing of forward passes: warm-up, then the median of repeats, CUDA synchronised.
+"""Wall-clock timing of forward passes: warm-up, then the median of repeats, synchronised on CUDA and MPS.
 
 A *call* is a function of no arguments that runs one forward pass (eager PyTorch or an onnxruntime session,
 see ``onnx_export.session_call``). ``interleaved_ms`` times several calls round-robin in one process, so a

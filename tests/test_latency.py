@@ -168,8 +168,10 @@ def test_synchronizer_waits_for_the_device_that_runs_asynchronously(monkeypatch)
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", str(device))))
     monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
-    for device in ("cpu", "cuda:1", "mps"):
-        synchronizer(device)()
+    syncs = [synchronizer(device) for device in ("cpu", "cuda:1", "mps")]
+    assert waited == []  # made, not yet called
+    for sync in syncs:
+        sync()
     assert waited == [("cuda", "cuda:1"), ("mps", None)]
 
 
