@@ -8,7 +8,9 @@ the former with the per-batch reductions run eagerly (what ``fused.compiled`` sa
 second moments (``second_moments=True``: per-channel, project-input and pooled-SE covariances) with the
 stages' sampling (COV_POSITIONS_PER_IMAGE and HIST_POSITIONS_PER_IMAGE positions per image) and on every
 position, and plain inference with an explicit ``torch.isfinite(x).all()`` on every captured tensor (the
-check that capture replaces by a free one: NaN and inf propagate into the per-batch max |a|). Labels come in class order
+check that capture replaces by a free one: NaN and inf propagate into the per-batch max |a|). With
+``ABLATIONS=True`` the second-moments capture is also timed with its covariance Grams skipped and with no
+project-input covariance at all (a cost breakdown: those statistics are wrong). Labels come in class order
 across batches, as the stages read a stratified sample (``CLASS_ORDER=False``: random labels, every class
 in every batch). Rounds are interleaved; each variant's ratio to plain inference is taken within a round,
 and the median and quartiles over rounds are reported (a shared machine's speed drifts between rounds).
@@ -22,6 +24,7 @@ kept.
 
     python -m benchmarks.capture_overhead
     python -m benchmarks.capture_overhead --SIZES=[64] --ROUNDS=5 --THREADS=1
+    python -m benchmarks.capture_overhead --SIZES=[64] --ABLATIONS=True --MEMORY_BATCHES=[]
 
 Targets on CPU at the default thread count: <= 1.25x without histograms, <= 1.5x with everything, <= 1.6x
 with second moments. Measured figures are in RESULTS.md ("Capture cost").
@@ -35,6 +38,7 @@ import torchvision
 
 from mbv3prune import capture as C
 from mbv3prune import config, models
+from mbv3prune import moments as M
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import attached_hooks, capture, describe_layers
 from mbv3prune.timing import synchronizer
@@ -54,6 +58,7 @@ HIST_POSITIONS_PER_IMAGE = 4  # positions per image the sampled variants' histog
 MEMORY_BATCHES = [2, 16]  # short and long capture for the peak-RSS check
 SEED = 0  # seeds the weights, images and labels
 DEVICE = "auto"  # where the overhead is timed: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+ABLATIONS = False  # also time the second-moments capture with parts switched off: where its cost goes
 # ---
 
 
@@ -94,13 +99,21 @@ def isfinite_checked(model, batches, blocks):
         plain(model, batches)
 
 
-def eager_capture(model, batches, blocks, **kw):
-    """A capture with the per-batch reductions run eagerly (as where torch.compile is not available)."""
-    compiled, C._BATCH_TOTALS = C._BATCH_TOTALS, C._batch_totals
+def replaced_capture(model, batches, blocks, owner, name, replacement, **kw):
+    """A capture with ``owner.name`` replaced for its duration: the per-batch reductions run eagerly (as where
+    torch.compile is not available), or a part switched off for a cost breakdown (ABLATIONS; its statistics
+    are then not the capture's)."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
     try:
         capture(model, batches, blocks, **kw)
     finally:
-        C._BATCH_TOTALS = compiled
+        setattr(owner, name, original)
+
+
+def _no_project_covariance(sink, block, x, mean=None):
+    """``CaptureMoments.project`` that only makes the covariance's (zero) state keys: no rows, no Grams."""
+    M._state_moments(sink.state, f"{block}/cov", x.shape[1], device=x.device)
 
 
 DEFAULT_VARIANT = f"histograms, {HIST_POSITIONS_PER_IMAGE} pos/image"  # the capture stages' histograms
@@ -110,19 +123,31 @@ MOMENTS_VARIANT = f"+ 2nd moments, {COV_POSITIONS_PER_IMAGE} pos/image"  # ... w
 def variants(model, blocks):
     kw = dict(capture_point=CAPTURE_POINT, num_classes=NUM_CLASSES, progress=False)
     sampled = dict(kw, hist_positions_per_image=HIST_POSITIONS_PER_IMAGE)
+    moments_kw = dict(sampled, second_moments=True, positions_per_image=COV_POSITIONS_PER_IMAGE)
     return {
         "plain": lambda b: plain(model, b),
         "capture, no histograms": lambda b: capture(model, b, blocks, histograms=False, **kw),
         DEFAULT_VARIANT: lambda b: capture(model, b, blocks, **sampled),
         "histograms, every pos.": lambda b: capture(model, b, blocks, **kw),
-        f"... {HIST_POSITIONS_PER_IMAGE} pos/image, reduced eagerly": lambda b: eager_capture(
-            model, b, blocks, **sampled
+        f"... {HIST_POSITIONS_PER_IMAGE} pos/image, reduced eagerly": lambda b: replaced_capture(
+            model, b, blocks, C, "_BATCH_TOTALS", C._batch_totals, **sampled
         ),
-        MOMENTS_VARIANT: lambda b: capture(
-            model, b, blocks, second_moments=True, positions_per_image=COV_POSITIONS_PER_IMAGE, **sampled
-        ),
+        MOMENTS_VARIANT: lambda b: capture(model, b, blocks, **moments_kw),
         "+ 2nd moments, every pos.": lambda b: capture(model, b, blocks, second_moments=True, **kw),
         "plain + isfinite check": lambda b: isfinite_checked(model, b, blocks),
+    } | (ablations(model, blocks, moments_kw) if ABLATIONS else {})
+
+
+def ablations(model, blocks, moments_kw):
+    """The second-moments variant without the covariances' Grams (rows still drawn, centred and folded) and
+    without the project-input covariance at all (per-channel moments and the pooled SE covariance kept)."""
+    return {
+        "... without the covariance Grams": lambda b: replaced_capture(
+            model, b, blocks, M, "_stage_gram_", lambda staged, *args, **kw: staged, **moments_kw
+        ),
+        "... without the project covariance": lambda b: replaced_capture(
+            model, b, blocks, M.CaptureMoments, "project", _no_project_covariance, **moments_kw
+        ),
     }
 
 

@@ -173,8 +173,12 @@ def test_perf_summary_reads_the_capture_variants_the_overhead_benchmark_measures
 def test_capture_overhead_times_every_variant_on_the_given_device(monkeypatch):
     from benchmarks import capture_overhead as co
 
-    for name, value in {"ARCH": "mobilenet_v3_small", "BATCH": 4, "N_BATCHES": 2, "ROUNDS": 1}.items():
+    settings = {"ARCH": "mobilenet_v3_small", "BATCH": 4, "N_BATCHES": 2, "ROUNDS": 1, "ABLATIONS": True}
+    for name, value in settings.items():
         monkeypatch.setattr(co, name, value)
+    stage_gram, project = co.M._stage_gram_, co.M.CaptureMoments.project
     times = co.report_size(32, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert set(times) == set(co.variants(None, None)) and co.MOMENTS_VARIANT in times
+    assert "... without the project covariance" in times and "... without the covariance Grams" in times
     assert all(wall > 0 and cpu >= 0 for wall, cpu in times.values())
+    assert co.M._stage_gram_ is stage_gram and co.M.CaptureMoments.project is project  # put back
