@@ -100,13 +100,13 @@ def isfinite_checked(model, batches, blocks):
 
 
 def replaced_capture(model, batches, blocks, owner, name, replacement, **kw):
-    """A capture with ``owner.name`` replaced for its duration: the per-batch reductions run eagerly (as where
-    torch.compile is not available), or a part switched off for a cost breakdown (ABLATIONS; its statistics
-    are then not the capture's)."""
+    """``capture``'s result with ``owner.name`` replaced for its duration: the per-batch reductions run eagerly
+    (as where torch.compile is not available), or a part switched off for a cost breakdown (ABLATIONS; its
+    statistics are then not the capture's)."""
     original = getattr(owner, name)
     setattr(owner, name, replacement)
     try:
-        capture(model, batches, blocks, **kw)
+        return capture(model, batches, blocks, **kw)
     finally:
         setattr(owner, name, original)
 

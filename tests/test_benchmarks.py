@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from mbv3prune.blocks import find_blocks
 from tests.helpers import ROOT, run_stage
 
 ARCH = "mobilenet_v3_small"
@@ -182,3 +183,13 @@ def test_capture_overhead_times_every_variant_on_the_given_device(monkeypatch):
     assert "... without the project covariance" in times and "... without the covariance Grams" in times
     assert all(wall > 0 and cpu >= 0 for wall, cpu in times.values())
     assert co.M._stage_gram_ is stage_gram and co.M.CaptureMoments.project is project  # put back
+    batches = co.make_batches(32, 1, torch.Generator().manual_seed(1))
+    model = co.calibrated_model(batches)
+    blocks = find_blocks(model)
+    variants = co.variants(model, blocks)
+    block = next(b for b, roles in blocks.items() if "expand" in roles)
+    no_grams, _ = variants["... without the covariance Grams"](batches)
+    no_covariance, _ = variants["... without the project covariance"](batches)
+    full, _ = variants[co.MOMENTS_VARIANT](batches)
+    assert int(no_grams[f"{block}/cov_n"]) > 0 and not no_grams[f"{block}/cov_m2"].any()
+    assert int(no_covariance[f"{block}/cov_n"]) == 0 and full[f"{block}/cov_m2"].any()
