@@ -1,8 +1,6 @@
 """Accuracy (top-1 and per class), BN recalibration, latency and checkpoint size."""
 
 import os
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -11,7 +9,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import batches
-from .timing import synchronizer
+from .timing import eager_call, median_ms, synchronizer
 
 
 @torch.inference_mode()
@@ -88,22 +86,10 @@ def recalibrate_bn(model, loader, device, skipped, max_batches=None):
     return model.eval()
 
 
-@torch.inference_mode()
 def latency_ms(model, image_size, batch_size, device, repeats=20, warmup=3):
     """Median wall time of one forward pass at ``batch_size`` in milliseconds (synchronised on CUDA and MPS)."""
-    model.eval()
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    sync = synchronizer(device)
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return round(statistics.median(times), 3)
+    return round(median_ms(eager_call(model, x), repeats, warmup, synchronizer(device)), 3)
 
 
 def file_size_mb(path):
