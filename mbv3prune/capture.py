@@ -327,7 +327,9 @@ class _Accumulator:
     def start_batch(self, labels):
         """Labels (on the model's device, grouped by class) of the batch about to run."""
         self.labels, self.batch_max, self._rows = labels, [], {}
-        self.class_counts = torch.bincount(labels, minlength=self.num_classes)
+        # not bincount: on a GPU it reads the labels' maximum back, waiting for the device every batch
+        self.class_counts = torch.zeros(self.num_classes, dtype=torch.int64, device=labels.device)
+        self.class_counts.index_add_(0, labels, torch.ones_like(labels))
 
     def _totals(self, layer, x):
         """``stat -> tensor`` of the layer's totals (made at its first batch), checked against ``x``'s shape."""
@@ -589,11 +591,9 @@ def capture(
     )
     hooks = _hooks(acc, blocks, capture_point) + (moment_sink.hooks() if moment_sink else [])
     with attached_hooks(model, hooks), torch.inference_mode():
-        for images, labels in tqdm(
-            batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True
-        ):
+        batches = tqdm(batches, desc=f"capture {capture_point}", unit="batch", disable=None if progress else True)
+        for i, (images, labels) in enumerate(batches, start=seed + 1):  # i: batches in the state, resumed included
             _one_batch(model, acc, images, _labels(labels, num_classes, device), device)
-            i = int(state["n_batches"])
             if on_batch is not None and i % on_batch_every == 0:
                 if moment_sink:
                     moment_sink.flush()

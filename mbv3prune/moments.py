@@ -57,9 +57,13 @@ def _outer(delta, m2):
     return delta[:, None] * delta[None, delta.numel() - m2.shape[1] :]
 
 
-def merge_(n, mean, m2, bn, bmean, bm2):
-    """Merge the moments (bn, bmean, bm2) into the running (n, mean, m2) in place (Chan et al.); returns them."""
-    na, nb = int(n), int(bn)
+def merge_(n, mean, m2, bn, bmean, bm2, na=None):
+    """Merge the moments (bn, bmean, bm2) into the running (n, mean, m2) in place (Chan et al.); returns them.
+
+    ``bn`` may be a Python int; ``na``: the running count as a Python int when the caller tracks it (reading
+    ``n`` on a GPU waits for the device).
+    """
+    na, nb = int(n) if na is None else na, int(bn)
     if na + nb == 0:
         return n, mean, m2
     delta = bmean.to(mean) - mean
@@ -93,7 +97,7 @@ def centred(z, batch_mean=None, batch_n=None, inplace=False):
     return zc, int(batch_n), batch_mean
 
 
-def merge_rows_(n, mean, m2, batches, staged=None):
+def merge_rows_(n, mean, m2, batches, staged=None, na=None):
     """Merge ``centred`` batches into the running (n, mean, m2) in place, in one Gram; returns them.
 
     The scatter of the union around its new mean is each batch's scatter around its own mean plus the
@@ -104,15 +108,16 @@ def merge_rows_(n, mean, m2, batches, staged=None):
     batches (a single batch's rows are not copied). ``m2``'s shape says what is
     kept: [dim, dim], or [dim, cols] for the scatter against z's trailing columns. ``staged`` (a
     ``staging`` buffer): the Gram is added there instead, by BLAS in place, and ``m2`` is complete only after
-    ``fold_(m2, staged)`` (n and mean are updated at once either way).
+    ``fold_(m2, staged)`` (n and mean are updated at once either way). ``na``: the running count as a Python
+    int when the caller tracks it (as in ``merge_``).
     """
     batches = [b for b in batches if b[1]]
     if not batches:
         return n, mean, m2
     z = batches[0][0] if len(batches) == 1 else torch.cat([zc for zc, _, _ in batches])
-    counts = [int(n)] + [nb for _, nb, _ in batches]
+    counts = [int(n) if na is None else na] + [nb for _, nb, _ in batches]
     means = torch.stack([mean] + [bm.to(mean) for _, _, bm in batches])  # float64 [groups, dim], where m2 lives
-    weights = torch.tensor(counts, dtype=torch.float64, device=mean.device)
+    weights = _host_tensor(counts, mean.device)
     new_mean = (weights[:, None] * means).sum(0) / weights.sum()
     between = (means - new_mean) * weights.sqrt()[:, None]  # a group of 0 rows (empty running moments) adds 0
     rounding = torch.stack([(bm - bm.to(z.dtype).to(bm)) * nb**0.5 for _, nb, bm in batches])
@@ -124,6 +129,11 @@ def merge_rows_(n, mean, m2, batches, staged=None):
     mean.copy_(new_mean)
     n.add_(sum(counts[1:]))
     return n, mean, m2
+
+
+def _host_tensor(values, device):
+    """float64 ``values`` on ``device`` without waiting for it (a plain copy to a GPU synchronises)."""
+    return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
 
 
 def staging(m2, z):
@@ -270,11 +280,6 @@ def _state_moments(state, prefix, dim, cols=None, diagonal=False, device="cpu"):
     return tuple(state[f"{prefix}{s}"] for s in MOMENT_SUFFIXES)
 
 
-def _merge_state(state, prefix, batch, diagonal=False):
-    n, mean, m2 = _state_moments(state, prefix, batch[1].numel(), diagonal=diagonal, device=batch[1].device)
-    merge_(n, mean, m2, *batch)
-
-
 def seeded_generator(seed, device="cpu"):
     """A seeded generator on ``device``, so positions are drawn where the activations are (no host copy and no
     synchronisation per layer on a GPU); MPS draws on the CPU."""
@@ -332,6 +337,10 @@ class CaptureMoments:
     every buffer; the state is complete only after it (``capture`` flushes before ``on_batch`` and at the
     end). Flushing or folding earlier or later changes the result only by float rounding (float32 sums of
     at most ``FOLD_EVERY`` Grams, each already a float32 sum of its rows).
+
+    Every count it needs (rows merged so far, rows waiting) is kept as a Python int, read from the state once
+    per moment and capture: on a GPU, reading a count off the device per layer would wait for the device
+    every time, so the host could no longer queue work ahead of it.
     """
 
     FLUSH_ROWS = 512  # rows a covariance collects before they are merged (memory: 4 bytes x rows x dim)
@@ -346,12 +355,19 @@ class CaptureMoments:
         self.se_blocks = {block for block, roles in prunable_blocks.items() if roles.get("se_fc1")}
         self.pending = {}  # prefix -> [centred batches waiting to be merged]
         self.staged = {}  # prefix -> [float32 buffer of merged Grams not yet in M2, merges in it]
+        self.counts = {}  # prefix -> rows merged into its moments so far (the state's {prefix}_n, on the host)
+
+    def _count(self, prefix):
+        """Rows merged into a moment so far: its state's ``_n`` read once (a resumed capture), then tracked."""
+        if prefix not in self.counts:
+            n = self.state.get(f"{prefix}_n")
+            self.counts[prefix] = int(n) if n is not None else 0
+        return self.counts[prefix]
 
     def channel_shift(self, layer, x):
         """What a layer's batch is centred at for its per-channel M2 (float32 [C]): the running mean, or at
         the first batch the first image's mean, so that the shifted values are of the order of the spread."""
-        n = self.state.get(f"{layer}/chan_n")
-        if n is not None and int(n):
+        if self._count(f"{layer}/chan"):
             return self.state[f"{layer}/chan_mean"].to(x.device, torch.float32)
         return x[0].float().mean((1, 2))
 
@@ -360,9 +376,10 @@ class CaptureMoments:
         batch's shift sum to ``dev`` and their squares to ``sq_dev``: M2 = sq_dev - dev**2 / n."""
         mean = total / n
         m2 = (sq_dev - dev * dev / n).clamp_(min=0)
-        acc = _accumulate_device(mean.device)
-        batch = torch.tensor(n, dtype=torch.int64, device=acc), mean.to(acc), m2.to(acc)
-        _merge_state(self.state, f"{layer}/chan", batch, diagonal=True)
+        acc, prefix = _accumulate_device(mean.device), f"{layer}/chan"
+        running = _state_moments(self.state, prefix, mean.numel(), diagonal=True, device=acc)
+        merge_(*running, n, mean.to(acc), m2.to(acc), na=self._count(prefix))
+        self.counts[prefix] += n
 
     def captured_project(self, layer, x, mean):
         """A captured tensor with its exact per-channel batch mean: merged if it is a project conv input."""
@@ -398,7 +415,8 @@ class CaptureMoments:
             with torch.inference_mode(False):  # usable after the capture's inference mode, like the state
                 self.staged[prefix] = [staging(m2, batches[0][0]), 0]
         entry = self.staged[prefix]
-        merge_rows_(n, mean, m2, batches, entry[0])
+        merge_rows_(n, mean, m2, batches, entry[0], na=self._count(prefix))
+        self.counts[prefix] += sum(nb for _, nb, _ in batches)
         entry[1] += 1
         if entry[1] >= self.FOLD_EVERY:
             self.fold(prefix)

@@ -411,6 +411,27 @@ def test_on_batch_runs_every_nth_batch_on_a_state_with_every_moment_row_merged()
     assert_same_stats(resumed, whole)
 
 
+def test_a_capture_reads_tensors_back_once_per_batch_not_per_layer(monkeypatch):
+    """On a GPU every int(), bool() or .item() of a tensor waits for the device. A capture reads each running
+    count once (a resumed state's), then only the per-batch NaN / inf check: counted on the CPU, where a read
+    is the same call."""
+    model, batches = make_model(), make_batches(6)
+    kw = dict(second_moments=True, positions_per_image=2, hist_positions_per_image=2)
+    run(model, batches[:1], **kw)  # compiled before counting
+    reads = []
+    for name in ("__int__", "__bool__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, *a, original=original, name=name: reads.append(name) or original(t, *a)
+        )
+    counted = {}
+    for n in (2, 6):
+        reads.clear()
+        run(model, batches[:n], **kw)
+        counted[n] = len(reads)
+    assert counted[6] - counted[2] == 4, counted  # one per batch: the finiteness check
+
+
 def test_hist_counts_move_to_int64_before_int32_could_overflow(monkeypatch):
     model, batches = make_model(), make_batches(3)
     ref, _ = run(model, batches)
