@@ -168,15 +168,15 @@ def fold_(m2, staged):
     staged.zero_()
 
 
-def add_rows_(n, mean, m2, z, batch_mean=None, batch_n=None, inplace=False):
+def add_rows_(n, mean, m2, z, batch_mean=None, batch_n=None, inplace=False, na=None):
     """Merge the rows of ``z`` [rows, dim] into the running (n, mean, m2) in place; returns them.
 
     The same result as ``merge_(n, mean, m2, *batch_moments(z, ...))`` with one float64 pass over ``m2``
     instead of four (``centred`` then ``merge_rows_``; cross moments where ``m2`` is [dim, cols]).
     ``batch_mean`` / ``batch_n`` (the exact mean and count when ``z`` is a sample of the rows) and
-    ``inplace`` as in ``batch_moments``.
+    ``inplace`` as in ``batch_moments``, ``na`` as in ``merge_``.
     """
-    return merge_rows_(n, mean, m2, [centred(z, batch_mean, batch_n, inplace)])
+    return merge_rows_(n, mean, m2, [centred(z, batch_mean, batch_n, inplace)], na=na)
 
 
 def zeros(dim, cols=None, diagonal=False, device="cpu"):
@@ -196,24 +196,28 @@ class Moments:
     def __init__(self, dim, cols=None, diagonal=False, device="cpu"):
         self.diagonal = diagonal  # the cross-moment columns live in m2's shape
         self.n, self.mean, self.m2 = zeros(dim, cols, diagonal, device)
+        self.rows = 0  # n on the host: reading n off a GPU at every batch would wait for it
 
     def add(self, z):
         """Merge the rows of ``z`` [rows, dim] in; returns self."""
         if self.diagonal:
-            merge_(self.n, self.mean, self.m2, *batch_moments(z, diagonal=True))
+            zc, rows, mean = centred(z)
+            merge_(self.n, self.mean, self.m2, rows, mean, (zc * zc).sum(0), na=self.rows)
         else:
-            add_rows_(self.n, self.mean, self.m2, z)
+            add_rows_(self.n, self.mean, self.m2, z, na=self.rows)
+        self.rows += len(z)
         return self
 
     def cov(self):
         """M2 / n (float64): the population covariance (or cross-covariance, or per-channel variance)."""
-        if int(self.n) == 0:
+        if self.rows == 0:
             raise PruneError("moments of no rows: no batches were seen")
         return self.m2 / self.n.double()
 
     def all_reduce(self):
         """Merge every torchrun rank's moments exactly into each (no-op without a process group); returns self."""
         all_reduce_(self.n, self.mean, self.m2)
+        self.rows = int(self.n)
         return self
 
 

@@ -435,14 +435,14 @@ def block_errors(original, pruned, batches, names):
     (identical in both models, as after ``prune.prune_blocks``). The denominator's per-channel means and
     variances are streamed (``moments.Moments``, diagonal), so near-constant channels stay exact.
     """
-    err, var = {n: 0.0 for n in names}, {}
+    err, var = {}, {}  # err: tensors on the models' device, read once at the end (no wait per batch on a GPU)
     ref = {}
 
     def keep(n, o):
         ref[n] = o
 
     def compare(n, o):
-        err[n] += float(((ref[n] - o).double() ** 2).sum())
+        err[n] = err.get(n, 0) + ((ref[n] - o).double() ** 2).sum()
         rows = rows_of(ref[n])
         var.setdefault(n, Moments(rows.shape[1], diagonal=True, device=rows.device)).add(rows)
 
@@ -458,7 +458,7 @@ def block_errors(original, pruned, batches, names):
                         h.remove()
     if not var:
         raise PruneError("block_errors: no batches")
-    return {n: err[n] / max(float(var[n].m2.sum()), torch.finfo(torch.float64).tiny) for n in names}
+    return {n: float(err[n]) / max(float(var[n].m2.sum()), torch.finfo(torch.float64).tiny) for n in names}
 
 
 def folder(mode, original=None, batches_fn=None, ridge=0.0, residual_target=False, exact_gate=True):

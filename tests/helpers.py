@@ -22,6 +22,20 @@ def write_images(folder, n, seed, size=40, mode="RGB"):
         im.save(os.path.join(folder, f"{i:03d}.{ext}"))
 
 
+def count_host_reads(monkeypatch):
+    """A list that gets a name for every int(), bool(), float() or .item() of a tensor from now on (on a GPU
+    each waits for the device; on the CPU the same calls are made, so they can be counted here)."""
+    import torch
+
+    reads = []
+    for name in ("__int__", "__bool__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, *a, original=original, name=name: reads.append(name) or original(t, *a)
+        )
+    return reads
+
+
 def run_script(script, *args, cwd=ROOT):
     """Run a stage script in a subprocess; returns the CompletedProcess (never raises on failure)."""
     return subprocess.run(

@@ -14,6 +14,7 @@ from mbv3prune.activation_stats import ActivationStats, deadness_from_hist, snap
 from mbv3prune.artifacts import load_tensors, save_tensors
 from mbv3prune.blocks import CAPTURE_POINTS, find_blocks
 from mbv3prune.errors import PruneError
+from tests.helpers import count_host_reads
 
 K = 3  # classes
 SIZE = 32  # px
@@ -418,13 +419,7 @@ def test_a_capture_reads_tensors_back_once_per_batch_not_per_layer(monkeypatch):
     model, batches = make_model(), make_batches(6)
     kw = dict(second_moments=True, positions_per_image=2, hist_positions_per_image=2)
     run(model, batches[:1], **kw)  # compiled before counting
-    reads = []
-    for name in ("__int__", "__bool__", "__float__", "__index__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda t, *a, original=original, name=name: reads.append(name) or original(t, *a)
-        )
-    counted = {}
+    reads, counted = count_host_reads(monkeypatch), {}
     for n in (2, 6):
         reads.clear()
         run(model, batches[:n], **kw)

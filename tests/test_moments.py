@@ -12,7 +12,7 @@ from mbv3prune.activation_stats import ActivationStats
 from mbv3prune.blocks import find_blocks
 from mbv3prune.capture import _batch_totals, capture
 from mbv3prune.reconstruct import block_fit_moments
-from tests.helpers import randomized_model
+from tests.helpers import count_host_reads, randomized_model
 
 
 def _rows(n=3000, c=6, seed=0):
@@ -34,6 +34,20 @@ def test_near_constant_channel_keeps_its_variance_in_float32_batches():
     assert float(diagonal.cov()[0]) == pytest.approx(float(truth[0]), rel=0.01)
     today = sum(float((b**2).sum(0)[0]) for b in x.split(256)) / len(x) - float(x.double().mean(0)[0]) ** 2
     assert abs(today - float(truth[0])) > 0.1 * float(truth[0])  # float32 batch sums of a**2 lose it
+
+
+def test_streamed_moments_read_nothing_back_per_batch(monkeypatch):
+    z = _rows().float()
+    moments = {"cov": M.Moments(6), "cross": M.Moments(6, cols=2), "diagonal": M.Moments(6, diagonal=True)}
+    reads = count_host_reads(monkeypatch)
+    for batch in z.split(256):
+        for m in moments.values():
+            m.add(batch)
+    assert reads == []  # on a GPU, a count read per batch would wait for the device every time
+    for kind, m in moments.items():
+        assert m.rows == len(z) and int(m.n) == len(z), kind
+        whole = M.Moments(6, cols=2 if kind == "cross" else None, diagonal=kind == "diagonal").add(z)
+        torch.testing.assert_close(m.cov(), whole.cov(), rtol=1e-5, atol=1e-5)
 
 
 def test_capture_channel_moments_of_a_near_constant_channel_keep_its_variance():
