@@ -329,7 +329,7 @@ class _Accumulator:
         self.labels, self.batch_max, self._rows = labels, [], {}
         # not bincount: on a GPU it reads the labels' maximum back, waiting for the device every batch
         self.class_counts = torch.zeros(self.num_classes, dtype=torch.int64, device=labels.device)
-        self.class_counts.index_add_(0, labels, torch.ones_like(labels))
+        self.class_counts.index_add_(0, labels, torch.ones(labels.shape, dtype=torch.int64, device=labels.device))
 
     def _totals(self, layer, x):
         """``stat -> tensor`` of the layer's totals (made at its first batch), checked against ``x``'s shape."""

@@ -252,12 +252,13 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def batches(loader, skipped, device=None, keep_empty=False):
+def batches(loader, skipped, device=None, keep_empty=False, labels_on_device=True):
     """Yield (images, labels) on ``device`` from a make_loader loader, recording unreadable images in ``skipped``.
 
     A wholly unreadable batch is left out, or (``keep_empty``) yielded empty: under torchrun every rank must
     take part in every step. On CUDA the copies are asynchronous and the images channels_last (the layout
-    cuDNN convolves fastest)."""
+    cuDNN convolves fastest). ``labels_on_device=False`` leaves the labels on the CPU (a capture checks and
+    records them there: on a GPU each look at them would wait for the device)."""
     fmt = torch.channels_last if device is not None and torch.device(device).type == "cuda" else torch.preserve_format
     for images, labels, bad in loader:
         skipped.add(bad)
@@ -266,7 +267,7 @@ def batches(loader, skipped, device=None, keep_empty=False):
         elif len(labels):
             if device is not None:
                 images = images.to(device, non_blocking=True, memory_format=fmt)
-                labels = labels.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True) if labels_on_device else labels
             yield images, labels
 
 

@@ -102,7 +102,7 @@ def run(
     ``values``: per block the channels' prunability (deadness for SCORE=deadness) initially and in the
     latest measurement before the block was pruned.
 
-    ``sample_batches()`` yields the stratified sample's (images, labels) on the model's device; ``stats``
+    ``sample_batches()`` yields the stratified sample's (images, labels), the images on the model's device; ``stats``
     are the initial statistics (captured at ``capture_point``); ``criterion`` (a ``criterion.Criterion``)
     says which channels are candidates, ``schedule`` (a ``Schedule``) how the rounds go; ``weights``: the
     model whose project convs weigh the weighted scores. ``compensate_fn(model, blocks, selection, stats)``
@@ -183,7 +183,7 @@ def run_loaded(loaded, loader, criterion, schedule, compensate_fn=None, **option
     image size), re-measuring on ``loader``'s images; ``options``: score_fn, second_moments, log."""
     return run(
         loaded.model,
-        lambda: batches(loader, Skipped(), loaded.device),
+        lambda: batches(loader, Skipped(), loaded.device, labels_on_device=False),
         loaded.stats,
         loaded.layers,
         criterion,

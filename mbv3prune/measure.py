@@ -241,7 +241,7 @@ def run_capture(cfg, model, blocks, items, num_classes, device, ident, per_class
     try:
         stats, layers = C.capture(
             model,
-            _counted(batches(loader, skipped, device), readable, saves),
+            _counted(batches(loader, skipped, device, labels_on_device=False), readable, saves),
             blocks,
             cfg["CAPTURE_POINT"],
             cfg["THRESHOLD"],

@@ -64,7 +64,7 @@ def merge_(n, mean, m2, bn, bmean, bm2, na=None):
     ``n`` on a GPU waits for the device).
     """
     na, nb = int(n) if na is None else na, int(bn)
-    if na + nb == 0:
+    if nb == 0:  # nothing to add (an empty batch's mean is NaN)
         return n, mean, m2
     delta = bmean.to(mean) - mean
     m2.add_(bm2.to(m2))
@@ -403,6 +403,8 @@ class CaptureMoments:
             self._add(f"{block}/se_cov", centred((image_sums / positions).float(), inplace=True))
 
     def _add(self, prefix, batch):
+        if f"{prefix}_m2" not in self.state:
+            self.counts[prefix] = 0  # made now, empty: nothing to read back
         _state_moments(self.state, prefix, batch[0].shape[1], device=batch[0].device)  # the keys exist from now
         self.pending.setdefault(prefix, []).append(batch)
         if len(batch[0]) >= self.FLUSH_ROWS:  # large enough alone (every position): merged now, never held

@@ -23,8 +23,10 @@ def write_images(folder, n, seed, size=40, mode="RGB"):
 
 
 def count_host_reads(monkeypatch):
-    """A list that gets a name for every int(), bool(), float() or .item() of a tensor from now on (on a GPU
-    each waits for the device; on the CPU the same calls are made, so they can be counted here)."""
+    """A list that gets a name for every int(), bool(), float(), .item() or .tolist() of a tensor from now on:
+    the reads made from Python, each of which waits for a GPU. Waits inside torch's own calls (a blocking
+    copy to the device, bincount's maximum, boolean-mask indexing) are not seen here; on CUDA,
+    ``torch.cuda.set_sync_debug_mode`` sees those."""
     import torch
 
     reads = []

@@ -427,6 +427,26 @@ def test_a_capture_reads_tensors_back_once_per_batch_not_per_layer(monkeypatch):
     assert counted[6] - counted[2] == 4, counted  # one per batch: the finiteness check
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_capture_waits_for_the_device_once_per_batch():
+    """The waits count_host_reads cannot see (blocking copies, bincount's maximum, boolean-mask indexing)
+    torch's sync debug mode reports. With the labels on the CPU, as the stages pass them, one remains per batch."""
+    model, batches = make_model().cuda(), make_batches(6)
+    kw = dict(second_moments=True, positions_per_image=2, hist_positions_per_image=2, device="cuda")
+    run(model, batches[:1], **kw)  # compiled before counting
+    counted = {}
+    for n in (2, 6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(model, batches[:n], **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counted[n] = sum("synchronizing" in str(w.message) for w in caught)
+    assert counted[6] - counted[2] == 4, counted  # the finiteness check
+
+
 def test_hist_counts_move_to_int64_before_int32_could_overflow(monkeypatch):
     model, batches = make_model(), make_batches(3)
     ref, _ = run(model, batches)

@@ -111,6 +111,15 @@ def test_corrupt_and_truncated_images_are_skipped_and_counted(tmp_path):
     assert seen == 3 and skipped.count == 2 and "zz_bad.png" in skipped.summary()
 
 
+def test_batches_move_the_labels_to_the_device_unless_asked_not_to(tmp_path):
+    write_images(tmp_path / "a", 3, seed=0)
+    items = [(str(tmp_path / "a" / f), 0) for f in sorted(os.listdir(tmp_path / "a"))]
+    loader = D.make_loader(items, D.eval_transform(32), batch_size=2)
+    for on_device, where in ((True, "meta"), (False, "cpu")):  # meta: a device other than the CPU, here
+        for images, labels in D.batches(loader, D.Skipped(), "meta", labels_on_device=on_device):
+            assert images.device.type == "meta" and labels.device.type == where
+
+
 def test_eval_transform_uses_weights_metadata():
     im = Image.new("RGB", (50, 70), (124, 116, 104))  # about the ImageNet mean
     x = D.eval_transform(32)(im)

@@ -48,6 +48,9 @@ def test_streamed_moments_read_nothing_back_per_batch(monkeypatch):
         assert m.rows == len(z) and int(m.n) == len(z), kind
         whole = M.Moments(6, cols=2 if kind == "cross" else None, diagonal=kind == "diagonal").add(z)
         torch.testing.assert_close(m.cov(), whole.cov(), rtol=1e-5, atol=1e-5)
+        before = m.cov().clone()
+        m.add(z[:0])  # an empty batch (its mean is NaN) changes nothing
+        assert m.rows == len(z) and torch.equal(m.cov(), before) and bool(torch.isfinite(m.mean).all()), kind
 
 
 def test_capture_channel_moments_of_a_near_constant_channel_keep_its_variance():
@@ -171,7 +174,7 @@ def _rank_merge(rank, world, path, parts, out):
     try:
         mom = M.Moments(parts[rank].shape[1]).add(parts[rank]).all_reduce()
         if rank == 0:
-            out.put((int(mom.n), mom.mean.clone(), mom.cov().clone()))
+            out.put((int(mom.n), mom.rows, mom.mean.clone(), mom.cov().clone()))
     finally:
         dist.destroy_process_group()
 
@@ -185,12 +188,12 @@ def test_two_ranks_merge_to_one_process_moments(tmp_path):
     procs = [ctx.Process(target=_rank_merge, args=(r, 2, str(tmp_path / "store"), parts, out)) for r in range(2)]
     for p in procs:
         p.start()
-    n, mean, cov = out.get(timeout=120)
+    n, rows, mean, cov = out.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     whole = M.Moments(z.shape[1]).add(z)
-    assert n == len(z)
+    assert n == rows == len(z)  # the host count follows the merge too
     assert torch.allclose(mean, whole.mean, atol=1e-10) and torch.allclose(cov, whole.cov(), atol=1e-9)
 
 
