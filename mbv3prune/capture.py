@@ -338,6 +338,7 @@ class _Accumulator:
         if f"{layer}/n" not in self.state:
             fresh = _new_layer_totals(tuple(x.shape[1:]), self.num_classes, self.histograms, x.device, self.per_class)
             self.state.update({f"{layer}/{stat}": t for stat, t in fresh.items()})
+            self._counted[layer] = 0  # made now, empty: nothing to read back (_hist_class)
         shape = tuple(self.state[f"{layer}/neuron_below"].shape)
         if tuple(x.shape[1:]) != shape:
             raise PruneError(

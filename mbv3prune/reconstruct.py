@@ -447,6 +447,7 @@ def block_errors(original, pruned, batches, names):
         rows = rows_of(ref[n])
         var.setdefault(n, Moments(rows.shape[1], diagonal=True, device=rows.device)).add(rows)
 
+    seen = 0
     with torch.no_grad():
         for batch in batches:
             images = _images(batch)
@@ -457,8 +458,12 @@ def block_errors(original, pruned, batches, names):
                 finally:
                     for h in handles:
                         h.remove()
-    if not var:
+            seen += 1
+    if not seen:
         raise PruneError("block_errors: no batches")
+    silent = [n for n in names if n not in var]
+    if silent:
+        raise PruneError(f"block_errors: block {silent[0]} never ran in the pruned model's forward pass")
     return {n: float(err[n]) / max(float(var[n].m2.sum()), torch.finfo(torch.float64).tiny) for n in names}
 
 

@@ -23,7 +23,7 @@ def write_images(folder, n, seed, size=40, mode="RGB"):
 
 
 def count_host_reads(monkeypatch):
-    """A list that gets a name for every int(), bool(), float(), .item() or .tolist() of a tensor from now on:
+    """A list that gets a name for every int(), bool(), float(), index use, .item() or .tolist() of a tensor:
     the reads made from Python, each of which waits for a GPU. Waits inside torch's own calls (a blocking
     copy to the device, bincount's maximum, boolean-mask indexing) are not seen here; on CUDA,
     ``torch.cuda.set_sync_debug_mode`` sees those."""

@@ -14,6 +14,7 @@ import torch
 from mbv3prune import reconstruct as R
 from mbv3prune.blocks import find_blocks
 from mbv3prune.compensate import compensate
+from mbv3prune.errors import PruneError
 from mbv3prune.moments import Moments, rows_of
 from mbv3prune.prune import prune_blocks
 from tests.helpers import randomized_model
@@ -145,6 +146,15 @@ def _oneshot(model, roles, block, batches):
     proj = R.block_fit_moments(model, model, batches, block, roles, "project")
     se = R.block_fit_moments(model, model, batches, block, roles, "se") if roles.get("se_fc1") else None
     return R.BlockMoments(proj, se)
+
+
+def test_block_errors_name_a_block_the_pruned_model_never_ran():
+    base = _model()
+    block = list(find_blocks(base))[-1]
+    shortcut = copy.deepcopy(base)
+    shortcut.forward = lambda x: shortcut.features[:2](x)  # the later blocks are there but never run
+    with pytest.raises(PruneError, match=f"block {block} never ran"):
+        R.block_errors(base, shortcut, _batches(), [block])
 
 
 @pytest.mark.parametrize("se", [False, True])
