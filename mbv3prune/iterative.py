@@ -102,8 +102,8 @@ def run(
     ``values``: per block the channels' prunability (deadness for SCORE=deadness) initially and in the
     latest measurement before the block was pruned.
 
-    ``sample_batches()`` yields the stratified sample's (images, labels), the images on the model's device; ``stats``
-    are the initial statistics (captured at ``capture_point``); ``criterion`` (a ``criterion.Criterion``)
+    ``sample_batches()`` yields the stratified sample's (images, labels), the images on the model's device;
+    ``stats`` are the initial statistics (captured at ``capture_point``); ``criterion`` (a ``criterion.Criterion``)
     says which channels are candidates, ``schedule`` (a ``Schedule``) how the rounds go; ``weights``: the
     model whose project convs weigh the weighted scores. ``compensate_fn(model, blocks, selection, stats)``
     folds removed channels in before each prune; ``score_fn(model)`` gives a top-1 for the log.
