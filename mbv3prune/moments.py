@@ -37,7 +37,8 @@ def _accumulate_device(device):
 
 
 def batch_moments(z, cols=None, diagonal=False, mean=None, n=None, inplace=False):
-    """(n, mean, M2) of the rows of ``z`` [rows, dim] as float64 tensors (n int64 0-dim).
+    """(n, mean, M2) of the rows of ``z`` [rows, dim]: n a Python int (nothing to read back from a GPU), mean
+    and M2 float64 tensors.
 
     ``cols``: number of trailing columns the scatter is taken against (None: all). ``diagonal``: per-column
     sum of squares only (M2 [dim]). Subsampling: pass the exact batch ``mean`` (over all ``n`` rows) with a
@@ -47,7 +48,7 @@ def batch_moments(z, cols=None, diagonal=False, mean=None, n=None, inplace=False
     """
     zc, n, mean = centred(z, mean, n, inplace)
     m2 = (zc * zc).sum(0) if diagonal else zc.T @ (zc if cols is None else zc[:, zc.shape[1] - cols :])
-    return torch.tensor(n, dtype=torch.int64, device=mean.device), mean, m2.to(mean)
+    return n, mean, m2.to(mean)
 
 
 def _outer(delta, m2):
@@ -201,8 +202,7 @@ class Moments:
     def add(self, z):
         """Merge the rows of ``z`` [rows, dim] in; returns self."""
         if self.diagonal:
-            zc, rows, mean = centred(z)
-            merge_(self.n, self.mean, self.m2, rows, mean, (zc * zc).sum(0), na=self.rows)
+            merge_(self.n, self.mean, self.m2, *batch_moments(z, diagonal=True), na=self.rows)
         else:
             add_rows_(self.n, self.mean, self.m2, z, na=self.rows)
         self.rows += len(z)
