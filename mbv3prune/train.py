@@ -29,6 +29,8 @@ from . import distributed
 from .data import Skipped, batches
 from .evaluate import accuracy, recalibrate_bn
 
+LOSS_SHOWN_EVERY = 10  # steps between the progress bar's loss readings (on a GPU each read waits for it)
+
 
 def seed_everything(seed):
     """Seed Python, numpy and torch (CPU and CUDA) once."""
@@ -113,6 +115,7 @@ def _step_loss(model, images, labels, loss_fn, device, autocast):
     The loss is this rank's summed loss x world / images of all ranks, so DDP's equal-weight gradient
     average is the mean over every image of the step however unequal the ranks' batches. A rank without an
     image runs a zero-weight substitute batch, so that every rank takes part in every gradient all-reduce.
+    The mean loss is a float64 tensor on the device: reading it at every step would wait for a GPU.
     """
     total, h, w = distributed.step_batches(images)
     if total == 0:
@@ -123,7 +126,7 @@ def _step_loss(model, images, labels, loss_fn, device, autocast):
     with autocast:
         summed = loss_fn(model(images), labels)
     weight = distributed.world_size() / total if own else 0.0
-    return summed * weight, float(summed) / len(labels) if own else None
+    return summed * weight, summed.detach().double() / len(labels) if own else None
 
 
 def train_one_epoch(
@@ -151,7 +154,7 @@ def train_one_epoch(
         freeze_bn_layers(model)
     autocast, scaler = precision or (contextlib.nullcontext(), None)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
-    losses = []
+    loss_sum, loss_steps = 0.0, 0  # this rank's step losses summed on the device, read once at the end
     bar = tqdm(
         batches(loader, skipped, device, keep_empty=True),
         total=len(loader),
@@ -168,9 +171,10 @@ def train_one_epoch(
             continue
         _step(loss, optimizer, scaler)
         if own is not None:
-            losses.append(own)
-            bar.set_postfix(loss=f"{own:.3f}")
-    return distributed.mean(np.mean(losses) if losses else float("nan")), step
+            loss_sum, loss_steps = loss_sum + own, loss_steps + 1
+            if not bar.disable and loss_steps % LOSS_SHOWN_EVERY == 1:
+                bar.set_postfix(loss=f"{float(own):.3f}")
+    return distributed.mean(float(loss_sum) / loss_steps if loss_steps else float("nan")), step
 
 
 def fit(

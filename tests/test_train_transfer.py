@@ -194,3 +194,24 @@ def test_head_only_phase_under_ddp_two_processes_at_batch_4_equals_one_at_batch_
     assert not torch.equal(two["classifier.0.weight"], initial["classifier.0.weight"])
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_an_epoch_reads_its_loss_once_not_at_every_step(monkeypatch):
+    from tests.helpers import count_host_reads
+
+    model = models.build_model(ARCH, 3)
+    optimizer = torch.optim.SGD(param_groups(model, 0.05), lr=0.0)
+    gen = torch.Generator().manual_seed(1)
+    loader = Batches([(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0]), []) for _ in range(6)])
+    cpu = torch.device("cpu")
+    reads = {}
+    for steps in (2, 6):
+        reads[steps] = count_host_reads(monkeypatch)
+        torch.manual_seed(0)  # the classifier's dropout
+        loss, _ = train_one_epoch(model, loader[:steps], optimizer, 0, 10, 0, 0.0, 0.0, cpu, Skipped(), "t")
+        monkeypatch.undo()
+    assert len(reads[6]) == len(reads[2])  # on a GPU, a read per step would wait for it at every step
+    torch.manual_seed(0)  # lr 0: the weights did not move, so the same dropout gives the same losses
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(images), labels) for images, labels, _ in loader]
+    assert loss == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
