@@ -220,11 +220,14 @@ class Skipped:
         return f"{self.count} unreadable image(s) skipped" + (f", e.g. {', '.join(self.paths)}" if self.count else "")
 
 
-def make_loader(items, transform, batch_size, num_workers=0, shuffle=False, seed=0, drop_last=False, shard=False):
+def make_loader(
+    items, transform, batch_size, num_workers=0, shuffle=False, seed=0, drop_last=False, shard=False, pin_memory=None
+):
     """A DataLoader over ``items`` whose batches are (images, labels, unreadable paths); seeded shuffling.
 
     ``shard``: under torchrun each process reads its own part (a DistributedSampler seeded with ``seed``;
-    call ``distributed.set_epoch`` each epoch), and its workers get their own seeds. Pinned memory with CUDA.
+    call ``distributed.set_epoch`` each epoch), and its workers get their own seeds. ``pin_memory``: batches
+    in pinned memory, for asynchronous copies to a GPU (None: whenever CUDA is available).
     """
     dataset = ImageList(items, transform)
     part = distributed.sampler(dataset, shuffle, seed, drop_last) if shard else None
@@ -240,7 +243,7 @@ def make_loader(items, transform, batch_size, num_workers=0, shuffle=False, seed
         generator=generator,
         persistent_workers=False,
         worker_init_fn=_seed_worker if num_workers else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 
 

@@ -3,7 +3,7 @@
 import os
 
 from . import data as D
-from . import distributed
+from . import distributed, models
 from .errors import PruneError
 
 DEMO_DATA_DIR = "data/synthetic-species"  # the embedded demo set, generated on first use
@@ -50,7 +50,7 @@ def checkpoint_data(cfg, meta):
 def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):
     """A loader over ``items`` with the eval transform at ``IMAGE_SIZE``, or a training loader (``train``): it
     drops a last partial batch, augments unless ``augment=False``, and under torchrun reads only this
-    process's part of ``items`` (a DistributedSampler)."""
+    process's part of ``items`` (a DistributedSampler). Batches are pinned only when ``DEVICE`` is a GPU."""
     arch = arch or cfg["MODEL_ARCH"]
     augment = train if augment is None else augment
     transform = D.train_transform(cfg["IMAGE_SIZE"], arch) if augment else D.eval_transform(cfg["IMAGE_SIZE"], arch)
@@ -64,6 +64,7 @@ def loader(cfg, items, train=False, shuffle=False, arch=None, augment=None):
         seed=cfg["SEED"],
         drop_last=drop_last,
         shard=train,
+        pin_memory=models.pick_device(cfg.get("DEVICE", "auto")).type == "cuda",
     )
 
 

@@ -120,6 +120,13 @@ def test_batches_move_the_labels_to_the_device_unless_asked_not_to(tmp_path):
             assert images.device.type == "meta" and labels.device.type == where
 
 
+def test_stage_loaders_pin_their_batches_only_for_a_gpu(monkeypatch):
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: True)  # a machine with a GPU
+    cfg = {"MODEL_ARCH": "mobilenet_v3_small", "IMAGE_SIZE": 32, "BATCH_SIZE": 2, "NUM_WORKERS": 0, "SEED": 0}
+    for device, pinned in (("cpu", False), ("auto", True), ("cuda", True)):
+        assert stage.loader({**cfg, "DEVICE": device}, [("a.png", 0)]).pin_memory is pinned, device
+
+
 def test_eval_transform_uses_weights_metadata():
     im = Image.new("RGB", (50, 70), (124, 116, 104))  # about the ImageNet mean
     x = D.eval_transform(32)(im)
