@@ -106,8 +106,7 @@ def main(cfg):
     print(f"pruned {sum(map(len, chosen.values()))} channels in {len(chosen)} blocks: {how}")
     report.print_skipped(run, cfg["SKIP_BLOCKS"])
     extra["block_output_error"] = report.block_output_errors(run, pruned)
-    if cfg["BN_RECALIBRATE"]:
-        extra["baseline_bn_recalibrated"] = report.baseline_recalibrated(run, cfg)
+    extra["baseline_bn_recalibrated"] = report.baseline_recalibrated(run, cfg)  # recalibration alone, for scale
     accuracy = {"baseline": baseline, **recover(pruned, run.loaders, run.class_names, run.device, cfg)}
     if not distributed.is_main():
         return  # the other processes only helped fine-tune: rank 0 writes, measures latency and reports

@@ -55,11 +55,14 @@ def needs_stats(cfg):
 def criterion(run, cfg):
     """The plan's criterion with the stage's score (when SCORE is set), floors, rounding, skipped blocks and ridge."""
     score = cfg["SCORE"] or run.plan["score"]
+    if run.stats is not None:
+        needs = "SCORE=obs" if score == "obs" else "RECONSTRUCT=oneshot" if cfg["RECONSTRUCT"] == "oneshot" else None
+        measure.check_second_moments(run.stats, run.stats_path, needs)
     overrides = {"ridge": cfg["RIDGE"]} if "RIDGE" in cfg else {}
     if "OUTPUT_UNITS" in cfg:
         overrides["output_units"] = cfg["OUTPUT_UNITS"]
-    if score != run.plan["score"]:  # another score than the plan's: the plan's class awareness is not its
-        overrides["class_aware"] = cfg["CLASS_AWARE"] and score != "obs"
+    if score != run.plan["score"] or cfg["CLASS_AWARE"]:  # another score's class awareness is not the plan's
+        overrides["class_aware"] = cfg["CLASS_AWARE"]  # with obs: refused (Criterion)
     return Criterion.from_plan(
         run.plan,
         score=score,

@@ -99,6 +99,23 @@ def test_obs_is_refused_without_second_moments_or_with_class_awareness(small):
         Criterion("obs", 0.1, class_aware=True)
 
 
+def test_the_prune_stage_refuses_obs_with_class_awareness_or_without_moments_naming_the_file():
+    plan = Criterion("deadness", 0.1).plan_fields() | {"score": "deadness"}
+    cfg = {"SCORE": "obs", "CLASS_AWARE": False, "RECONSTRUCT": "sequential", "MIN_KEEP_RATIO": 0.25}
+    cfg |= {"ROUND_TO": 8, "SKIP_BLOCKS": []}
+    moments = {"b/cov_m2": torch.eye(2)}
+    run = SimpleNamespace(plan=plan, stats=moments, stats_path="runs/x/activation_stats.pt")
+    assert pruning.criterion(run, cfg).score == "obs"
+    with pytest.raises(PruneError, match="CLASS_AWARE"):  # in every mode (it was dropped silently in iterative)
+        pruning.criterion(run, {**cfg, "CLASS_AWARE": True})
+    no_moments = SimpleNamespace(plan=plan, stats={}, stats_path=run.stats_path)
+    with pytest.raises(PruneError, match="SCORE=obs needs second moments, but runs/x/activation_stats.pt has none"):
+        pruning.criterion(no_moments, cfg)
+    with pytest.raises(PruneError, match="RECONSTRUCT=oneshot needs second moments, but runs/x/activation"):
+        pruning.criterion(no_moments, {**cfg, "SCORE": "", "RECONSTRUCT": "oneshot"})
+    assert pruning.criterion(no_moments, {**cfg, "SCORE": ""}).score == "deadness"  # sequential streams its own
+
+
 def test_bn_recalibrate_auto_keeps_the_statistics_only_when_val_improves(tiny_data):
     from mbv3prune import data, stage
 

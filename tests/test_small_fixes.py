@@ -71,3 +71,9 @@ def test_pruning_api_refuses_to_leave_a_block_under_its_floor():
         prune_blocks(model, blocks, {name: list(range(hidden - 2))}, image_size=32)
     record = prune_blocks(model, blocks, {name: list(range(hidden - 8))}, image_size=32)
     assert record[name]["after"] == 8
+
+
+def test_the_plan_stage_refuses_obs_without_second_moments_before_capturing(tmp_path):
+    code, _, err = run_stage("visualize_channel_activation.py", f"--RUN_DIR={tmp_path}", "--SECOND_MOMENTS=False")
+    assert code == 2 and "SCORE=obs needs the project-input covariances" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # refused before anything was read or written
