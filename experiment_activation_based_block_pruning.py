@@ -86,7 +86,7 @@ DEBUG = False  # show tracebacks of the project's errors
 
 def check_config(cfg):
     pruning.check_mode(cfg)
-    check_bn_recalibrate(cfg["BN_RECALIBRATE"])
+    cfg["BN_RECALIBRATE"] = check_bn_recalibrate(cfg["BN_RECALIBRATE"])  # --BN_RECALIBRATE=False reads as a word
     for name in ("ROUND_TO", "BN_BATCHES", "BLOCKS_PER_ROUND", "MAX_ROUNDS"):
         if cfg[name] < 1:
             raise PruneError(f"{name}={cfg[name]} must be at least 1")

@@ -39,7 +39,9 @@ def prune_copy(model, blocks, selection, image_size, stats=None, compensate_fn=N
 
 
 def check_bn_recalibrate(value):
-    """``value`` when it is True, False or "auto", else a PruneError."""
+    """``value`` when it is True, False or "auto" (the words True and False, as ``--BN_RECALIBRATE=False``
+    reads for a constant whose default is a string, as booleans), else a PruneError."""
+    value = {"True": True, "False": False}.get(value, value) if isinstance(value, str) else value
     if not (value is True or value is False or value == "auto"):
         raise PruneError(f'BN_RECALIBRATE={value!r}: use True, False or "auto"')
     return value

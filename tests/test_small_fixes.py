@@ -77,3 +77,12 @@ def test_the_plan_stage_refuses_obs_without_second_moments_before_capturing(tmp_
     code, _, err = run_stage("visualize_channel_activation.py", f"--RUN_DIR={tmp_path}", "--SECOND_MOMENTS=False")
     assert code == 2 and "SCORE=obs needs the project-input covariances" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []  # refused before anything was read or written
+
+
+def test_bn_recalibrate_reads_the_words_true_and_false_as_booleans():
+    from mbv3prune.experiment import check_bn_recalibrate
+
+    assert check_bn_recalibrate("False") is False and check_bn_recalibrate("True") is True  # as typed on the CLI
+    assert check_bn_recalibrate("auto") == "auto" and check_bn_recalibrate(False) is False
+    with pytest.raises(PruneError, match="BN_RECALIBRATE='no'"):
+        check_bn_recalibrate("no")
