@@ -71,7 +71,7 @@ def check_config(cfg):
     check_capture_point(cfg["CAPTURE_POINT"])
     criterion = Criterion.from_config(cfg)  # checks the score, thresholds, floors and rounding
     if criterion.score == "obs" and not cfg["SECOND_MOMENTS"]:
-        raise PruneError("SCORE=obs needs the project-input covariances, which SECOND_MOMENTS=False does not capture")
+        raise PruneError("SCORE=obs needs the project-input covariances: set SECOND_MOMENTS=True (it is False)")
     if not all(isinstance(c, str) and c.replace("-", "").replace("_", "").isalnum() for c in [cfg["PLAN_TAG"]]):
         raise PruneError(f"PLAN_TAG={cfg['PLAN_TAG']!r} must be a plain name (letters, digits, - and _)")
     return criterion

@@ -55,7 +55,7 @@ CRITERIA = [
     "tp_activation",
     "random",
 ]  # criteria compared
-RECONSTRUCT = ["sequential"]  # refits also measured (global allocation): sequential and / or oneshot
+RECONSTRUCT = ["sequential", "oneshot"]  # refits also measured (global allocation): sequential and / or oneshot
 RECONSTRUCT_CRITERIA = ["obs", "tp_taylor"]  # the criteria also measured with each refit
 RIDGES = [1e-4, 1e-3, 1e-2, 1e-1]  # refit and obs ridge candidates, chosen on the val split (never on test)
 RIDGE_TARGET = 0.5  # the MACs target, obs + the first RECONSTRUCT, at which the ridge is chosen

@@ -56,13 +56,14 @@ def criterion(run, cfg):
     """The plan's criterion with the stage's score (when SCORE is set), floors, rounding, skipped blocks and ridge."""
     score = cfg["SCORE"] or run.plan["score"]
     if run.stats is not None:
-        needs = "SCORE=obs" if score == "obs" else "RECONSTRUCT=oneshot" if cfg["RECONSTRUCT"] == "oneshot" else None
+        ranks = score == "obs" and (cfg["PRUNE_MODE"] != "threshold" or cfg["SWEEP"] or cfg["FALLBACK_TARGET"])
+        needs = "SCORE=obs" if ranks else "RECONSTRUCT=oneshot" if cfg["RECONSTRUCT"] == "oneshot" else None
         measure.check_second_moments(run.stats, run.stats_path, needs)
     overrides = {"ridge": cfg["RIDGE"]} if "RIDGE" in cfg else {}
     if "OUTPUT_UNITS" in cfg:
         overrides["output_units"] = cfg["OUTPUT_UNITS"]
-    if score != run.plan["score"] or cfg["CLASS_AWARE"]:  # another score's class awareness is not the plan's
-        overrides["class_aware"] = cfg["CLASS_AWARE"]  # with obs: refused (Criterion)
+    if score != run.plan["score"] or (score == "obs" and cfg["CLASS_AWARE"]):  # the plan's class awareness is
+        overrides["class_aware"] = cfg["CLASS_AWARE"]  # its own score's; obs with CLASS_AWARE: refused (Criterion)
     return Criterion.from_plan(
         run.plan,
         score=score,

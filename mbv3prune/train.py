@@ -115,7 +115,8 @@ def _step_loss(model, images, labels, loss_fn, device, autocast):
     The loss is this rank's summed loss x world / images of all ranks, so DDP's equal-weight gradient
     average is the mean over every image of the step however unequal the ranks' batches. A rank without an
     image runs a zero-weight substitute batch, so that every rank takes part in every gradient all-reduce.
-    The mean loss is a float64 tensor on the device: reading it at every step would wait for a GPU.
+    The mean loss is a float32 tensor on the device (MPS has no float64): reading it at every step would
+    wait for a GPU.
     """
     total, h, w = distributed.step_batches(images)
     if total == 0:
@@ -126,7 +127,7 @@ def _step_loss(model, images, labels, loss_fn, device, autocast):
     with autocast:
         summed = loss_fn(model(images), labels)
     weight = distributed.world_size() / total if own else 0.0
-    return summed * weight, summed.detach().double() / len(labels) if own else None
+    return summed * weight, summed.detach().float() / len(labels) if own else None
 
 
 def train_one_epoch(

@@ -102,7 +102,7 @@ def test_obs_is_refused_without_second_moments_or_with_class_awareness(small):
 def test_the_prune_stage_refuses_obs_with_class_awareness_or_without_moments_naming_the_file():
     plan = Criterion("deadness", 0.1).plan_fields() | {"score": "deadness"}
     cfg = {"SCORE": "obs", "CLASS_AWARE": False, "RECONSTRUCT": "sequential", "MIN_KEEP_RATIO": 0.25}
-    cfg |= {"ROUND_TO": 8, "SKIP_BLOCKS": []}
+    cfg |= {"ROUND_TO": 8, "SKIP_BLOCKS": [], "PRUNE_MODE": "iterative", "SWEEP": [], "FALLBACK_TARGET": 0.0}
     moments = {"b/cov_m2": torch.eye(2)}
     run = SimpleNamespace(plan=plan, stats=moments, stats_path="runs/x/activation_stats.pt")
     assert pruning.criterion(run, cfg).score == "obs"
@@ -114,6 +114,13 @@ def test_the_prune_stage_refuses_obs_with_class_awareness_or_without_moments_nam
     with pytest.raises(PruneError, match="RECONSTRUCT=oneshot needs second moments, but runs/x/activation"):
         pruning.criterion(no_moments, {**cfg, "SCORE": "", "RECONSTRUCT": "oneshot"})
     assert pruning.criterion(no_moments, {**cfg, "SCORE": ""}).score == "deadness"  # sequential streams its own
+    threshold = {**cfg, "PRUNE_MODE": "threshold"}  # obs plans' proposals are used as planned: no covariance read
+    assert pruning.criterion(no_moments, threshold).score == "obs"
+    with pytest.raises(PruneError, match="SCORE=obs needs second moments"):  # unless a sweep or fallback ranks
+        pruning.criterion(no_moments, {**threshold, "FALLBACK_TARGET": 0.2})
+    aware = Criterion("deadness", 0.1, class_aware=True).plan_fields() | {"score": "deadness"}
+    kept = SimpleNamespace(plan=aware, stats=moments, stats_path=run.stats_path)
+    assert pruning.criterion(kept, {**cfg, "SCORE": ""}).class_aware  # a class-aware plan stays class-aware
 
 
 def test_bn_recalibrate_auto_keeps_the_statistics_only_when_val_improves(tiny_data):

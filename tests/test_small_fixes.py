@@ -75,7 +75,7 @@ def test_pruning_api_refuses_to_leave_a_block_under_its_floor():
 
 def test_the_plan_stage_refuses_obs_without_second_moments_before_capturing(tmp_path):
     code, _, err = run_stage("visualize_channel_activation.py", f"--RUN_DIR={tmp_path}", "--SECOND_MOMENTS=False")
-    assert code == 2 and "SCORE=obs needs the project-input covariances" in err and "Traceback" not in err
+    assert code == 2 and "covariances: set SECOND_MOMENTS=True" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []  # refused before anything was read or written
 
 
