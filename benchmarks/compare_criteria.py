@@ -56,7 +56,7 @@ CRITERIA = [
     "random",
 ]  # criteria compared
 RECONSTRUCT = ["sequential", "oneshot"]  # refits also measured (global allocation): sequential and / or oneshot
-RECONSTRUCT_CRITERIA = ["obs", "tp_taylor"]  # the criteria also measured with each refit
+RECONSTRUCT_CRITERIA = ["obs", "contribution", "fluctuation", "tp_taylor"]  # also measured with each refit (4 best)
 RIDGES = [1e-4, 1e-3, 1e-2, 1e-1]  # refit and obs ridge candidates, chosen on the val split (never on test)
 RIDGE_TARGET = 0.5  # the MACs target, obs + the first RECONSTRUCT, at which the ridge is chosen
 REFIT_SAMPLES_PER_CLASS = 20  # images per class of the capture's sample the sequential refit runs on
