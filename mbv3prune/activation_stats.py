@@ -124,6 +124,10 @@ class ActivationStats:
         """Whether a block's project-input covariance was captured (SECOND_MOMENTS=True)."""
         return f"{block}/cov_m2" in self.tensors
 
+    def has_any_second_moments(self):
+        """Whether any block's project-input covariance was captured."""
+        return any(k.endswith("/cov_m2") for k in self.tensors)
+
     def block_moments(self, block, which="project"):
         """(n, mean, cov) of a block's project conv input (``"project"``, over positions) or of its pooled
         pre-gate SE input (``"se"``, one row per image), from a SECOND_MOMENTS=True capture."""

@@ -135,7 +135,7 @@ def check_per_class_histograms(cfg, stats, path):
 def check_second_moments(stats, path, needed_by):
     """Saved statistics without second moments are refused in one line naming the file, when ``needed_by``
     (e.g. ``"SCORE=obs"``; None or "": nothing needs them) needs the project-input covariances."""
-    if needed_by and not any(key.endswith("/cov_m2") for key in stats):
+    if needed_by and not ActivationStats.of(stats).has_any_second_moments():
         raise PruneError(
             f"{needed_by} needs second moments, but {path} has none (captured with SECOND_MOMENTS=False): "
             "re-run visualize_neuron_activations.py with SECOND_MOMENTS=True RECAPTURE=True"

@@ -47,17 +47,22 @@ def check_mode(cfg):
         )
 
 
+def ranks(cfg):
+    """Whether the stage ranks channels by the score itself (a plain threshold prune uses the plan's proposals)."""
+    return cfg["PRUNE_MODE"] != "threshold" or bool(cfg["SWEEP"]) or bool(cfg["FALLBACK_TARGET"])
+
+
 def needs_stats(cfg):
     """Whether the stage needs the activation statistics (every mode but a plain threshold prune does)."""
-    return cfg["PRUNE_MODE"] != "threshold" or cfg["COMPENSATE"] or bool(cfg["SWEEP"]) or bool(cfg["FALLBACK_TARGET"])
+    return ranks(cfg) or cfg["COMPENSATE"]
 
 
 def criterion(run, cfg):
     """The plan's criterion with the stage's score (when SCORE is set), floors, rounding, skipped blocks and ridge."""
     score = cfg["SCORE"] or run.plan["score"]
     if run.stats is not None:
-        ranks = score == "obs" and (cfg["PRUNE_MODE"] != "threshold" or cfg["SWEEP"] or cfg["FALLBACK_TARGET"])
-        needs = "SCORE=obs" if ranks else "RECONSTRUCT=oneshot" if cfg["RECONSTRUCT"] == "oneshot" else None
+        needs = "SCORE=obs" if score == "obs" and ranks(cfg) else None
+        needs = needs or ("RECONSTRUCT=oneshot" if cfg["RECONSTRUCT"] == "oneshot" else None)
         measure.check_second_moments(run.stats, run.stats_path, needs)
     overrides = {"ridge": cfg["RIDGE"]} if "RIDGE" in cfg else {}
     if "OUTPUT_UNITS" in cfg:

@@ -334,7 +334,7 @@ def _pass(original, pruned, batches, roles, block, kept, kind, residual_target):
         raise PruneError(f"unknown moment kind {kind!r}: use project or se")
     key = "project" if kind == "project" else "pooled"
     what = {key} | ({"input"} if residual_target and kind == "project" else set())
-    acc = on_device = None
+    acc = None
     k = torch.as_tensor(kept, dtype=torch.long)
     with torch.no_grad():
         for batch in batches:
@@ -344,8 +344,8 @@ def _pass(original, pruned, batches, roles, block, kept, kind, residual_target):
             x = rows_of(a[key])
             if "input" in what:
                 x = torch.cat([x, rows_of(a["input"] - b["input"])], 1)
-            on_device = k.to(b[key].device) if on_device is None else on_device  # a copy per batch waits for a GPU
-            y = rows_of(b[key])[:, on_device]
+            k = k.to(b[key].device)  # moved once: a copy per batch would wait for a GPU
+            y = rows_of(b[key])[:, k]
             if acc is None:
                 acc = Moments(x.shape[1] + y.shape[1], cols=y.shape[1], device=x.device)
             acc.add(torch.cat([x, y], 1))
